@@ -1,0 +1,78 @@
+"""Tiny random Stable Diffusion parts for the tests: configs in diffusers' config.json
+spelling (so the same dict builds our modules and diffusers' oracle), a character-level
+CLIP tokenizer written from scratch, and a tiny CLIP text encoder.
+
+SD constants are kept where single-file loading infers from them (GroupNorm 32 groups,
+SD v1's 8 heads, CLIP's 64-dim heads), so a tiny checkpoint loads exactly like a real one.
+"""
+import json
+import os
+
+# SD v1 layout in miniature: attention on all levels but the last, 2 resnets per level
+# (so the LDM index arithmetic n = layers_per_block + 1 = 3 is exercised), 8 heads.
+UNET_V1 = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=[32, 64, 64],
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+)
+# SD v2 layout in miniature: linear proj_in/proj_out, heads given per level
+# (diffusers' `attention_head_dim` is a head *count*, as in SD v2's [5, 10, 20, 20]).
+UNET_V2 = dict(UNET_V1, attention_head_dim=[2, 4, 4], use_linear_projection=True,
+               cross_attention_dim=128, layers_per_block=1)
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    block_out_channels=[32, 64], norm_num_groups=32, sample_size=16,
+    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+)
+# CLIP text encoder: 64-dim heads as in CLIP, so a single-file load infers 1 head.
+CLIP = dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=2,
+            max_position_embeddings=77, hidden_act="quick_gelu")
+# SD v1.5's scheduler_config.json, the fields DDIMScheduler reads.
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                 beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                 steps_offset=1, prediction_type="epsilon", timestep_spacing="leading")
+
+
+def byte_chars():
+    """GPT-2/CLIP's reversible byte -> printable unicode table (256 entries)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_tokenizer(folder):
+    """A character-level CLIP BPE tokenizer (no merges): 514 tokens, every prompt encodable."""
+    chars = byte_chars()
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    tok.model_max_length = 77
+    tok.save_pretrained(folder)
+    return tok
+
+
+def text_encoder(tokenizer, seed=0):
+    """A tiny random transformers CLIPTextModel matching `tokenizer`."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **CLIP)
+    return CLIPTextModel(cfg).eval()
+
+
+def randomize(module, seed=0, scale=0.1):
+    """Give every parameter random values (diffusers zero-inits some convs, hiding bugs)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
