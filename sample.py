@@ -1,0 +1,119 @@
+"""sample.py: text -> PNG with our Stable Diffusion (DDIM sampling, classifier-free guidance).
+
+    python sample.py --model CompVis/stable-diffusion-v1-4 --prompt "a photo of a car"
+    python sample.py --model sd-v1-4.safetensors --prompt "a car" --num-images 4 --seed 1
+
+Same model, prompt, seed, steps and guidance give the same image as diffusers'
+StableDiffusionPipeline with DDIMScheduler: the initial noise is drawn exactly as DESIGN.md says.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm import tqdm
+
+import load_sd
+import sampler
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def initial_noise(n, latent_shape, seed):
+    """The seed's noise [n, 4, h, w], drawn on the CPU (as a diffusers pipeline given
+    torch.Generator("cpu").manual_seed(seed) draws it) so every device sees the same numbers."""
+    return torch.randn((n, *latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(sd, prompts, *, negative_prompt="", seed=0, steps=50, guidance=7.5, height=512, width=512,
+             progress=False):
+    """Images [N, 3, H, W] in [-1, 1], one per prompt, all from one seeded noise batch."""
+    param = next(sd.unet.parameters())
+    x_T = initial_noise(len(prompts), sd.latent_shape(height, width), seed).to(param.device, param.dtype)
+    cond = sd.encode_prompts(prompts)
+    uncond = sd.encode_prompts([negative_prompt] * len(prompts))
+    latents = sampler.sample(sd.unet, x_T, cond, uncond, steps=steps, guidance=guidance,
+                             prediction=sd.prediction_type, progress=progress)
+    return sd.decode_latents(latents)
+
+
+def to_pil(images):
+    """[-1, 1] images -> 8-bit PIL images, rounded as diffusers' numpy_to_pil rounds."""
+    arrays = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
+
+
+def save_png(image, path, parameters):
+    """Write a PNG atomically, with the generation parameters as JSON in its text chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps(parameters))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def output_paths(output, n):
+    """`out.png` for one image; `out-0.png`, `out-1.png`, ... for several."""
+    stem, ext = os.path.splitext(output)
+    return [output] if n == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate images with Stable Diffusion (DDIM + CFG).")
+    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+                   help="single file (.safetensors/.ckpt), diffusers folder, hub repo id, or 'toy'")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch of CFG")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--output", default="sample.png")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    return p.parse_args(argv)
+
+
+def check_args(args, scale_factor):
+    """Raise LoadError (-> one line, exit 2) for values no run could succeed with."""
+    if args.steps < 1 or args.num_images < 1:
+        raise load_sd.LoadError("--steps and --num-images must be at least 1")
+    if args.height % scale_factor or args.width % scale_factor or min(args.height, args.width) <= 0:
+        raise load_sd.LoadError(f"--height and --width must be positive multiples of {scale_factor}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise load_sd.LoadError(f"output folder does not exist: {os.path.dirname(args.output)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise load_sd.LoadError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
+        sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=DTYPES[args.dtype])
+        check_args(args, sd.vae.scale_factor)
+        images = generate(sd, [args.prompt] * args.num_images, negative_prompt=args.negative_prompt,
+                          seed=args.seed, steps=args.steps, guidance=args.guidance,
+                          height=args.height, width=args.width, progress=True)
+        params = {k: v for k, v in vars(args).items() if k not in ("output", "device")}
+        for i, (image, path) in enumerate(zip(to_pil(images), output_paths(args.output, args.num_images))):
+            save_png(image, path, dict(params, index=i))
+            tqdm.write(f"wrote {path}")
+    except load_sd.LoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
