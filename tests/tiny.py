@@ -76,3 +76,20 @@ def randomize(module, seed=0, scale=0.1):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     return module
+
+
+def pipeline(seed=0, unet_config=UNET_V1, folder=None):
+    """A tiny random diffusers StableDiffusionPipeline with SD v1.5's DDIM scheduler; saved
+    as a diffusers folder (model_index.json, unet/, vae/, text_encoder/, ...) when `folder` is given."""
+    import tempfile
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    tok = write_tokenizer(tempfile.mkdtemp())
+    unet = randomize(UNet2DConditionModel(**unet_config), seed).eval()
+    vae = randomize(AutoencoderKL(**VAE), seed + 1).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(tok, seed + 2), tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(folder)
+    return pipe
