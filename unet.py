@@ -1,0 +1,345 @@
+"""Stable Diffusion's denoising UNet eps_theta(x_t, t, c) in plain PyTorch, SD v1 and v2 layouts.
+
+Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752:
+Sec. 3.3 (cross-attention conditioning, eq. 3) and App. E.2; the timestep enters through the
+sinusoidal embedding of Vaswani et al. arXiv:1706.03762 Sec. 3.5. Attribute names equal diffusers'
+UNet2DConditionModel, so its state dicts load with strict=True and no renaming:
+https://github.com/huggingface/diffusers/blob/dbbfe89b9297c416ad1037e80f13e3fa7a7f8d34/src/diffusers/models/unets/unet_2d_condition.py
+"""
+import math
+from dataclasses import dataclass, fields
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+MAX_PERIOD = 10_000      # timestep_embedding(max_period=10000) in LDM openaimodel.py
+TIME_EMBED_MULT = 4      # time_embed_dim = model_channels * 4 (LDM UNetModel)
+FF_MULT = 4              # FeedForward(mult=4) in LDM attention.py
+RESNET_EPS = 1e-5        # UNet GroupNorms: torch's default eps (LDM GroupNorm32, diffusers norm_eps)
+TRANSFORMER_GN_EPS = 1e-6  # GroupNorm before proj_in: LDM Normalize(eps=1e-6)
+CROSS_DOWN, CROSS_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
+BLOCK_TYPES = {CROSS_DOWN, "DownBlock2D", CROSS_UP, "UpBlock2D"}
+
+# diffusers UNet2DConditionModel config keys that SD leaves at these values (the defaults). Other
+# values switch on parts of diffusers (class/added embeddings, kernels, ...) that this file does not build.
+SD_VALUES = dict(
+    center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", dropout=0.0,
+    mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, downsample_padding=1,
+    mid_block_scale_factor=1, norm_eps=RESNET_EPS, transformer_layers_per_block=1,
+    dual_cross_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
+    resnet_out_scale_factor=1.0, time_embedding_type="positional", conv_in_kernel=3, conv_out_kernel=3,
+    attention_type="default", class_embeddings_concat=False, addition_embed_type_num_heads=64,
+    **dict.fromkeys("""reverse_transformer_layers_per_block encoder_hid_dim encoder_hid_dim_type
+        num_attention_heads class_embed_type addition_embed_type addition_time_embed_dim num_class_embeds
+        time_embedding_dim time_embedding_act_fn timestep_post_act time_cond_proj_dim
+        projection_class_embeddings_input_dim mid_block_only_cross_attention cross_attention_norm""".split()))
+# upcast_attention only asks for an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it too.
+IGNORED_KEYS = ("upcast_attention",)
+
+
+def config_from_dict(cls, d, sd_values, ignored=()):
+    """Build dataclass `cls` from a diffusers config.json dict; ValueError for options we do not build."""
+    names = {f.name for f in fields(cls)}
+    for key, value in d.items():
+        if key.startswith("_") or key in names or key in ignored:
+            continue  # "_class_name", "_diffusers_version", ... are bookkeeping
+        if key not in sd_values:
+            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r}")
+        values = value if isinstance(value, (list, tuple)) else [value]  # per-level lists too
+        if any(v != sd_values[key] for v in values):
+            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r} (SD uses {sd_values[key]!r})")
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    down_block_types: tuple = (CROSS_DOWN, CROSS_DOWN, CROSS_DOWN, "DownBlock2D")
+    up_block_types: tuple = ("UpBlock2D", CROSS_UP, CROSS_UP, CROSS_UP)
+    layers_per_block: int = 2
+    cross_attention_dim: int = 768   # width of the text encoder's hidden states
+    attention_head_dim: int | tuple = 8  # a head COUNT (diffusers' historical misnomer), shared or per level
+    use_linear_projection: bool = False  # proj_in/proj_out: Linear (SD v2) instead of 1x1 conv (SD v1)
+    norm_num_groups: int = 32
+    sample_size: int = 64            # latent side of the training resolution (512 px / 8)
+
+    @classmethod
+    def sd1(cls):
+        """SD v1.x: CompVis v1-inference.yaml unet_config (model_channels 320, channel_mult [1,2,4,4],
+        num_res_blocks 2, attention_resolutions [4,2,1], num_heads 8, context_dim 768), which is what
+        runwayml/stable-diffusion-v1-5 unet/config.json spells in diffusers' keys."""
+        return cls()
+
+    @classmethod
+    def sd2(cls):
+        """SD v2.x: v2-inference-v.yaml: num_head_channels 64 (so 320/64=5, 10, 20, 20 heads),
+        context_dim 1024 (OpenCLIP ViT-H), use_linear_in_transformer; 768 px, so 96 latents."""
+        return cls(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                   use_linear_projection=True, sample_size=96)
+
+    @classmethod
+    def from_dict(cls, d):
+        """From a diffusers unet/config.json dict; ValueError on non-SD options."""
+        config = config_from_dict(cls, d, SD_VALUES, IGNORED_KEYS)
+        bad = set(config.down_block_types) | set(config.up_block_types)
+        if not bad <= BLOCK_TYPES:
+            raise ValueError(f"unsupported UNet block types {sorted(bad - BLOCK_TYPES)}")
+        return config
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of [B] timesteps, cos half first (diffusers flip_sin_to_cos=True, freq_shift=0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device) / half)  # 1/10000^(i/half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim, time_dim):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(dim, time_dim), nn.Linear(time_dim, time_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention, LDM eq. 3: softmax(QK^T / sqrt(d)) V, with Q from x and K, V from
+    `context` (cross-attention, attn2) or from x itself when context is None (self-attention, attn1)."""
+
+    def __init__(self, query_dim, heads, head_dim, context_dim=None, bias=False):
+        super().__init__()
+        inner, self.heads = heads * head_dim, heads
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        # A list so the Linear keeps the checkpoints' positional name to_out.0 (slot 1 held a Dropout).
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q, k, v = (f(y).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
+                   for f, y in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        out = F.scaled_dot_product_attention(q, k, v)  # eq. 3, scale 1/sqrt(d)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, N, heads * d)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer arXiv:2002.05202 eq. 6): one projection gives the value and the gate."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        # Positional slots as in the checkpoints (net.0.proj, net.2): slot 1 held a Dropout.
+        self.net = nn.Sequential(GEGLU(dim, FF_MULT * dim), nn.Identity(), nn.Linear(FF_MULT * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer layer: self-attention, cross-attention to the text, GEGLU MLP."""
+
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads, dim // heads)
+        self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, dim // heads, context_dim)
+        self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """LDM's SpatialTransformer: feature map -> HW tokens -> transformer block -> back, plus residual."""
+
+    def __init__(self, channels, heads, context_dim, linear, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GN_EPS)
+        proj = nn.Linear if linear else partial(nn.Conv2d, kernel_size=1)
+        self.proj_in, self.proj_out = proj(channels, channels), proj(channels, channels)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        # A 1x1 conv (SD v1) and a Linear (SD v2) are the same matrix on tokens: one path for both.
+        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time embedding added in between (none in the VAE), residual."""
+
+    def __init__(self, in_ch, out_ch, temb_ch=None, groups=32, eps=RESNET_EPS):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, in_ch, eps), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch else None
+        self.norm2, self.conv2 = nn.GroupNorm(groups, out_ch, eps), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. The UNet pads 1 on every side; LDM's VAE pads (0, 1, 0, 1), right and
+    bottom only, which Conv2d's `padding` cannot express, so the padding is applied explicitly."""
+
+    def __init__(self, channels, pad=(1, 1, 1, 1)):
+        super().__init__()
+        self.pad, self.conv = pad, nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad))
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x (or to `size`, the skip's size when a side was odd), then a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, size=None):
+        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
+
+
+class DownBlock2D(nn.Module):
+    """One level of the contracting path: resnets (each followed by its attention when the level has
+    any), then an optional downsampler. Returns x and every intermediate output as skips."""
+
+    def __init__(self, resnets, attentions=(), downsample=None):
+        super().__init__()
+        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
+        self.downsamplers = nn.ModuleList([downsample] if downsample is not None else [])
+
+    def forward(self, x, temb=None, context=None):
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            x = self.attentions[j](x, context) if self.attentions else x
+            skips.append(x)
+        for down in self.downsamplers:
+            x = down(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock2D(nn.Module):
+    """resnet, then (attention, resnet) pairs at the lowest resolution."""
+
+    def __init__(self, resnets, attentions):
+        super().__init__()
+        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
+
+    def forward(self, x, temb=None, context=None):
+        x = self.resnets[0](x, temb)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attn(x, context), temb)
+        return x
+
+
+class UpBlock2D(nn.Module):
+    """One level of the expanding path: each resnet first concatenates the matching skip (if any,
+    the VAE decoder has none), then attention when the level has any; an optional upsampler."""
+
+    def __init__(self, resnets, attentions=(), upsample=None):
+        super().__init__()
+        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
+        self.upsamplers = nn.ModuleList([upsample] if upsample is not None else [])
+
+    def forward(self, x, temb=None, context=None, skips=(), size=None):
+        skips = list(skips)
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1) if skips else x, temb)  # last skip first
+            x = self.attentions[j](x, context) if self.attentions else x
+        for up in self.upsamplers:
+            x = up(x, size)
+        return x
+
+
+class UNet(nn.Module):
+    """eps (or v) = UNet(x_t [B,4,h,w], t, context [B,77,D]). Set `gradient_checkpointing = True`
+    to recompute each down/mid/up block in the backward pass instead of storing its activations."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config, self.gradient_checkpointing = config, False
+        c, ch = config, list(config.block_out_channels)
+        n, heads = len(ch), config.attention_head_dim
+        heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * n
+        temb = ch[0] * TIME_EMBED_MULT
+        resnet = partial(ResnetBlock2D, temb_ch=temb, groups=c.norm_num_groups)
+
+        def attention(level):
+            return Transformer2DModel(ch[level], heads[level], c.cross_attention_dim,
+                                      c.use_linear_projection, c.norm_num_groups)
+
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.down_blocks, self.up_blocks = nn.ModuleList(), nn.ModuleList()
+        skip_ch = [ch[0]]  # channels of every tensor the down path stores for the up path
+        for i, kind in enumerate(c.down_block_types):
+            last = i == n - 1
+            self.down_blocks.append(DownBlock2D(
+                [resnet(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(c.layers_per_block)],
+                [attention(i) for _ in range(c.layers_per_block)] if kind == CROSS_DOWN else [],
+                None if last else Downsample2D(ch[i])))
+            skip_ch += [ch[i]] * (c.layers_per_block + (not last))
+        self.mid_block = MidBlock2D([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], [attention(n - 1)])
+        x_ch = ch[-1]
+        for i, kind in enumerate(c.up_block_types):
+            level, resnets = n - 1 - i, []
+            for _ in range(c.layers_per_block + 1):  # one more than down: also eats the downsampler's skip
+                resnets.append(resnet(x_ch + skip_ch.pop(), ch[level]))
+                x_ch = ch[level]
+            self.up_blocks.append(UpBlock2D(
+                resnets, [attention(level) for _ in resnets] if kind == CROSS_UP else [],
+                Upsample2D(ch[level]) if level > 0 else None))
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=RESNET_EPS)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    def forward(self, x, t, context):
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # number, 0-dim or [B] -> [B]
+        temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            run = partial(checkpoint, use_reentrant=False)
+        else:
+            run = lambda block, *args: block(*args)  # noqa: E731
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, out = run(block, x, temb, context)
+            skips += out
+        x = run(self.mid_block, x, temb, context)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            skips, used = skips[:-n], skips[-n:]
+            size = skips[-1].shape[-2:] if skips else None  # upsample to the next level's skip size
+            x = run(block, x, temb, context, used, size)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
