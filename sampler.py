@@ -1,0 +1,101 @@
+"""DDIM sampling for Stable Diffusion: SD's noise schedule, the DDIM update, classifier-free
+guidance, and a sampling loop that can stop part-way (ESD needs x_t after t_enc steps).
+
+DDIM: Song et al., arXiv 2010.02502, eq. 12 (the update) and eq. 16 (sigma_t from eta); the paper's
+alpha_t is DDPM's alpha_bar_t, the cumulative product, and that is the name used here.
+v-prediction: Salimans & Ho, arXiv 2202.00512, sec. 4. Guidance: Ho & Salimans, arXiv 2207.12598, eq. 6.
+Mirrors LDM's DDIMSampler, https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/models/diffusion/ddim.py
+"""
+import torch
+from tqdm import tqdm
+
+# SD's schedule, LDM configs/stable-diffusion/v1-inference.yaml: timesteps, linear_start, linear_end.
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START = 0.00085
+BETA_END = 0.012
+PREDICTIONS = ("epsilon", "v_prediction")  # what the UNet outputs: eps (SD v1, v2-base) or v (SD v2 768)
+
+
+def alphas_cumprod():
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) for t = 0..999, float32 [1000].
+
+    "scaled_linear": betas are linear in sqrt(beta). Computed in float32 as diffusers does (LDM computes
+    in float64 and then stores float32; the two differ by up to 5e-7).
+    """
+    betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def ddim_timesteps(steps):
+    """The `steps` timesteps DDIM visits, descending: LDM's "uniform" spacing plus 1 (50 -> 981, 961, ..., 1).
+
+    Equals diffusers' DDIMScheduler "leading" spacing with steps_offset=1.
+    """
+    if not 1 <= steps < NUM_TRAIN_TIMESTEPS:  # 1000 steps would start at t = 1000, past the schedule's end
+        raise ValueError(f"steps must be in 1..{NUM_TRAIN_TIMESTEPS - 1}, got {steps}")
+    stride = NUM_TRAIN_TIMESTEPS // steps
+    return (torch.arange(steps) * stride + 1).flip(0)  # +1: LDM's offset, so the last step lands on t=1
+
+
+def ddim_step(x_t, model_out, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None, prediction="epsilon"):
+    """One DDIM update x_t -> x_prev (eq. 12). `model_out` is eps or v (per `prediction`);
+    `noise` ~ N(0, I) shaped like x_t is needed only when eta > 0."""
+    if prediction == "epsilon":
+        eps = model_out
+        x0_pred = (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t ** 0.5  # eq. 12, "predicted x_0"
+    elif prediction == "v_prediction":  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, solved for x_0 and eps
+        x0_pred = alpha_bar_t ** 0.5 * x_t - (1 - alpha_bar_t) ** 0.5 * model_out
+        eps = alpha_bar_t ** 0.5 * model_out + (1 - alpha_bar_t) ** 0.5 * x_t
+    else:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    # eq. 16: sigma_t = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
+    sigma_t = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
+    dir_xt = (1 - alpha_bar_prev - sigma_t ** 2) ** 0.5 * eps  # eq. 12, "direction pointing to x_t"
+    x_prev = alpha_bar_prev ** 0.5 * x0_pred + dir_xt  # eq. 12 without its random term
+    if eta > 0:
+        x_prev = x_prev + sigma_t * noise  # eq. 12, random term sigma_t * eps_t
+    return x_prev
+
+
+def cfg(eps_uncond, eps_cond, scale):
+    """Classifier-free guidance: eps_uncond + scale * (eps_cond - eps_uncond).
+
+    Ho & Salimans eq. 6 writes (1 + w) eps_cond - w eps_uncond; scale = 1 + w (scale 1: no guidance).
+    """
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def sample(unet, x_T, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, prediction="epsilon",
+           generator=None, until=None, progress=False):
+    """Run DDIM from noise x_T [B,4,h,w] and return the latents.
+
+    unet(x, t, context) -> eps or v; cond, uncond: text contexts [B,77,D]. With uncond given and
+    guidance != 1, the UNet sees [uncond; cond] as ONE batch of 2B per step.
+    until=k stops after k steps and returns x at timestep ddim_timesteps(steps)[k] (k=0: x_T itself).
+    eta > 0 draws its noise from `generator` (on the generator's device, then moved, as diffusers does).
+    """
+    timesteps = ddim_timesteps(steps)
+    until = steps if until is None else until
+    if not 0 <= until <= steps:
+        raise ValueError(f"until must be in 0..{steps}, got {until}")
+    alpha_bar = alphas_cumprod()
+    guided = uncond is not None and guidance != 1
+    context = torch.cat([uncond, cond]) if guided else cond
+    x = x_T
+    for i in tqdm(range(until), disable=not progress, desc="DDIM"):
+        t = int(timesteps[i])  # a python int: valid on any device the UNet runs on
+        # The step after the last has no timestep: its alpha_bar_prev is alphas_cumprod[0], as in LDM and
+        # in diffusers with set_alpha_to_one=False (SD's scheduler config), not 1.
+        alpha_bar_prev = alpha_bar[timesteps[i + 1]] if i + 1 < steps else alpha_bar[0]
+        if guided:
+            eps_uncond, eps_cond = unet(torch.cat([x, x]), t, context).chunk(2)  # (2B, 4, h, w) -> 2 x (B, ...)
+            model_out = cfg(eps_uncond, eps_cond, guidance)
+        else:
+            model_out = unet(x, t, context)
+        noise = None
+        if eta > 0:
+            device = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+        x = ddim_step(x, model_out, alpha_bar[t], alpha_bar_prev, eta, noise, prediction)
+    return x
