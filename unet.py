@@ -1,12 +1,13 @@
 """Stable Diffusion's denoising UNet eps_theta(x_t, t, c) in plain PyTorch, SD v1 and v2 layouts.
 
 Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752:
-Sec. 3.3 (cross-attention conditioning, eq. 3) and App. E.2; the timestep enters through the
-sinusoidal embedding of Vaswani et al. arXiv:1706.03762 Sec. 3.5. Attribute names equal diffusers'
+Sec. 3.3 (conditioning by cross-attention inside the UNet); attention and the sinusoidal timestep
+embedding are Vaswani et al. arXiv:1706.03762 eq. 1 and Sec. 3.5. Attribute names equal diffusers'
 UNet2DConditionModel, so its state dicts load with strict=True and no renaming:
 https://github.com/huggingface/diffusers/blob/dbbfe89b9297c416ad1037e80f13e3fa7a7f8d34/src/diffusers/models/unets/unet_2d_condition.py
 """
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -23,8 +24,7 @@ TRANSFORMER_GN_EPS = 1e-6  # GroupNorm before proj_in: LDM Normalize(eps=1e-6)
 CROSS_DOWN, CROSS_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
 BLOCK_TYPES = {CROSS_DOWN, "DownBlock2D", CROSS_UP, "UpBlock2D"}
 
-# diffusers UNet2DConditionModel config keys that SD leaves at these values (the defaults). Other
-# values switch on parts of diffusers (class/added embeddings, kernels, ...) that this file does not build.
+# UNet2DConditionModel config keys SD leaves at these values; others switch on parts we do not build.
 SD_VALUES = dict(
     center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", dropout=0.0,
     mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, downsample_padding=1,
@@ -46,11 +46,9 @@ def config_from_dict(cls, d, sd_values, ignored=()):
     for key, value in d.items():
         if key.startswith("_") or key in names or key in ignored:
             continue  # "_class_name", "_diffusers_version", ... are bookkeeping
-        if key not in sd_values:
-            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r}")
         values = value if isinstance(value, (list, tuple)) else [value]  # per-level lists too
-        if any(v != sd_values[key] for v in values):
-            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r} (SD uses {sd_values[key]!r})")
+        if key not in sd_values or any(v != sd_values[key] for v in values):
+            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r} (not a Stable Diffusion one)")
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -70,9 +68,8 @@ class UNetConfig:
 
     @classmethod
     def sd1(cls):
-        """SD v1.x: CompVis v1-inference.yaml unet_config (model_channels 320, channel_mult [1,2,4,4],
-        num_res_blocks 2, attention_resolutions [4,2,1], num_heads 8, context_dim 768), which is what
-        runwayml/stable-diffusion-v1-5 unet/config.json spells in diffusers' keys."""
+        """SD v1.x: v1-inference.yaml unet_config (model_channels 320, channel_mult [1,2,4,4], num_res_blocks 2,
+        num_heads 8, context_dim 768) = stable-diffusion-v1-5 unet/config.json in diffusers' keys."""
         return cls()
 
     @classmethod
@@ -100,17 +97,8 @@ def timestep_embedding(t, dim):
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-class TimestepEmbedding(nn.Module):
-    def __init__(self, dim, time_dim):
-        super().__init__()
-        self.linear_1, self.linear_2 = nn.Linear(dim, time_dim), nn.Linear(time_dim, time_dim)
-
-    def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class Attention(nn.Module):
-    """Multi-head attention, LDM eq. 3: softmax(QK^T / sqrt(d)) V, with Q from x and K, V from
+    """Multi-head attention softmax(QK^T / sqrt(d)) V (LDM Sec. 3.3), with Q from x and K, V from
     `context` (cross-attention, attn2) or from x itself when context is None (self-attention, attn1)."""
 
     def __init__(self, query_dim, heads, head_dim, context_dim=None, bias=False):
@@ -126,12 +114,12 @@ class Attention(nn.Module):
         context = x if context is None else context
         q, k, v = (f(y).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
                    for f, y in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
-        out = F.scaled_dot_product_attention(q, k, v)  # eq. 3, scale 1/sqrt(d)
+        out = F.scaled_dot_product_attention(q, k, v)  # Vaswani eq. 1, scale 1/sqrt(d)
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, N, heads * d)
 
 
 class GEGLU(nn.Module):
-    """Gated GELU (Shazeer arXiv:2002.05202 eq. 6): one projection gives the value and the gate."""
+    """Gated GELU (Shazeer arXiv:2002.05202 Sec. 2): one projection gives the value and the gate."""
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
@@ -246,7 +234,7 @@ class DownBlock2D(nn.Module):
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
-            skips.append(x)
+            skips.append(x)  # the up path also consumes the downsampled map
         return x, skips
 
 
@@ -290,36 +278,35 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config, self.gradient_checkpointing = config, False
-        c, ch = config, list(config.block_out_channels)
+        c, ch, lpb = config, list(config.block_out_channels), config.layers_per_block
         n, heads = len(ch), config.attention_head_dim
         heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * n
         temb = ch[0] * TIME_EMBED_MULT
         resnet = partial(ResnetBlock2D, temb_ch=temb, groups=c.norm_num_groups)
-
-        def attention(level):
-            return Transformer2DModel(ch[level], heads[level], c.cross_attention_dim,
-                                      c.use_linear_projection, c.norm_num_groups)
-
+        attention = partial(Transformer2DModel, context_dim=c.cross_attention_dim,
+                            linear=c.use_linear_projection, groups=c.norm_num_groups)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.time_embedding = nn.Sequential(OrderedDict(  # MLP on the sinusoidal embedding
+            linear_1=nn.Linear(ch[0], temb), act=nn.SiLU(), linear_2=nn.Linear(temb, temb)))
         self.down_blocks, self.up_blocks = nn.ModuleList(), nn.ModuleList()
         skip_ch = [ch[0]]  # channels of every tensor the down path stores for the up path
         for i, kind in enumerate(c.down_block_types):
             last = i == n - 1
             self.down_blocks.append(DownBlock2D(
-                [resnet(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(c.layers_per_block)],
-                [attention(i) for _ in range(c.layers_per_block)] if kind == CROSS_DOWN else [],
+                [resnet(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(lpb)],
+                [attention(ch[i], heads[i]) for _ in range(lpb)] if kind == CROSS_DOWN else [],
                 None if last else Downsample2D(ch[i])))
-            skip_ch += [ch[i]] * (c.layers_per_block + (not last))
-        self.mid_block = MidBlock2D([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], [attention(n - 1)])
+            skip_ch += [ch[i]] * (lpb + (not last))
+        self.mid_block = MidBlock2D([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])],
+                                    [attention(ch[-1], heads[-1])])
         x_ch = ch[-1]
         for i, kind in enumerate(c.up_block_types):
             level, resnets = n - 1 - i, []
-            for _ in range(c.layers_per_block + 1):  # one more than down: also eats the downsampler's skip
+            for _ in range(lpb + 1):  # one more than going down: also takes the downsampler's skip
                 resnets.append(resnet(x_ch + skip_ch.pop(), ch[level]))
                 x_ch = ch[level]
             self.up_blocks.append(UpBlock2D(
-                resnets, [attention(level) for _ in resnets] if kind == CROSS_UP else [],
+                resnets, [attention(ch[level], heads[level]) for _ in resnets] if kind == CROSS_UP else [],
                 Upsample2D(ch[level]) if level > 0 else None))
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=RESNET_EPS)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
@@ -327,10 +314,8 @@ class UNet(nn.Module):
     def forward(self, x, t, context):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # number, 0-dim or [B] -> [B]
         temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            run = partial(checkpoint, use_reentrant=False)
-        else:
-            run = lambda block, *args: block(*args)  # noqa: E731
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        run = partial(checkpoint, use_reentrant=False) if checkpointing else nn.Module.__call__
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:

@@ -1,0 +1,143 @@
+"""unet.py against diffusers' UNet2DConditionModel (the oracle), fp32 on CPU: same random weights
+loaded by identity give the same eps; key sets equal at tiny and at full SD v1/v2 size (meta device)."""
+import functools
+import json
+import math
+from dataclasses import fields
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import tiny
+from unet import Attention, UNet, UNetConfig
+
+SD1_PARAMS = 859_520_964  # ../shared/fixtures/README.md: model.diffusion_model.* scalars of SD v1
+# runwayml/stable-diffusion-v1-5 unet/config.json (diffusers' defaults give the SD v1 block types).
+SD1_DIFFUSERS = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+                     layers_per_block=2, sample_size=64)
+# stabilityai/stable-diffusion-2-1 unet/config.json
+SD2_DIFFUSERS = dict(SD1_DIFFUSERS, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                     use_linear_projection=True, upcast_attention=True, sample_size=96)
+
+
+@functools.cache
+def pair(name):
+    """diffusers' model with random weights, and ours loaded from its state dict (strict)."""
+    ref = tiny.randomize(UNet2DConditionModel(**getattr(tiny, name))).eval()
+    ours = UNet(UNetConfig.from_dict(getattr(tiny, name))).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def shapes(module):
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["UNET_V1", "UNET_V2"])
+def test_state_dict_keys_and_shapes_equal_diffusers(name):
+    config = getattr(tiny, name)
+    assert shapes(UNet(UNetConfig.from_dict(config))) == shapes(UNet2DConditionModel(**config))
+
+
+# t as a python int and as a [B] tensor; 10x6 has odd sides at lower levels (upsampling to the skip's size).
+@pytest.mark.parametrize("name, t, hw", [("UNET_V1", 981, (8, 8)), ("UNET_V1", "per-sample", (10, 6)),
+                                         ("UNET_V2", "per-sample", (8, 8)), ("UNET_V2", 1, (10, 6))])
+def test_forward_matches_diffusers(name, t, hw):
+    config = getattr(tiny, name)
+    ref, ours = pair(name)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, *hw, generator=g)
+    context = torch.randn(2, 77, config["cross_attention_dim"], generator=g)
+    t = torch.tensor([1, 961]) if t == "per-sample" else t
+    x_before = x.clone()
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context).sample
+        got = ours(x, t, context)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert torch.equal(x, x_before)  # no in-place change to the caller's tensor
+
+
+def test_timestep_forms_agree_and_matter():
+    _, ours = pair("UNET_V1")
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        as_int = ours(x, 700, context)
+        torch.testing.assert_close(ours(x, torch.tensor(700), context), as_int, atol=0, rtol=0)
+        torch.testing.assert_close(ours(x, torch.tensor([700, 700]), context), as_int, atol=0, rtol=0)
+        assert not torch.allclose(ours(x, 10, context), as_int, atol=1e-3)
+
+
+@pytest.mark.parametrize("context_len", [None, 7])  # self-attention, cross-attention
+def test_attention_matches_softmax_formula(context_len):
+    torch.manual_seed(0)
+    heads, d, dim, ctx_dim = 4, 8, 32, 24
+    attn = Attention(dim, heads, d, ctx_dim if context_len else None)
+    x = torch.randn(2, 5, dim)
+    context = torch.randn(2, context_len, ctx_dim) if context_len else x
+    split = lambda t: t.view(2, -1, heads, d).transpose(1, 2)  # noqa: E731  (B, heads, N, d)
+    q, k, v = split(attn.to_q(x)), split(attn.to_k(context)), split(attn.to_v(context))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    expected = attn.to_out[0]((weights @ v).transpose(1, 2).reshape(2, 5, heads * d))
+    got = attn(x, context if context_len else None)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_same_gradients_and_recomputes():
+    ours = UNet(UNetConfig.from_dict(tiny.UNET_V2))  # fresh: this test sets grads and the flag
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 128, generator=g)
+    calls = []
+    ours.down_blocks[0].resnets[0].register_forward_hook(lambda *_: calls.append(1))
+
+    def grads(checkpointing):
+        ours.zero_grad(set_to_none=True)
+        ours.gradient_checkpointing = checkpointing
+        calls.clear()
+        ours(x, torch.tensor([3, 900]), context).square().mean().backward()
+        return {k: p.grad.clone() for k, p in ours.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads(False)
+    checkpointed, checkpointed_calls = grads(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # the block ran again during backward
+    assert plain.keys() == checkpointed.keys()
+    for k in plain:
+        torch.testing.assert_close(checkpointed[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_from_dict_reads_a_saved_diffusers_config(tmp_path):
+    UNet2DConditionModel(**tiny.UNET_V2).save_config(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    assert "_class_name" in d and "upcast_attention" in d  # bookkeeping and ignored keys are present
+    config = UNetConfig.from_dict(d)
+    assert config.attention_head_dim == [2, 4, 4] and config.use_linear_projection
+    assert config.cross_attention_dim == 128 and config.layers_per_block == 1
+
+
+@pytest.mark.parametrize("override", [dict(class_embed_type="timestep"), dict(addition_embed_type="text"),
+                                      dict(num_class_embeds=10), dict(only_cross_attention=[False, True, False]),
+                                      dict(down_block_types=["SimpleCrossAttnDownBlock2D"] * 3),
+                                      dict(some_future_option=1)])
+def test_from_dict_rejects_non_sd_options(override):
+    with pytest.raises(ValueError, match="unsupported"):
+        UNetConfig.from_dict({**tiny.UNET_V1, **override})
+
+
+@pytest.mark.parametrize("preset, diffusers_config", [("sd1", SD1_DIFFUSERS), ("sd2", SD2_DIFFUSERS)])
+def test_full_size_presets_match_diffusers_on_meta(preset, diffusers_config):
+    config = getattr(UNetConfig, preset)()
+    with torch.device("meta"):
+        ours, ref = UNet(config), UNet2DConditionModel(**diffusers_config)
+        from_config = UNet(UNetConfig.from_dict(dict(ref.config)))
+    assert shapes(ours) == shapes(ref) == shapes(from_config)
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    for f in fields(config):
+        assert as_list(getattr(config, f.name)) == as_list(ref.config[f.name]), f.name
+    heads = lambda m: {k: a.heads for k, a in m.named_modules() if k.endswith(("attn1", "attn2"))}  # noqa: E731
+    assert heads(ours) == heads(ref)  # head counts do not show in shapes
+
+
+def test_sd1_parameter_count():
+    with torch.device("meta"):
+        ours = UNet(UNetConfig.sd1())
+    assert sum(p.numel() for p in ours.parameters()) == SD1_PARAMS
