@@ -1,0 +1,306 @@
+"""load_sd.py: Stable Diffusion checkpoints -> a StableDiffusion bundle (our UNet and VAE,
+transformers' CLIP text encoder and tokenizer), and back to an official single file.
+
+Sources: official LDM single files (Rombach et al., arXiv 2112.10752), diffusers folders, hub ids.
+LDM names become ours (= diffusers') by a short rule table plus one index function; configs come
+from tensor shapes plus the family's constants. LDM names as in
+https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py
+"""
+import dataclasses
+import functools
+import json
+import os
+import re
+
+import torch
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from unet import UNet, UNetConfig
+from vae import VAE, VAEConfig
+
+DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"  # SD v1's FrozenCLIPEmbedder (v1-inference.yaml)
+CLIP_MAX_LEN = 77  # CLIP's context length: prompts are padded/truncated to 77 tokens
+CLIP_HEAD_DIM = 64  # CLIP text heads are 64 wide (ViT-L/14: 768 = 12 x 64)
+CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
+FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}  # cross_attention_dim: CLIP ViT-L/14 (v1), OpenCLIP ViT-H (v2)
+PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}  # weights
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+# Known non-model tensors of LDM files: the 12 DDPM schedule buffers (betas, *alphas_cumprod*, posterior_*;
+# sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids.
+IGNORED = re.compile(r"betas|\w*alphas_cumprod\w*|posterior_\w+|logvar|model_ema\..+|.+\.position_ids")
+VAE_ATTN_WEIGHT = re.compile(r"vae\..*\.attentions\.0\.(to_[qkv]|to_out\.0)\.weight")  # 1x1 convs in LDM
+
+
+class LoadError(Exception):
+    """A one-line, user-facing problem with the model source (CLIs print it and exit 2)."""
+
+
+def _rules(pairs):
+    """(LDM, ours) name patterns, '#' an index and '*' any text, compiled both ways: (forward, back)."""
+    def compile_(src, dst):
+        groups = iter(range(1, 10))
+        regex = "^" + re.escape(src).replace(r"\*", "(.*?)").replace(r"\#", r"(\d+)")
+        return re.compile(regex), re.sub(r"[*#]", lambda _: rf"\g<{next(groups)}>", dst)
+    return [compile_(a, b) for a, b in pairs], [compile_(b, a) for a, b in reversed(pairs)]
+
+
+PREFIXES, PREFIXES_BACK = _rules([
+    ("model.diffusion_model.", "unet."), ("first_stage_model.", "vae."),
+    ("cond_stage_model.transformer.", "text_encoder."),
+    ("text_encoder.text_model.", "text_encoder."),  # transformers 5 dropped this level: both are read
+])
+RENAMES, RENAMES_BACK = _rules([
+    ("unet.time_embed.0.", "unet.time_embedding.linear_1."), ("unet.time_embed.2.", "unet.time_embedding.linear_2."),
+    ("unet.out.0.", "unet.conv_norm_out."), ("unet.out.2.", "unet.conv_out."),
+    ("unet.*resnets.#.in_layers.0.", "unet.*resnets.#.norm1."), ("unet.*resnets.#.in_layers.2.", "unet.*resnets.#.conv1."),
+    ("unet.*resnets.#.emb_layers.1.", "unet.*resnets.#.time_emb_proj."),
+    ("unet.*resnets.#.out_layers.0.", "unet.*resnets.#.norm2."), ("unet.*resnets.#.out_layers.3.", "unet.*resnets.#.conv2."),
+    ("unet.*resnets.#.skip_connection.", "unet.*resnets.#.conv_shortcut."),
+    ("unet.*downsamplers.0.op.", "unet.*downsamplers.0.conv."),
+    ("vae.encoder.down.#.", "vae.encoder.down_blocks.#."), ("vae.*_blocks.#.block.", "vae.*_blocks.#.resnets."),
+    ("vae.*_blocks.#.downsample.", "vae.*_blocks.#.downsamplers.0."),
+    ("vae.*_blocks.#.upsample.", "vae.*_blocks.#.upsamplers.0."),
+    ("vae.*mid.block_1.", "vae.*mid_block.resnets.0."), ("vae.*mid.block_2.", "vae.*mid_block.resnets.1."),
+    ("vae.*mid.attn_1.norm.", "vae.*mid_block.attentions.0.group_norm."),
+    ("vae.*mid.attn_1.q.", "vae.*mid_block.attentions.0.to_q."), ("vae.*mid.attn_1.k.", "vae.*mid_block.attentions.0.to_k."),
+    ("vae.*mid.attn_1.v.", "vae.*mid_block.attentions.0.to_v."),
+    ("vae.*mid.attn_1.proj_out.", "vae.*mid_block.attentions.0.to_out.0."),
+    ("vae.*nin_shortcut.", "vae.*conv_shortcut."), ("vae.*norm_out.", "vae.*conv_norm_out."),
+])
+
+
+@functools.lru_cache
+def _blocks(n, up_attention, vae_levels):
+    """The index function, as rules: LDM's UNet numbers n = layers_per_block + 1 blocks per level,
+    each (resnet, transformer); up_attention[i] says up level i has transformers. LDM's VAE decoder
+    lists its levels in reverse order."""
+    pairs = [("input_blocks.0.0.", "conv_in."), ("middle_block.0.", "mid_block.resnets.0."),
+             ("middle_block.1.", "mid_block.attentions.0."), ("middle_block.2.", "mid_block.resnets.1.")]
+    for i, attention in enumerate(up_attention):
+        for j in range(n):
+            if j < n - 1:
+                pairs += [(f"input_blocks.{n * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."),
+                          (f"input_blocks.{n * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}.")]
+            pairs += [(f"output_blocks.{n * i + j}.0.", f"up_blocks.{i}.resnets.{j}.")]
+            pairs += [(f"output_blocks.{n * i + j}.1.", f"up_blocks.{i}.attentions.{j}.")] if attention else []
+        if i < len(up_attention) - 1:  # resamplers: a level's last input block; the last child of its last output block
+            pairs += [(f"input_blocks.{n * (i + 1)}.0.", f"down_blocks.{i}.downsamplers.0."),
+                      (f"output_blocks.{n * i + n - 1}.{1 + attention}.", f"up_blocks.{i}.upsamplers.0.")]
+    return _rules([(f"unet.{a}", f"unet.{b}") for a, b in pairs] + [
+        (f"vae.decoder.up.{i}.", f"vae.decoder.up_blocks.{vae_levels - 1 - i}.") for i in range(vae_levels)])
+
+
+def _rename(key, unet, vae, back):
+    """Prefixes, block indices (the configs' layout, default SD v1's), then leaf names; or all back."""
+    unet, vae = unet or UNetConfig.sd1(), vae or VAEConfig.sd()
+    attention = tuple("CrossAttn" in kind for kind in unet.up_block_types)
+    blocks = _blocks(unet.layers_per_block + 1, attention, len(vae.block_out_channels))[back]
+    for regex, template in (RENAMES_BACK + blocks + PREFIXES_BACK) if back else (PREFIXES + blocks + RENAMES):
+        key = regex.sub(template, key, count=1)
+    return key
+
+
+def ldm_to_ours(key, unet=None, vae=None):
+    """Our name (unet./vae./text_encoder. + the module's key) of an LDM checkpoint key."""
+    return _rename(key, unet, vae, back=False)
+
+
+def ours_to_ldm(key, unet=None, vae=None):
+    """The official LDM name of one of ours (the inverse of ldm_to_ours)."""
+    return _rename(key, unet, vae, back=True)
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """A loaded model: our UNet and VAE, transformers' CLIP text encoder and tokenizer."""
+    unet: UNet
+    vae: VAE
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    family: str  # "sd1" | "sd2"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    source: str
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        """Prompts -> CLIP's last hidden states [B, 77, D]."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=CLIP_MAX_LEN, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        """Sampled (scaled) latents -> images in [-1, 1]."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor)
+
+    def latent_shape(self, height, width):
+        return (self.vae.config.latent_channels, height // self.vae.scale_factor, width // self.vae.scale_factor)
+
+
+def _line(e):
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _read(path):
+    """The tensors of a .safetensors file, or of a .ckpt/.bin read with weights_only (no pickled code)."""
+    try:
+        obj = load_file(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
+    except Exception as e:  # any file we cannot read is bad input, whatever the library raises
+        raise LoadError(f"cannot read {path}: {_line(e)}") from None
+    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(obj, dict):
+        raise LoadError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def infer_configs(sd):
+    """UNet, VAE and CLIP text configs of an LDM SD v1 state dict from its shapes; what shapes cannot
+    tell (8 heads, 32 groups, scaling 0.18215, sample sizes, 64-wide CLIP heads) is SD v1's."""
+    def shape(key):
+        return tuple(sd[key].shape)
+
+    def numbers(pattern):  # the distinct block numbers `pattern` captures
+        return sorted({int(m[1]) for k in sd if (m := re.match(pattern, k))})
+    u, v, t = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+    t += "text_model." if t + "text_model.embeddings.token_embedding.weight" in sd else ""  # transformers 4 names
+    ops = numbers(re.escape(u) + r"input_blocks\.(\d+)\.0\.op\.")  # downsamplers: input_blocks.{n (i + 1)}
+    n, levels = ops[0], len(ops) + 1
+    attention = [[f"{u}{blocks}.{n * i + first}.1.proj_in.weight" in sd for i in range(levels)]
+                 for blocks, first in (("input_blocks", 1), ("output_blocks", 0))]
+    unet = dataclasses.replace(
+        UNetConfig.sd1(), in_channels=shape(f"{u}input_blocks.0.0.weight")[1], out_channels=shape(f"{u}out.2.weight")[0],
+        block_out_channels=tuple(shape(f"{u}input_blocks.{n * i + 1}.0.in_layers.2.weight")[0] for i in range(levels)),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention[0]),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[1]), layers_per_block=n - 1,
+        cross_attention_dim=shape(f"{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
+        use_linear_projection=len(shape(f"{u}middle_block.1.proj_in.weight")) == 2)
+    vae = dataclasses.replace(
+        VAEConfig.sd(), in_channels=shape(f"{v}encoder.conv_in.weight")[1],
+        out_channels=shape(f"{v}decoder.conv_out.weight")[0], latent_channels=shape(f"{v}post_quant_conv.weight")[0],
+        block_out_channels=tuple(shape(f"{v}encoder.down.{i}.block.0.conv2.weight")[0]
+                                 for i in numbers(re.escape(v) + r"encoder\.down\.(\d+)\.")),
+        layers_per_block=len(numbers(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")))
+    vocab, width = shape(f"{t}embeddings.token_embedding.weight")
+    text = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=shape(f"{t}encoder.layers.0.mlp.fc1.weight")[0],
+        num_hidden_layers=len(numbers(re.escape(t) + r"encoder\.layers\.(\d+)\.")), hidden_act=CLIP_ACT,
+        num_attention_heads=width // CLIP_HEAD_DIM, max_position_embeddings=shape(f"{t}embeddings.position_embedding.weight")[0])
+    return unet, vae, text
+
+
+def _single_file(path):
+    """(configs, our-named tensors per part, family, prediction type) of an LDM single file."""
+    sd = _read(path)
+    if any(k.startswith("cond_stage_model.model.") for k in sd):
+        raise LoadError("SD v2 single-file checkpoints are not supported yet (use its diffusers folder)")
+    if not any(k.startswith("cond_stage_model.transformer.") for k in sd):
+        found = "SDXL's conditioner.embedders.*" if any(k.startswith("conditioner.embedders.") for k in sd) else \
+            "top-level names " + ", ".join(sorted({k.split(".")[0] for k in sd})[:6])
+        raise LoadError(f"{path} is not an SD v1 checkpoint (no cond_stage_model.transformer.*): found {found}")
+    try:
+        configs = unet, vae, _ = infer_configs(sd)
+    except (KeyError, IndexError) as e:
+        raise LoadError(f"{path} is an incomplete SD v1 checkpoint: {_line(e)}") from None
+    parts, names = {part: {} for part in PARTS}, {k: ldm_to_ours(k, unet, vae) for k in sd if not IGNORED.fullmatch(k)}
+    leftover = [k for k, name in names.items() if name.partition(".")[0] not in parts]
+    if leftover:
+        raise LoadError(f"{path}: {len(leftover)} tensors of no SD v1 part, e.g. {', '.join(leftover[:3])}")
+    for key, name in names.items():
+        part, _, rest = name.partition(".")
+        parts[part][rest] = sd[key].flatten(1) if VAE_ATTN_WEIGHT.fullmatch(name) else sd[key]  # 1x1 conv -> linear
+    return configs, parts, "sd1", "epsilon"
+
+
+def _folder(folder):
+    """The same for a diffusers folder: configs from its config.json files, weights as they are."""
+    def read_json(part, name="config.json"):
+        with open(os.path.join(folder, part, name)) as f:
+            return json.load(f)
+    try:
+        configs = (UNetConfig.from_dict(read_json("unet")), VAEConfig.from_dict(read_json("vae")),
+                   CLIPTextConfig.from_dict(read_json("text_encoder")))
+        scheduler = read_json("scheduler", "scheduler_config.json") if os.path.isdir(f"{folder}/scheduler") else {}
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{folder} is not a diffusers SD folder we can load: {_line(e)}") from None
+    parts = {}
+    for part, stem in PARTS.items():
+        files = [f for f in (f"{folder}/{part}/{stem}.safetensors", f"{folder}/{part}/{stem}.bin") if os.path.exists(f)]
+        if not files:
+            raise LoadError(f"no weights in {folder}/{part} (expected {stem}.safetensors or {stem}.bin)")
+        parts[part] = {re.sub(r"^text_model\.", "", k): t for k, t in _read(files[0]).items() if not IGNORED.fullmatch(k)}
+    unet = configs[0]  # linear projections: SD v2's hallmark where the context width is no real one (tests)
+    family = FAMILY_BY_CONTEXT.get(unet.cross_attention_dim, "sd2" if unet.use_linear_projection else "sd1")
+    return configs, parts, family, scheduler.get("prediction_type", "epsilon")
+
+
+def _download(repo):
+    """Fetch only the files a diffusers SD repo needs (safetensors, else .bin); its local folder."""
+    patterns = [f"{part}/config.json" for part in PARTS] + ["tokenizer/*", "scheduler/scheduler_config.json"]
+    try:
+        folder = snapshot_download(repo, allow_patterns=patterns + [f"{p}/{s}.safetensors" for p, s in PARTS.items()])
+        old = [f"{p}/{s}.bin" for p, s in PARTS.items() if not os.path.exists(f"{folder}/{p}/{s}.safetensors")]
+        return snapshot_download(repo, allow_patterns=old) if old else folder
+    except Exception as e:  # offline, unknown or gated repo: whatever huggingface_hub raises
+        raise LoadError(f"cannot download {repo} from the Hugging Face hub (offline?): {_line(e)}") from None
+
+
+def _fill(model, tensors, device, dtype):
+    """Assign tensors to a model built on the meta device: every key, no other, equal shapes."""
+    want = model.state_dict()
+    bad = {"missing": want.keys() - tensors.keys(), "unexpected": tensors.keys() - want.keys(),
+           "wrong-shape": {k for k in want.keys() & tensors.keys() if want[k].shape != tensors[k].shape}}
+    for problem, keys in bad.items():
+        if keys:
+            raise LoadError(f"{type(model).__name__}: {len(keys)} {problem} tensors, e.g. {', '.join(sorted(keys)[:3])}")
+    model.load_state_dict({k: t.to(device, dtype) for k, t in tensors.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32):
+    """A StableDiffusion from a single file (.safetensors, .ckpt), a diffusers folder, a hub id or "toy".
+    The tokenizer: a folder's own tokenizer/, else `tokenizer` (folder or hub id), else SD v1's."""
+    source = str(source)
+    path = TOY_DIR if source == "toy" else source
+    if not os.path.exists(path):
+        if source == "toy":
+            raise LoadError("the toy model is not shipped yet (no assets/toy/ beside load_sd.py)")
+        if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) or path.endswith((".safetensors", ".ckpt")):
+            raise LoadError(f"no such file or folder: {path}")
+        path = _download(path)
+    configs, parts, family, prediction = _folder(path) if os.path.isdir(path) else _single_file(path)
+    tokenizer = f"{path}/tokenizer" if os.path.isdir(f"{path}/tokenizer") else tokenizer or DEFAULT_TOKENIZER
+    try:
+        tok = CLIPTokenizer.from_pretrained(tokenizer)
+    except Exception as e:  # offline hub, missing folder: whatever transformers raises
+        raise LoadError(f"cannot load the CLIP tokenizer {tokenizer} (offline? pass a folder): {_line(e)}") from None
+    if not os.path.isdir(path):  # a single file has no text config: special tokens are the tokenizer's
+        configs[2].update({f"{s}_token_id": getattr(tok, f"{s}_token_id") for s in ("bos", "eos", "pad")})
+    with torch.device("meta"):  # no random init: every tensor is assigned from the file
+        models = UNet(configs[0]), VAE(configs[1]), CLIPTextModel(configs[2])
+    unet, vae, text_encoder = (_fill(m, parts[p], device, dtype) for m, p in zip(models, PARTS))
+    text_encoder.embeddings.register_buffer(  # non-persistent, so in no file: arange(77)
+        "position_ids", torch.arange(configs[2].max_position_embeddings, device=device)[None], persistent=False)
+    return StableDiffusion(unet, vae, text_encoder, tok, family, prediction, source)
+
+
+def save_single_file(sd, path, metadata=None):
+    """Write `sd` as an official LDM-layout (SD v1) .safetensors file, atomically."""
+    if sd.family != "sd1":
+        raise LoadError(f"only SD v1 has a single-file layout we write (this model is {sd.family})")
+    tensors = {ours_to_ldm("text_encoder.embeddings.position_ids"):  # the official files carry it
+               torch.arange(sd.text_encoder.config.max_position_embeddings)[None]}
+    for part, model in (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder)):
+        for key, t in model.state_dict().items():
+            name = f"{part}.{key}"
+            t = t[:, :, None, None] if VAE_ATTN_WEIGHT.fullmatch(name) else t  # linear -> LDM's 1x1 conv
+            tensors[ours_to_ldm(name, sd.unet.config, sd.vae.config)] = t.detach().cpu().contiguous()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

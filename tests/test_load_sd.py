@@ -1,0 +1,204 @@
+"""load_sd.py: the LDM <-> diffusers key mapping against diffusers' own converters; tiny official-
+layout single files and diffusers folders load into modules whose outputs equal diffusers'; full-size
+key coverage on the meta device from the official SD v1 key list; one-line errors on bad input."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
+
+import load_sd
+import tiny
+from unet import UNet, UNetConfig
+from vae import VAE, VAEConfig
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sd_v1_ldm.json")
+PROMPTS = ["a red circle", ""]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny random diffusers SD v1 pipeline saved as a folder, and the same weights as an
+    official-layout single file: (pipeline, folder, single file)."""
+    root = tmp_path_factory.mktemp("sd")
+    pipe = tiny.pipeline(folder=root / "diffusers")
+    sd = load_sd.StableDiffusion(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, "sd1", "epsilon", "tiny")
+    load_sd.save_single_file(sd, root / "sd.safetensors")  # diffusers' modules written by ours_to_ldm
+    return pipe, root / "diffusers", root / "sd.safetensors"
+
+
+def preset_with(preset, config):
+    """`preset` with the fields a tiny config.json dict sets, but sample_size (shapes cannot tell it)."""
+    names = {f.name for f in dataclasses.fields(preset)} - {"sample_size"}
+    return dataclasses.replace(preset, **{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in config.items() if k in names})
+
+
+def assert_same_outputs(sd, pipe, context_dim=64):
+    """Our UNet, VAE and text encoder give diffusers' outputs (fp32, 1e-5)."""
+    g = torch.Generator().manual_seed(0)
+    x, z, image = torch.randn(2, 4, 8, 8, generator=g), torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 3, 16, 16, generator=g)
+    context = torch.randn(2, 77, context_dim, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(sd.unet(x, torch.tensor([10, 980]), context),
+                                   pipe.unet(x, torch.tensor([10, 980]), context).sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sd.decode_latents(z * pipe.vae.config.scaling_factor), pipe.vae.decode(z).sample,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sd.vae.encode(image)[0], pipe.vae.encode(image).latent_dist.mean, atol=1e-5, rtol=1e-5)
+        ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        torch.testing.assert_close(sd.encode_prompts(PROMPTS), pipe.text_encoder(ids).last_hidden_state, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("unet_config", [tiny.UNET_V1, tiny.UNET_V2], ids=["v1", "v2"])
+def test_ours_to_ldm_inverts_diffusers_converters(unet_config):
+    """ours_to_ldm on random diffusers weights, then diffusers' LDM -> diffusers converters, gives back
+    exactly the original keys and tensors (v2: linear projections, 1 resnet per level)."""
+    unet = tiny.randomize(UNet2DConditionModel(**unet_config))
+    vae = tiny.randomize(AutoencoderKL(**tiny.VAE), seed=1)
+    ucfg, vcfg = UNetConfig.from_dict(unet_config), VAEConfig.from_dict(tiny.VAE)
+    for part, module, convert, config in (("unet", unet, convert_ldm_unet_checkpoint, unet_config),
+                                          ("vae", vae, convert_ldm_vae_checkpoint, tiny.VAE)):
+        ours = {f"{part}.{k}": t for k, t in module.state_dict().items()}
+        ldm = {load_sd.ours_to_ldm(k, ucfg, vcfg): t[:, :, None, None] if load_sd.VAE_ATTN_WEIGHT.fullmatch(k) else t
+               for k, t in ours.items()}
+        assert len(ldm) == len(ours)
+        back = convert(ldm, config)
+        assert back.keys() == module.state_dict().keys()
+        for k, t in module.state_dict().items():
+            assert torch.equal(back[k], t), k
+        assert all(load_sd.ldm_to_ours(load_sd.ours_to_ldm(k, ucfg, vcfg), ucfg, vcfg) == k for k in ours)
+
+
+def test_single_file_loads_like_diffusers(model, tmp_path):
+    pipe, folder, single = model
+    sd = load_sd.load(single, tokenizer=folder / "tokenizer")
+    assert (sd.family, sd.prediction_type, sd.source) == ("sd1", "epsilon", str(single))
+    assert sd.unet.config == preset_with(UNetConfig.sd1(), tiny.UNET_V1)  # inferred from shapes
+    assert sd.vae.config == preset_with(VAEConfig.sd(), tiny.VAE)
+    assert_same_outputs(sd, pipe)
+    # Round trip: what we write equals what we read, tensor for tensor (position ids included).
+    load_sd.save_single_file(sd, tmp_path / "again.safetensors", metadata={"note": "round trip"})
+    written, original = load_file(tmp_path / "again.safetensors"), load_file(single)
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[k], original[k]) for k in original)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_single_file_variants(model, tmp_path):
+    """transformers 5 text names, a .ckpt with a "state_dict", and the named non-model tensors all load
+    the same; a tensor of no known part is refused, listing it."""
+    pipe, folder, single = model
+    tensors = load_file(single)
+    new_names = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): t
+                 for k, t in tensors.items()}
+    extras = {"betas": torch.zeros(1000), "alphas_cumprod": torch.zeros(1000), "logvar": torch.zeros(1000),
+              "model_ema.decay": torch.tensor(0.9999), "model_ema.diffusion_modelconv_inweight": torch.zeros(1)}
+    save_file({**new_names, **extras}, tmp_path / "t5.safetensors")
+    torch.save({"state_dict": {**tensors, **extras}, "global_step": 1}, tmp_path / "sd.ckpt")
+    for path in (tmp_path / "t5.safetensors", tmp_path / "sd.ckpt"):
+        assert_same_outputs(load_sd.load(path, tokenizer=folder / "tokenizer"), pipe)
+    save_file({**tensors, "model.diffusion_model.extra.weight": torch.zeros(1)}, tmp_path / "extra.safetensors")
+    with pytest.raises(load_sd.LoadError, match="unexpected tensors, e.g. extra.weight"):
+        load_sd.load(tmp_path / "extra.safetensors", tokenizer=folder / "tokenizer")
+    save_file({**tensors, "lora.weight": torch.zeros(1)}, tmp_path / "lora.safetensors")
+    with pytest.raises(load_sd.LoadError, match="1 tensors of no SD v1 part, e.g. lora.weight"):
+        load_sd.load(tmp_path / "lora.safetensors", tokenizer=folder / "tokenizer")
+
+
+def test_diffusers_folder(model, tmp_path):
+    pipe, folder, _ = model
+    sd = load_sd.load(folder)
+    assert (sd.family, sd.prediction_type) == ("sd1", "epsilon")
+    assert sd.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+    assert sd.latent_shape(16, 24) == (4, 8, 12)
+    assert_same_outputs(sd, pipe)
+
+
+def test_diffusers_folder_v2_with_bin_weights(tmp_path):
+    """A v2-style folder (linear projections, per-level heads) is family sd2; the scheduler's
+    prediction type is read; PyTorch .bin weights load through weights_only."""
+    pipe = tiny.pipeline(unet_config=tiny.UNET_V2, folder=tmp_path)
+    with open(tmp_path / "scheduler" / "scheduler_config.json") as f:
+        scheduler = dict(json.load(f), prediction_type="v_prediction")
+    with open(tmp_path / "scheduler" / "scheduler_config.json", "w") as f:
+        json.dump(scheduler, f)
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), tmp_path / "vae" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    sd = load_sd.load(tmp_path)
+    assert (sd.family, sd.prediction_type) == ("sd2", "v_prediction")
+    assert sd.unet.config.use_linear_projection and list(sd.unet.config.attention_head_dim) == [2, 4, 4]
+    assert_same_outputs(sd, pipe, context_dim=tiny.UNET_V2["cross_attention_dim"])
+    with pytest.raises(load_sd.LoadError, match="only SD v1"):
+        load_sd.save_single_file(sd, tmp_path / "v2.safetensors")
+
+
+def test_full_size_key_coverage():
+    """Every key of an official SD v1 file maps onto our full-size modules (built on meta) with its
+    shape, or is a documented non-model tensor; the configs inferred from the shapes are SD v1's."""
+    with open(FIXTURE) as f:
+        fixture = json.load(f)
+    shapes = fixture["tensors"]
+    ldm = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    unet_cfg, vae_cfg, text_cfg = load_sd.infer_configs(ldm)
+    assert unet_cfg == UNetConfig.sd1() and vae_cfg == VAEConfig.sd()
+    assert (text_cfg.vocab_size, text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_hidden_layers,
+            text_cfg.num_attention_heads, text_cfg.max_position_embeddings, text_cfg.hidden_act) == \
+        (49408, 768, 3072, 12, 12, 77, "quick_gelu")  # openai/clip-vit-large-patch14's text config
+    with torch.device("meta"):
+        modules = {"unet": UNet(unet_cfg), "vae": VAE(vae_cfg), "text_encoder": CLIPTextModel(text_cfg)}
+    expected = {f"{p}.{k}": tuple(t.shape) for p, m in modules.items() for k, t in m.state_dict().items()}
+    ignored = sorted(k for k in shapes if load_sd.IGNORED.fullmatch(k))
+    assert ignored == sorted(fixture["model"]["schedule_buffers"] +
+                             ["cond_stage_model.transformer.text_model.embeddings.position_ids"])
+    mapped = {load_sd.ldm_to_ours(k): tuple(s) for k, s in shapes.items() if k not in ignored}
+    assert len(mapped) == len(shapes) - len(ignored) == 1143 - 13
+    assert mapped.keys() == expected.keys()
+    for k, s in mapped.items():
+        linear = load_sd.VAE_ATTN_WEIGHT.fullmatch(k)  # LDM's VAE attention is 1x1 convs, ours linear
+        assert (s[:2] if linear else s) == expected[k], k
+    assert all(load_sd.ours_to_ldm(load_sd.ldm_to_ours(k)) == k for k in shapes if k not in ignored)
+
+
+def bad_inputs(model, tmp_path):
+    _, _, single = model
+    tensors = load_file(single)
+    (tmp_path / "truncated.safetensors").write_bytes(single.read_bytes()[:1000])
+    save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    save_file({**tensors, "cond_stage_model.model.ln_final.weight": torch.zeros(2)}, tmp_path / "v2.safetensors")
+    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(2)}, tmp_path / "xl.safetensors")
+    save_file({k: t for k, t in tensors.items() if "middle_block" not in k}, tmp_path / "partial.safetensors")
+    torch.save({"state_dict": tensors, "payload": Payload()}, tmp_path / "code.ckpt")
+    return {
+        tmp_path / "missing.safetensors": "no such file",
+        tmp_path / "truncated.safetensors": "cannot read",
+        tmp_path / "other.safetensors": "not an SD v1 checkpoint .* found top-level names weight",
+        tmp_path / "v2.safetensors": "SD v2 single-file checkpoints are not supported yet",
+        tmp_path / "xl.safetensors": "not an SD v1 checkpoint .* found SDXL",
+        tmp_path / "partial.safetensors": "incomplete SD v1 checkpoint",
+        tmp_path / "code.ckpt": "cannot read .*code.ckpt: UnpicklingError",
+        tmp_path: "not a diffusers SD folder",
+        "nobody/no-such-model": "cannot download nobody/no-such-model from the Hugging Face hub",
+    }
+
+
+class Payload:
+    """Pickled code: unpickling it would call os.getcwd (harmless, but weights_only must refuse it)."""
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
+def test_bad_input_is_one_line_load_error(model, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    for source, message in bad_inputs(model, tmp_path).items():
+        with pytest.raises(load_sd.LoadError, match=message) as e:
+            load_sd.load(source, tokenizer=model[1] / "tokenizer")
+        assert "\n" not in str(e.value), source
+    if not os.path.isdir(load_sd.TOY_DIR):
+        with pytest.raises(load_sd.LoadError, match="toy model is not shipped yet"):
+            load_sd.load("toy")
