@@ -272,10 +272,13 @@ def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32):
         path = _download(path)
     configs, parts, family, prediction = _folder(path) if os.path.isdir(path) else _single_file(path)
     tokenizer = f"{path}/tokenizer" if os.path.isdir(f"{path}/tokenizer") else tokenizer or DEFAULT_TOKENIZER
-    try:
+    try:  # transformers 5 quietly returns an empty tokenizer for a repo it cannot find: check the size too
         tok = CLIPTokenizer.from_pretrained(tokenizer)
+        problem = f"{len(tok)} tokens for {configs[2].vocab_size} embeddings" if len(tok) != configs[2].vocab_size else ""
     except Exception as e:  # offline hub, missing folder: whatever transformers raises
-        raise LoadError(f"cannot load the CLIP tokenizer {tokenizer} (offline? pass a folder): {_line(e)}") from None
+        problem = _line(e)
+    if problem:
+        raise LoadError(f"cannot load the CLIP tokenizer {tokenizer} (offline? pass a folder): {problem}")
     if not os.path.isdir(path):  # a single file has no text config: special tokens are the tokenizer's
         configs[2].update({f"{s}_token_id": getattr(tok, f"{s}_token_id") for s in ("bos", "eos", "pad")})
     with torch.device("meta"):  # no random init: every tensor is assigned from the file

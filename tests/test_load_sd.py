@@ -165,39 +165,45 @@ def test_full_size_key_coverage():
     assert all(load_sd.ours_to_ldm(load_sd.ldm_to_ours(k)) == k for k in shapes if k not in ignored)
 
 
-def bad_inputs(model, tmp_path):
-    _, _, single = model
-    tensors = load_file(single)
-    (tmp_path / "truncated.safetensors").write_bytes(single.read_bytes()[:1000])
-    save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
-    save_file({**tensors, "cond_stage_model.model.ln_final.weight": torch.zeros(2)}, tmp_path / "v2.safetensors")
-    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(2)}, tmp_path / "xl.safetensors")
-    save_file({k: t for k, t in tensors.items() if "middle_block" not in k}, tmp_path / "partial.safetensors")
-    torch.save({"state_dict": tensors, "payload": Payload()}, tmp_path / "code.ckpt")
-    return {
-        tmp_path / "missing.safetensors": "no such file",
-        tmp_path / "truncated.safetensors": "cannot read",
-        tmp_path / "other.safetensors": "not an SD v1 checkpoint .* found top-level names weight",
-        tmp_path / "v2.safetensors": "SD v2 single-file checkpoints are not supported yet",
-        tmp_path / "xl.safetensors": "not an SD v1 checkpoint .* found SDXL",
-        tmp_path / "partial.safetensors": "incomplete SD v1 checkpoint",
-        tmp_path / "code.ckpt": "cannot read .*code.ckpt: UnpicklingError",
-        tmp_path: "not a diffusers SD folder",
-        "nobody/no-such-model": "cannot download nobody/no-such-model from the Hugging Face hub",
-    }
-
-
 class Payload:
     """Pickled code: unpickling it would call os.getcwd (harmless, but weights_only must refuse it)."""
     def __reduce__(self):
         return os.getcwd, ()
 
 
+def bad_inputs(single, tmp_path):
+    """(source, tokenizer, expected message) for each kind of bad input, its files written to tmp_path."""
+    tensors = load_file(single)
+    (tmp_path / "truncated.safetensors").write_bytes(single.read_bytes()[:1000])
+    save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    save_file({**tensors, "cond_stage_model.model.ln_final.weight": torch.zeros(2)}, tmp_path / "v2.safetensors")
+    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(2)}, tmp_path / "xl.safetensors")
+    save_file({k: t for k, t in tensors.items() if "middle_block" not in k}, tmp_path / "partial.safetensors")
+    hole = "model.diffusion_model.output_blocks.0.0.skip_connection.bias"
+    save_file({k: t for k, t in tensors.items() if k != hole}, tmp_path / "hole.safetensors")
+    torch.save({"state_dict": tensors, "payload": Payload()}, tmp_path / "code.ckpt")
+    return [
+        ("missing.safetensors", None, "no such file or folder"),
+        ("truncated.safetensors", None, "cannot read .*truncated.safetensors: SafetensorError"),
+        ("other.safetensors", None, "not an SD v1 checkpoint .* found top-level names weight"),
+        ("v2.safetensors", None, "SD v2 single-file checkpoints are not supported yet"),
+        ("xl.safetensors", None, "not an SD v1 checkpoint .* found SDXL"),
+        ("partial.safetensors", None, "incomplete SD v1 checkpoint: KeyError"),
+        ("hole.safetensors", None, "UNet: 1 missing tensors, e.g. up_blocks.0.resnets.0.conv_shortcut.bias"),
+        ("code.ckpt", None, "cannot read .*code.ckpt: UnpicklingError"),
+        (".", None, "not a diffusers SD folder"),
+        (single, "nobody/no-such-tokenizer", "cannot load the CLIP tokenizer nobody/no-such-tokenizer .*: 2 tokens for 514 embeddings"),
+        ("nobody/no-such-model", None, "cannot download nobody/no-such-model from the Hugging Face hub .offline"),
+    ]
+
+
 def test_bad_input_is_one_line_load_error(model, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    for source, message in bad_inputs(model, tmp_path).items():
+    _, folder, single = model
+    for source, tokenizer, message in bad_inputs(single, tmp_path):
+        source = source if source == single or "/" in source else tmp_path / source
         with pytest.raises(load_sd.LoadError, match=message) as e:
-            load_sd.load(source, tokenizer=model[1] / "tokenizer")
+            load_sd.load(source, tokenizer=tokenizer or folder / "tokenizer")
         assert "\n" not in str(e.value), source
     if not os.path.isdir(load_sd.TOY_DIR):
         with pytest.raises(load_sd.LoadError, match="toy model is not shipped yet"):
