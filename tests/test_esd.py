@@ -1,0 +1,222 @@
+"""ESD (esd.py): targets on hand-made tensors, filters at full size, what training may and may not
+change, the frozen model staying the original one, delta files (ours and diffusers' UNet load them),
+and trajectory pools giving the same x_t as direct sampling."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+import esd
+import sampler
+import tiny
+import unet as unet_lib
+
+STEPS = 6  # DDIM steps of the x_t trajectories: enough to exercise partial sampling, fast on CPU
+# ../shared/fixtures/README.md, "ESD filter sizes on the full SD v1 UNet": (tensors, parameters)
+FULL_SD1_COUNTS = {"esd-x": (80, 43_962_560), "esd-x-strict": (32, 19_169_280), "esd-u": (598, 813_495_680),
+                   "selfattn": (80, 49_574_080), "esd-all": (686, 859_520_964)}
+
+
+def tiny_unet(config=tiny.UNET_V1, seed=0):
+    return tiny.randomize(unet_lib.UNet(unet_lib.UNetConfig.from_dict(config)), seed=seed)
+
+
+def contexts(n=3, batch=1, seed=0):
+    """n random text contexts [batch, 77, 64] (stand-ins for "", the concept, an anchor)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 77, tiny.UNET_V1["cross_attention_dim"], generator=g) for _ in range(n)]
+
+
+def noise(seed, batch=1):
+    return torch.randn((batch, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_targets_on_hand_made_tensors():
+    e_0, e_c, e_a = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0]), torch.tensor([10.0, 10.0])
+    torch.testing.assert_close(esd.TARGETS["esd"](e_0, e_c, 1.0), torch.tensor([-1.0, 3.0]))
+    torch.testing.assert_close(esd.TARGETS["esd"](e_0, e_c, 0.5), torch.tensor([0.0, 2.5]))
+    # esd_sd.py's spelling e_c - eta'(e_c - e_0) with eta' = eta + 1 is the same line
+    for eta in (0.5, 1.0, 3.0):
+        torch.testing.assert_close(esd.TARGETS["esd"](e_0, e_c, eta), e_c - (eta + 1) * (e_c - e_0))
+    torch.testing.assert_close(esd.TARGETS["anchor"](e_0, e_c, 1.0, e_a), torch.tensor([8.0, 11.0]))
+    torch.testing.assert_close(esd.TARGETS["anchor"](e_0, e_c, 2.0, e_a), torch.tensor([6.0, 12.0]))
+
+
+@pytest.mark.parametrize("method", sorted(FULL_SD1_COUNTS))
+def test_filter_counts_on_full_sd1_unet(method):
+    with torch.device("meta"):
+        full = unet_lib.UNet(unet_lib.UNetConfig.sd1())
+    selected = esd.select(full, method)
+    assert (len(selected), sum(p.numel() for p in selected.values())) == FULL_SD1_COUNTS[method]
+
+
+def test_esd_u_and_esd_x_split_the_unet():
+    names = [n for n, _ in tiny_unet().named_parameters()]
+    u, x = set(esd.select(tiny_unet(), "esd-u")), set(esd.select(tiny_unet(), "esd-x"))
+    assert not u & x and all("attn2" in n for n in x)
+    assert sorted(set(names) - u - x) == sorted(n for n in names if n.split(".")[0] in
+                                                ("time_embedding", "conv_norm_out", "conv_out"))
+    assert any("norm" in n for n in u)  # train-esd.py's ESD-u trains the norms too
+
+
+def test_unknown_filter_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="xattn") as e:
+        esd.select(tiny_unet(), "xattn")  # the README's name, which esd_sd.py silently ignored
+    assert all(name in str(e.value) for name in esd.FILTERS) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="esd-x"):
+        esd.ESD(tiny_unet(), "noxattn")
+    with pytest.raises(ValueError, match="anchor"):
+        esd.ESD(tiny_unet(), target="nope")
+
+
+@pytest.mark.parametrize("method", ["esd-x", "esd-u"])
+def test_training_changes_only_the_selected_tensors_and_keeps_the_frozen_model(method):
+    model = tiny_unet()
+    reference = copy.deepcopy(model)  # never touched: the frozen model must keep matching it
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = esd.ESD(model, method, steps=STEPS)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainer.params)
+    opt = torch.optim.Adam(trainer.params.values(), lr=1e-3)
+    uncond, cond, _ = contexts()
+    for it in range(3):
+        x_T, t_enc = noise(it), [3, 0, STEPS - 1][it]
+        x_t = trainer.x_t(x_T, cond, uncond, t_enc, xt_from="trained")
+        t = int(sampler.ddim_timesteps(STEPS)[t_enc])
+        with torch.no_grad():  # frozen predictions == the untouched model's, though the weights moved
+            assert torch.equal(trainer.eps(x_t, t, cond, frozen=True), reference(x_t, t, cond))
+            expected = F.mse_loss(model(x_t, t, cond), esd.esd_target(reference(x_t, t, uncond),
+                                                                      reference(x_t, t, cond), 1.0))
+        loss = trainer.loss(x_t, t_enc, cond, uncond)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)  # t is where x_t sits
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        if name in trainer.params:
+            assert not torch.equal(p, initial[name]), name
+            assert torch.equal(trainer.originals[name], initial[name]), name
+        else:
+            assert torch.equal(p, initial[name]), name
+    assert set(trainer.originals) == set(trainer.params)
+    # x_t sampled with the frozen model is the untouched model's x_t; with the trained one it moved
+    x_frozen = trainer.x_t(noise(9), cond, uncond, 5, xt_from="frozen")
+    ref_x = sampler.sample(reference, noise(9), cond, uncond, steps=STEPS, guidance=esd.START_GUIDANCE, until=5)
+    assert torch.equal(x_frozen, ref_x)
+    assert not torch.allclose(trainer.x_t(noise(9), cond, uncond, 5, xt_from="trained"), ref_x)
+
+
+def test_loss_decreases_on_a_fixed_x_t():
+    trainer = esd.ESD(tiny_unet(), "esd-x", steps=STEPS)
+    uncond, cond, _ = contexts()
+    x_t = trainer.x_t(noise(0), cond, uncond, 2)
+    opt = torch.optim.Adam(trainer.params.values(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = trainer.loss(x_t, 2, cond, uncond)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_anchor_target_asks_the_trained_model_on_the_anchor_prompt():
+    model = tiny_unet()
+    reference = copy.deepcopy(model)
+    trainer = esd.ESD(model, "esd-x", target="anchor", negative_guidance=2.0, steps=STEPS)
+    uncond, cond, anchor = contexts()
+    x_t = trainer.x_t(noise(0), anchor, uncond, 2)
+    t = int(sampler.ddim_timesteps(STEPS)[2])
+    with torch.no_grad():
+        target = reference(x_t, t, anchor) - 2.0 * (reference(x_t, t, cond) - reference(x_t, t, uncond))
+        expected = F.mse_loss(model(x_t, t, anchor), target)
+    torch.testing.assert_close(trainer.loss(x_t, 2, cond, uncond, anchor), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="anchor"):
+        trainer.loss(x_t, 2, cond, uncond)  # the anchor target without an anchor
+    with pytest.raises(ValueError, match="anchor"):
+        esd.ESD(tiny_unet(), "esd-x", steps=STEPS).loss(x_t, 2, cond, uncond, anchor)
+
+
+def test_bf16_autocast_keeps_trained_tensors_and_adam_state_fp32():
+    trainer = esd.ESD(tiny_unet(), "esd-x", steps=STEPS, dtype=torch.bfloat16)
+    opt = torch.optim.Adam(trainer.params.values(), lr=1e-3)
+    uncond, cond, _ = contexts()
+    loss = trainer.loss(trainer.x_t(noise(0), cond, uncond, 3), 3, cond, uncond)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainer.params.values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+
+
+def trained_esd(method="esd-x"):
+    """An ESD trainer after 2 steps on a tiny UNet, and a copy of the UNet's initial weights."""
+    model = tiny_unet()
+    base = copy.deepcopy(model)
+    trainer = esd.ESD(model, method, steps=STEPS)
+    opt = torch.optim.Adam(trainer.params.values(), lr=1e-2)
+    uncond, cond, _ = contexts()
+    for it in range(2):
+        trainer.loss(trainer.x_t(noise(it), cond, uncond, 4), 4, cond, uncond).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return trainer, base
+
+
+def test_delta_round_trip_into_ours_and_diffusers(tmp_path):
+    trainer, base = trained_esd()
+    trained = trainer.unet
+    delta = esd.delta_state_dict(trained, "esd-x")
+    meta = dict(concept="car", method="esd-x", negative_guidance=1.0, iterations=2, lr=1e-2, seed=0,
+                base_model="tiny")
+    path = str(tmp_path / "esd-car.safetensors")
+    esd.save_delta(path, delta, meta)
+    assert os.listdir(tmp_path) == ["esd-car.safetensors"]  # the temporary file was renamed away
+    tensors, metadata = esd.load_delta(path)
+    assert metadata == {"format": esd.DELTA_FORMAT, **{k: str(v) for k, v in meta.items()}}
+    assert tensors.keys() == delta.keys() and all(torch.equal(tensors[k], delta[k]) for k in delta)
+    assert all("attn2" in k for k in tensors)
+
+    x, t, (context,) = noise(5, batch=2), 401, contexts(1, batch=2)
+    with torch.no_grad():
+        expected = trained(x, t, context)
+        ours = esd.apply_delta(copy.deepcopy(base), tensors)
+        torch.testing.assert_close(ours(x, t, context), expected, rtol=0, atol=0)
+        theirs = UNet2DConditionModel(**tiny.UNET_V1).eval()
+        theirs.load_state_dict(base.state_dict(), strict=True)
+        before = theirs(x, t, encoder_hidden_states=context).sample
+        result = theirs.load_state_dict(tensors, strict=False)
+        assert result.unexpected_keys == [] and len(result.missing_keys) == len(base.state_dict()) - len(tensors)
+        after = theirs(x, t, encoder_hidden_states=context).sample
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-4)  # the delta is what makes them agree
+
+
+def test_delta_with_wrong_keys_or_shapes_is_rejected():
+    model = tiny_unet()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    other = esd.delta_state_dict(tiny_unet(tiny.UNET_V2), "esd-x")  # 128-wide context: other to_k/to_v shapes
+    wrong_key = {"down_blocks.0.attentions.0.transformer_blocks.0.attn3.to_k.weight": torch.zeros(64, 64)}
+    for bad in (other, wrong_key, {}):
+        with pytest.raises(ValueError, match="does not fit") as e:
+            esd.apply_delta(model, bad)
+        assert "\n" not in str(e.value)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing half-applied
+
+
+def test_trajectory_pool_gives_the_directly_sampled_x_t():
+    trainer, base = trained_esd()  # trained != frozen weights, so which one samples matters
+    uncond, cond, _ = contexts(batch=2)
+    x_T = noise(3, batch=2)
+    pool = trainer.trajectory(x_T, cond, uncond, xt_from="frozen")
+    assert pool.shape == (STEPS, 2, 4, 8, 8) and torch.equal(pool[0], x_T)
+    for t_enc in (1, STEPS - 1):  # == the untouched model sampled directly, same seed and t_enc
+        direct = sampler.sample(base, x_T, cond, uncond, steps=STEPS, guidance=esd.START_GUIDANCE, until=t_enc)
+        assert torch.equal(pool[t_enc], direct), t_enc
+    on_policy = trainer.trajectory(x_T, cond, uncond, xt_from="trained")  # a pool rebuilt from the trained model
+    for t_enc in (2, STEPS - 1):
+        assert torch.equal(on_policy[t_enc], trainer.x_t(x_T, cond, uncond, t_enc, xt_from="trained")), t_enc
+    assert not torch.allclose(pool[-1], on_policy[-1])
