@@ -1,0 +1,164 @@
+"""ESD training cost: esd.ESD (one UNet + kept originals of the trained tensors, frozen predictions
+by functional_call) against the straightforward two-copies implementation both official scripts
+use (a diffusers UNet being trained and a deepcopy of it as the frozen model), same algorithm,
+same weights, same seeds and t_enc sequence. Also ours with a trajectory pool (frozen-model x_t
+sampled once, then read). Prints seconds per iteration, memory and ratios to the two-copies run.
+
+Time: on a GPU wall-clock seconds; on the CPU process CPU seconds with one thread, which a machine
+shared with other jobs inflates far less than wall-clock time.
+Memory: bytes of the tensors each run holds (UNet parameters, frozen copy or kept originals, grads,
+Adam state, pool); on a GPU also torch.cuda.max_memory_allocated (activations included).
+
+    python bench/bench_esd.py [--device cuda] [--dtype bfloat16] [--iters 6] [--pool 2] [--latent 16]
+"""
+import argparse
+import copy
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from diffusers import UNet2DConditionModel  # noqa: E402  (test/benchmark-only oracle)
+
+import esd  # noqa: E402
+import sampler  # noqa: E402
+from unet import UNet, UNetConfig  # noqa: E402
+
+CONTEXT_LEN = 77  # CLIP text tokens
+# SD v1 layout (runwayml/stable-diffusion-v1-5 unet/config.json) with every width / 5, the text width
+# (768) included, so each filter keeps about SD v1's share of the parameters (ESD-x ~5%).
+CONFIG = dict(block_out_channels=[64, 128, 256, 256], cross_attention_dim=160, attention_head_dim=8,
+              layers_per_block=2)
+RUN_LENGTH = 200  # esd_sd.py's default --iterations: the run a pool's one-off sampling is spread over
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TwoCopies:
+    """The straightforward ESD: train a diffusers UNet, frozen predictions from a deepcopy of it."""
+
+    def __init__(self, unet, method, steps, dtype):
+        self.unet = unet.eval().requires_grad_(False)
+        self.frozen = copy.deepcopy(unet)
+        self.params = {n: p for n, p in unet.named_parameters() if esd.FILTERS[method](n)}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.steps, self.timesteps = steps, sampler.ddim_timesteps(steps)
+        device = next(unet.parameters()).device.type
+        self.autocast = lambda: torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def x_t(self, x_T, cond, uncond, t_enc):  # from the model being trained, as train-esd.py
+        with torch.no_grad(), self.autocast():
+            return sampler.sample(lambda x, t, c: self.unet(x, t, encoder_hidden_states=c).sample, x_T, cond,
+                                  uncond, steps=self.steps, guidance=esd.START_GUIDANCE, until=t_enc)
+
+    def loss(self, x_t, t_enc, cond, uncond):
+        t = int(self.timesteps[t_enc])
+        with torch.no_grad(), self.autocast():  # two calls, as both official scripts
+            e_0 = self.frozen(x_t, t, encoder_hidden_states=uncond).sample.float()
+            e_c = self.frozen(x_t, t, encoder_hidden_states=cond).sample.float()
+        with self.autocast():
+            e_n = self.unet(x_t, t, encoder_hidden_states=cond).sample.float()
+        return F.mse_loss(e_n, e_0 - (e_c - e_0))
+
+    def held(self):
+        return list(self.unet.parameters()) + list(self.frozen.parameters())
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run(variant, method, initial, plan, args):
+    """Train `plan` iterations; returns (seconds per iteration, pool seconds, held bytes, cuda peak, losses)."""
+    device, dtype = args.device, DTYPES[args.dtype]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    clock = time.perf_counter if device == "cuda" else time.process_time  # see the module docstring
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if variant == "two copies (diffusers)":
+        model = UNet2DConditionModel(**CONFIG)
+        model.load_state_dict(initial)
+        trainer = TwoCopies(model.to(device), method, args.steps, dtype)
+        x_t, held = trainer.x_t, trainer.held
+    else:
+        model = UNet(UNetConfig.from_dict(CONFIG))
+        model.load_state_dict(initial)
+        trainer = esd.ESD(model.to(device), method, steps=args.steps, dtype=dtype)
+        x_t = lambda *a: trainer.x_t(*a, xt_from="trained")  # noqa: E731
+        held = lambda: list(trainer.unet.parameters()) + list(trainer.originals.values())  # noqa: E731
+    opt = torch.optim.Adam(trainer.params.values(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    uncond, cond = (torch.randn(1, CONTEXT_LEN, CONFIG["cross_attention_dim"], generator=g).to(device)
+                    for _ in range(2))
+    noise = lambda seed: torch.randn((1, 4, args.latent, args.latent),  # noqa: E731
+                                     generator=torch.Generator().manual_seed(seed)).to(device)
+    pool, pool_seconds = None, 0.0
+    if variant == "ours + pool":
+        sync()
+        start = clock()
+        pool = [trainer.trajectory(noise(seed), cond, uncond, xt_from="frozen") for seed in range(args.pool)]
+        sync()
+        pool_seconds = clock() - start
+    losses, seconds = [], []
+    for seed, t_enc in plan:
+        sync()
+        start = clock()
+        x = pool[seed % args.pool][t_enc] if pool is not None else x_t(noise(seed), cond, uncond, t_enc)
+        loss = trainer.loss(x, t_enc, cond, uncond)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        seconds.append(clock() - start)
+        losses.append(loss.item())
+    states = [s for state in opt.state.values() for s in state.values() if torch.is_tensor(s)]
+    held_bytes = nbytes(held() + states + [p for p in trainer.params.values()] + (pool or []))  # + grads
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return sum(seconds) / len(seconds), pool_seconds, held_bytes, peak, losses
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast compute dtype (weights stay fp32)")
+    p.add_argument("--iters", type=int, default=6, help="training iterations per run")
+    p.add_argument("--pool", type=int, default=2, help="trajectories in the pool")
+    p.add_argument("--steps", type=int, default=esd.DDIM_STEPS, help="DDIM steps of the x_t trajectories")
+    p.add_argument("--latent", type=int, default=16, help="latent side (image side / 8)")
+    p.add_argument("--methods", nargs="+", default=["esd-x", "esd-u"], choices=esd.FILTERS)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in UNet2DConditionModel(**CONFIG).state_dict().items()}
+    rng = random.Random(0)  # one (seed, t_enc) sequence for every run
+    plan = [(rng.randrange(2 ** 15), rng.randrange(args.steps)) for _ in range(args.iters)]
+    print(f"{args.device} {args.dtype}, SD v1 layout widths/5, {sum(v.numel() for v in initial.values()):,} params, "
+          f"latent {args.latent}x{args.latent}, {args.steps} DDIM steps, {args.iters} iterations, "
+          f"t_enc {[t for _, t in plan]}, pool of {args.pool}")
+    mib = 2 ** 20
+    for method in args.methods:
+        results = {v: run(v, method, initial, plan, args)
+                   for v in ("two copies (diffusers)", "ours", "ours + pool")}
+        base_s, _, base_held, base_peak, base_losses = results["two copies (diffusers)"]
+        print(f"\n{method}: {sum(p.numel() for n, p in initial.items() if esd.FILTERS[method](n)):,} trained params")
+        for variant, (s, pool_s, held, peak, _) in results.items():
+            line = f"  {variant:24s} {s:7.3f} s/it ({s / base_s:.2f}x)   held {held / mib:7.1f} MiB ({held / base_held:.2f}x)"
+            if peak is not None:
+                line += f"   cuda peak {peak / mib:7.1f} MiB ({peak / base_peak:.2f}x)"
+            print(line)
+            if pool_s:
+                amortized = s + pool_s / RUN_LENGTH
+                print(f"  {'':24s} pool sampling {pool_s:.1f} s once; over a {RUN_LENGTH}-iteration run "
+                      f"{amortized:.3f} s/it ({amortized / base_s:.2f}x)")
+        ours_losses = results["ours"][4]
+        gap = max(abs(a - b) / abs(b) for a, b in zip(ours_losses, base_losses))
+        print(f"  same algorithm: ours vs two-copies losses, max relative difference {gap:.1e}")
+
+
+if __name__ == "__main__":
+    main()
