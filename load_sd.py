@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import shutil
 
 import torch
 from huggingface_hub import snapshot_download
@@ -26,6 +27,9 @@ CLIP_HEAD_DIM = 64  # CLIP text heads are 64 wide (ViT-L/14: 768 = 12 x 64)
 CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
 FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}  # cross_attention_dim: CLIP ViT-L/14 (v1), OpenCLIP ViT-H (v2)
 PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}  # weights
+# SD v1.5's scheduler/scheduler_config.json: the DDIM that sampler.py implements.
+DDIM_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
 # Known non-model tensors of LDM files: the 12 DDPM schedule buffers (betas, *alphas_cumprod*, posterior_*;
 # sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids.
@@ -300,10 +304,46 @@ def save_single_file(sd, path, metadata=None):
             name = f"{part}.{key}"
             t = t[:, :, None, None] if VAE_ATTN_WEIGHT.fullmatch(name) else t  # linear -> LDM's 1x1 conv
             tensors[ours_to_ldm(name, sd.unet.config, sd.vae.config)] = t.detach().cpu().contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+
+def atomic_write(path, write):
+    """write(tmp) into a temporary name beside `path`, then rename: a crash never leaves half a file
+    (or half a folder) where a good one was."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_diffusers(sd, folder):
+    """Write `sd` as a diffusers StableDiffusionPipeline folder (loads with from_pretrained)."""
+    if os.path.exists(folder):
+        raise LoadError(f"{folder} exists: choose a new folder (nothing is overwritten)")
+    levels = len(sd.vae.config.block_out_channels)
+    configs = {"unet": dict(dataclasses.asdict(sd.unet.config), _class_name="UNet2DConditionModel"),
+               "vae": dict(dataclasses.asdict(sd.vae.config), _class_name="AutoencoderKL",
+                           down_block_types=["DownEncoderBlock2D"] * levels,
+                           up_block_types=["UpDecoderBlock2D"] * levels),
+               "scheduler": dict(DDIM_SCHEDULER, prediction_type=sd.prediction_type)}
+    index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+             "safety_checker": [None, None], "feature_extractor": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+
+    def write(tmp):
+        for part, config in dict(configs, **{"": index}).items():
+            os.makedirs(f"{tmp}/{part}", exist_ok=True)
+            with open(f"{tmp}/{part}/{'scheduler_config' if part == 'scheduler' else 'config' if part else 'model_index'}.json", "w") as f:
+                json.dump(config, f, indent=2)
+        for part in ("unet", "vae"):
+            weights = {k: t.detach().cpu().contiguous() for k, t in getattr(sd, part).state_dict().items()}
+            save_file(weights, f"{tmp}/{part}/{PARTS[part]}.safetensors")
+        sd.text_encoder.save_pretrained(f"{tmp}/text_encoder")
+        sd.tokenizer.save_pretrained(f"{tmp}/tokenizer")
+    atomic_write(folder, write)

@@ -2,6 +2,7 @@
 
     python sample.py --model CompVis/stable-diffusion-v1-4 --prompt "a photo of a car"
     python sample.py --model sd-v1-4.safetensors --prompt "a car" --num-images 4 --seed 1
+    python sample.py --model toy --prompt "a red circle" --prompt "a circle" --delta esd.safetensors --compare
 
 Same model, prompt, seed, steps and guidance give the same image as diffusers'
 StableDiffusionPipeline with DDIMScheduler: the initial noise is drawn exactly as DESIGN.md says.
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
+import esd
 import load_sd
 import sampler
 
@@ -51,13 +53,31 @@ def save_png(image, path, parameters):
     """Write a PNG atomically, with the generation parameters as JSON in its text chunk."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(parameters))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    load_sd.atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def grid(rows):
+    """One image of equally sized PIL images, rows[i][j] at row i, column j."""
+    w, h = rows[0][0].size
+    canvas = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            canvas.paste(image, (j * w, i * h))
+    return canvas
+
+
+def apply_deltas(unet, paths):
+    """Apply ESD delta files in order; the original values of every tensor they touch."""
+    originals = {}
+    for path in paths:
+        try:
+            delta, _ = esd.load_delta(path)
+            params = dict(unet.named_parameters())
+            originals.update({k: params[k].detach().clone() for k in delta if k in params and k not in originals})
+            esd.apply_delta(unet, delta)
+        except (OSError, ValueError) as e:  # missing, truncated, or made for another architecture
+            raise load_sd.LoadError(f"cannot apply delta {path}: {str(e).splitlines()[0]}") from None
+    return originals
 
 
 def output_paths(output, n):
@@ -71,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                    help="single file (.safetensors/.ckpt), diffusers folder, hub repo id, or 'toy'")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch of CFG")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -82,6 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--output", default="sample.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--delta", action="append", default=[], help="ESD delta file to apply (repeatable)")
+    p.add_argument("--compare", action="store_true",
+                   help="write one grid: original model's images (top row) above the edited model's (bottom)")
     return p.parse_args(argv)
 
 
@@ -89,6 +112,8 @@ def check_args(args, scale_factor):
     """Raise LoadError (-> one line, exit 2) for values no run could succeed with."""
     if args.steps < 1 or args.num_images < 1:
         raise load_sd.LoadError("--steps and --num-images must be at least 1")
+    if args.compare and not args.delta:
+        raise load_sd.LoadError("--compare needs at least one --delta to compare against")
     if args.height % scale_factor or args.width % scale_factor or min(args.height, args.width) <= 0:
         raise load_sd.LoadError(f"--height and --width must be positive multiples of {scale_factor}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
@@ -102,11 +127,18 @@ def main(argv=None):
             raise load_sd.LoadError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
         sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=DTYPES[args.dtype])
         check_args(args, sd.vae.scale_factor)
-        images = generate(sd, [args.prompt] * args.num_images, negative_prompt=args.negative_prompt,
-                          seed=args.seed, steps=args.steps, guidance=args.guidance,
-                          height=args.height, width=args.width, progress=True)
+        originals = apply_deltas(sd.unet, args.delta)
+        prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]
+        settings = dict(negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                        guidance=args.guidance, height=args.height, width=args.width, progress=True)
+        images = to_pil(generate(sd, prompts, **settings))
         params = {k: v for k, v in vars(args).items() if k not in ("output", "device")}
-        for i, (image, path) in enumerate(zip(to_pil(images), output_paths(args.output, args.num_images))):
+        if args.compare:  # the same prompts and noise through the original weights: the top row
+            esd.apply_delta(sd.unet, originals)
+            save_png(grid([to_pil(generate(sd, prompts, **settings)), images]), args.output, params)
+            tqdm.write(f"wrote {args.output} (top: original, bottom: with {', '.join(args.delta)})")
+            return 0
+        for i, (image, path) in enumerate(zip(images, output_paths(args.output, len(images)))):
             save_png(image, path, dict(params, index=i))
             tqdm.write(f"wrote {path}")
     except load_sd.LoadError as e:

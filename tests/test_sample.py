@@ -59,7 +59,7 @@ def test_sample_cli_matches_diffusers_pipeline(reference, tmp_path, capsys, kind
         diff = np.abs(np.asarray(image).astype(int) - expected[i].astype(int))
         assert diff.max() <= 1, f"image {i}: max pixel difference {diff.max()}/255"
         params = json.loads(image.text["parameters"])
-        assert (params["prompt"], params["seed"], params["steps"], params["index"]) == (PROMPT, SEED, STEPS, i)
+        assert (params["prompt"], params["seed"], params["steps"], params["index"]) == ([PROMPT], SEED, STEPS, i)
 
 
 def test_bad_input_is_one_line_exit_2(reference, tmp_path, capsys):

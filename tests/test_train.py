@@ -1,0 +1,115 @@
+"""train.py end to end on a tiny random SD folder: the CLI runs, only the chosen weights change, the
+delta and the exports load back (ours, diffusers), --resume repeats an uninterrupted run exactly,
+a NaN loss stops cleanly, and bad input is one line with exit code 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import esd
+import load_sd
+import sample
+import tiny
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--resolution", "16", "--ddim-steps", "4", "--device", "cpu", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd") / "tiny"
+    tiny.pipeline(folder=folder)
+    return str(folder)
+
+
+def run_train(model, out, *args):
+    return train.main(["--model", model, "--concept", "car", "--output", str(out), *FAST, *map(str, args)])
+
+
+def test_cli_end_to_end_changes_only_cross_attention(model, tmp_path):
+    out = tmp_path / "car.safetensors"
+    r = subprocess.run([sys.executable, "train.py", "--model", model, "--concept", "car", "--iterations", "3",
+                        "--output", out, *FAST], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr
+    delta, meta = esd.load_delta(str(out))
+    base = load_sd.load(model).unet.state_dict()
+    assert set(delta) == {k for k in base if "attn2" in k}
+    assert all(not torch.equal(delta[k], base[k]) for k in delta), "every trained tensor moved"
+    assert (meta["concept"], meta["method"], meta["iterations"], meta["base_model"]) == ("car", "esd-x", "3", model)
+
+
+def test_exports_load_back_everywhere(model, tmp_path):
+    out, full, folder = tmp_path / "d.safetensors", tmp_path / "full.safetensors", tmp_path / "diffusers"
+    assert run_train(model, out, "--iterations", 2, "--export-full", full, "--export-diffusers", folder) == 0
+    edited = load_sd.load(model)
+    esd.apply_delta(edited.unet, esd.load_delta(str(out))[0])
+    x, context = torch.randn(1, 4, 8, 8), edited.encode_prompts(["car"])
+    with torch.no_grad():
+        want = edited.unet(x, 500, context)
+        torch.testing.assert_close(load_sd.load(str(full), tokenizer=f"{model}/tokenizer").unet(x, 500, context), want)
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+        torch.testing.assert_close(pipe.unet(x, 500, context).sample, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(pipe.scheduler.alphas_cumprod, __import__("sampler").alphas_cumprod())
+
+
+def test_resume_repeats_an_uninterrupted_run(model, tmp_path):
+    whole, parts = tmp_path / "whole.safetensors", tmp_path / "parts.safetensors"
+    assert run_train(model, whole, "--iterations", 4) == 0
+    assert run_train(model, parts, "--iterations", 2) == 0  # "interrupted" after 2 iterations
+    assert run_train(model, parts, "--iterations", 4, "--resume") == 0
+    a, b = esd.load_delta(str(whole))[0], esd.load_delta(str(parts))[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert run_train(model, parts, "--iterations", 6, "--resume", "--seed", 1) == 2  # other settings: refused
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(model, tmp_path, capsys):
+    out = tmp_path / "nan.safetensors"
+    # lr 1e30: the first step is finite, the weights it makes overflow the next forward pass
+    assert run_train(model, out, "--iterations", 5, "--save-every", 1, "--lr", 1e30) == 1
+    err = capsys.readouterr().err.strip()  # the progress bar's lines, then one error line
+    assert err.splitlines()[-1].startswith("error: loss is nan") and "Traceback" not in err, err
+    delta, meta = esd.load_delta(str(out))
+    assert int(meta["iterations"]) >= 1 and all(torch.isfinite(t).all() for t in delta.values())
+
+
+def test_bad_input_is_one_line_exit_2(model, tmp_path, capsys):
+    cases = [["--concept", " , "], ["--output", tmp_path / "missing" / "d.safetensors"],
+             ["--loss", "anchor"], ["--resolution", "12"], ["--model", tmp_path / "none.safetensors"]]
+    for case in cases:
+        assert train.main(["--model", model, "--concept", "car", *FAST, *map(str, case)]) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, (case, err)
+    with pytest.raises(SystemExit) as e:  # argparse: unknown method, its valid choices listed
+        train.main(["--concept", "car", "--method", "esd-q"])
+    assert e.value.code == 2 and "esd-x" in capsys.readouterr().err
+
+
+def test_delta_for_another_architecture_is_refused(model, tmp_path, capsys):
+    other = tmp_path / "other.safetensors"
+    esd.save_delta(str(other), {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight":
+                                torch.zeros(320, 768)}, {"concept": "car"})
+    code = sample.main(["--model", model, "--prompt", "car", "--delta", str(other), "--steps", "1",
+                        "--height", "16", "--width", "16", "--output", str(tmp_path / "x.png"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: cannot apply delta") and "\n" not in err, err
+
+
+def test_compare_grid_has_original_and_erased_rows(model, tmp_path):
+    out = tmp_path / "d.safetensors"
+    assert run_train(model, out, "--iterations", 2, "--lr", 1e-1) == 0
+    args = ["--model", model, "--prompt", "car", "--prompt", "a car", "--steps", "2", "--height", "16",
+            "--width", "16", "--device", "cpu", "--seed", "5"]
+    assert sample.main([*args, "--output", str(tmp_path / "plain.png")]) == 0
+    assert sample.main([*args, "--output", str(tmp_path / "grid.png"), "--delta", str(out), "--compare"]) == 0
+    from PIL import Image
+    import numpy as np
+    g = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert g.shape == (32, 32, 3)
+    for j in range(2):  # top row: exactly what the unedited model draws; bottom row: something else
+        assert np.array_equal(g[:16, 16 * j:16 * (j + 1)], np.asarray(Image.open(tmp_path / f"plain-{j}.png")))
+    assert not np.array_equal(g[:16], g[16:])
