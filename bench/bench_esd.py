@@ -137,7 +137,8 @@ def main():
     initial = {k: v.clone() for k, v in UNet2DConditionModel(**CONFIG).state_dict().items()}
     rng = random.Random(0)  # one (seed, t_enc) sequence for every run
     plan = [(rng.randrange(2 ** 15), rng.randrange(args.steps)) for _ in range(args.iters)]
-    print(f"{args.device} {args.dtype}, SD v1 layout widths/5, {sum(v.numel() for v in initial.values()):,} params, "
+    n_params = sum(v.numel() for v in initial.values())
+    print(f"{args.device} {args.dtype}, SD v1 layout widths/5, {n_params:,} params, "
           f"latent {args.latent}x{args.latent}, {args.steps} DDIM steps, {args.iters} iterations, "
           f"t_enc {[t for _, t in plan]}, pool of {args.pool}")
     mib = 2 ** 20
@@ -145,9 +146,11 @@ def main():
         results = {v: run(v, method, initial, plan, args)
                    for v in ("two copies (diffusers)", "ours", "ours + pool")}
         base_s, _, base_held, base_peak, base_losses = results["two copies (diffusers)"]
-        print(f"\n{method}: {sum(p.numel() for n, p in initial.items() if esd.FILTERS[method](n)):,} trained params")
+        trained = sum(p.numel() for n, p in initial.items() if esd.FILTERS[method](n))
+        print(f"\n{method}: {trained:,} trained params")
         for variant, (s, pool_s, held, peak, _) in results.items():
-            line = f"  {variant:24s} {s:7.3f} s/it ({s / base_s:.2f}x)   held {held / mib:7.1f} MiB ({held / base_held:.2f}x)"
+            line = (f"  {variant:24s} {s:7.3f} s/it ({s / base_s:.2f}x)"
+                    f"   held {held / mib:7.1f} MiB ({held / base_held:.2f}x)")
             if peak is not None:
                 line += f"   cuda peak {peak / mib:7.1f} MiB ({peak / base_peak:.2f}x)"
             print(line)
