@@ -34,8 +34,8 @@ SD_VALUES = dict(
     attention_type="default", class_embeddings_concat=False, addition_embed_type_num_heads=64,
     **dict.fromkeys("""reverse_transformer_layers_per_block encoder_hid_dim encoder_hid_dim_type
         num_attention_heads class_embed_type addition_embed_type addition_time_embed_dim num_class_embeds
-        time_embedding_dim time_embedding_act_fn timestep_post_act time_cond_proj_dim
-        projection_class_embeddings_input_dim mid_block_only_cross_attention cross_attention_norm""".split()))
+        time_embedding_dim time_embedding_act_fn timestep_post_act time_cond_proj_dim cross_attention_norm
+        projection_class_embeddings_input_dim mid_block_only_cross_attention""".split()))
 # upcast_attention only asks for an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it too.
 IGNORED_KEYS = ("upcast_attention",)
 
@@ -48,7 +48,7 @@ def config_from_dict(cls, d, sd_values, ignored=()):
             continue  # "_class_name", "_diffusers_version", ... are bookkeeping
         values = value if isinstance(value, (list, tuple)) else [value]  # per-level lists too
         if key not in sd_values or any(v != sd_values[key] for v in values):
-            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r} (not a Stable Diffusion one)")
+            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r}: not Stable Diffusion's")
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -61,15 +61,15 @@ class UNetConfig:
     up_block_types: tuple = ("UpBlock2D", CROSS_UP, CROSS_UP, CROSS_UP)
     layers_per_block: int = 2
     cross_attention_dim: int = 768   # width of the text encoder's hidden states
-    attention_head_dim: int | tuple = 8  # a head COUNT (diffusers' historical misnomer), shared or per level
+    attention_head_dim: int | tuple = 8  # a head COUNT (diffusers' misnomer), shared or per level
     use_linear_projection: bool = False  # proj_in/proj_out: Linear (SD v2) instead of 1x1 conv (SD v1)
     norm_num_groups: int = 32
     sample_size: int = 64            # latent side of the training resolution (512 px / 8)
 
     @classmethod
     def sd1(cls):
-        """SD v1.x: v1-inference.yaml unet_config (model_channels 320, channel_mult [1,2,4,4], num_res_blocks 2,
-        num_heads 8, context_dim 768) = stable-diffusion-v1-5 unet/config.json in diffusers' keys."""
+        """SD v1.x: v1-inference.yaml unet_config (model_channels 320, channel_mult [1,2,4,4], 2 res
+        blocks, num_heads 8, context_dim 768) = stable-diffusion-v1-5 unet/config.json."""
         return cls()
 
     @classmethod
@@ -90,9 +90,9 @@ class UNetConfig:
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of [B] timesteps, cos half first (diffusers flip_sin_to_cos=True, freq_shift=0)."""
+    """Sinusoidal embedding of [B] timesteps, cos half first (flip_sin_to_cos=True, freq_shift=0)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device) / half)  # 1/10000^(i/half)
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device) / half)  # 10000^(-i/half)
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 

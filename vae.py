@@ -17,7 +17,7 @@ VAE_EPS = 1e-6                       # every VAE GroupNorm: LDM Normalize(eps=1e
 VAE_SCALE = 0.18215                  # latent scaling: v1-inference.yaml `scale_factor`
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp in LDM's DiagonalGaussianDistribution
 VAE_PAD = (0, 1, 0, 1)               # LDM Downsample pads right and bottom, then a stride-2 conv
-# diffusers AutoencoderKL config keys that SD leaves at these values; per-level lists are checked elementwise.
+# AutoencoderKL config keys SD leaves at these values (per-level lists: each entry).
 SD_VALUES = dict(down_block_types="DownEncoderBlock2D", up_block_types="UpDecoderBlock2D", act_fn="silu",
                  shift_factor=None, latents_mean=None, latents_std=None, use_quant_conv=True,
                  use_post_quant_conv=True, mid_block_add_attention=True)

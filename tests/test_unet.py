@@ -14,8 +14,8 @@ from unet import Attention, UNet, UNetConfig
 
 SD1_PARAMS = 859_520_964  # ../shared/fixtures/README.md: model.diffusion_model.* scalars of SD v1
 # runwayml/stable-diffusion-v1-5 unet/config.json (diffusers' defaults give the SD v1 block types).
-SD1_DIFFUSERS = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
-                     layers_per_block=2, sample_size=64)
+SD1_DIFFUSERS = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
+                     attention_head_dim=8, layers_per_block=2, sample_size=64)
 # stabilityai/stable-diffusion-2-1 unet/config.json
 SD2_DIFFUSERS = dict(SD1_DIFFUSERS, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
                      use_linear_projection=True, upcast_attention=True, sample_size=96)
@@ -114,10 +114,10 @@ def test_from_dict_reads_a_saved_diffusers_config(tmp_path):
     assert config.cross_attention_dim == 128 and config.layers_per_block == 1
 
 
-@pytest.mark.parametrize("override", [dict(class_embed_type="timestep"), dict(addition_embed_type="text"),
-                                      dict(num_class_embeds=10), dict(only_cross_attention=[False, True, False]),
-                                      dict(down_block_types=["SimpleCrossAttnDownBlock2D"] * 3),
-                                      dict(some_future_option=1)])
+@pytest.mark.parametrize("override", [
+    dict(class_embed_type="timestep"), dict(addition_embed_type="text"), dict(num_class_embeds=10),
+    dict(only_cross_attention=[False, True, False]), dict(some_future_option=1),
+    dict(down_block_types=["SimpleCrossAttnDownBlock2D"] * 3)])
 def test_from_dict_rejects_non_sd_options(override):
     with pytest.raises(ValueError, match="unsupported"):
         UNetConfig.from_dict({**tiny.UNET_V1, **override})
@@ -133,7 +133,7 @@ def test_full_size_presets_match_diffusers_on_meta(preset, diffusers_config):
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     for f in fields(config):
         assert as_list(getattr(config, f.name)) == as_list(ref.config[f.name]), f.name
-    heads = lambda m: {k: a.heads for k, a in m.named_modules() if k.endswith(("attn1", "attn2"))}  # noqa: E731
+    heads = lambda m: {k: a.heads for k, a in m.named_modules() if k[-5:] in ("attn1", "attn2")}  # noqa
     assert heads(ours) == heads(ref)  # head counts do not show in shapes
 
 

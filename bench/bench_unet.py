@@ -1,0 +1,149 @@
+"""unet.UNet against diffusers' UNet2DConditionModel with the same weights: forward (no grad, as in
+sampling) and forward+backward (as in ESD training) time, medians of interleaved repeats, and peak
+memory; prints ours/diffusers ratios (target <= 1.0).
+
+Time: on the CPU, process CPU time with one thread (robust to other jobs sharing the machine);
+on a GPU, wall time between synchronizes. Peak memory: torch.cuda.max_memory_allocated on a GPU.
+On the CPU tracemalloc cannot see tensors (torch allocates outside Python's allocator), so each model
+runs in a fresh process that reads its peak resident-set growth (Linux VmHWM, reset by clear_refs).
+
+    python bench/bench_unet.py [--device cuda] [--dtype bfloat16] [--repeats 3]
+"""
+import argparse
+import ctypes
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import torch
+from diffusers import UNet2DConditionModel  # the oracle: benchmarks and tests only
+from diffusers.utils import logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from unet import UNet, UNetConfig  # noqa: E402
+
+CONTEXT_LEN = 77  # CLIP text tokens
+TIMESTEP = 981    # first of SD's 50 DDIM steps
+# SD v1's UNet (runwayml/stable-diffusion-v1-5 unet/config.json); cases are (config, batch, latent side).
+SD1 = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+           layers_per_block=2)
+CASES = {
+    "SD v1 layout, widths / 5, 32x32 latents, batch 2":
+        (dict(SD1, block_out_channels=[64, 128, 256, 256]), 2, 32),
+    "SD v1 full size, 8x8 latents, batch 1": (SD1, 1, 8),
+}
+
+
+def build(config, device, dtype, names=("ours", "diffusers")):
+    """{name: (module, f(x, t, context) -> eps)}; with both, ours shares diffusers' weight tensors."""
+    built = {}
+    if "diffusers" in names:
+        ref = UNet2DConditionModel(**config).to(device, dtype)
+        built["diffusers"] = ref, lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample
+    if "ours" in names:
+        ours = UNet(UNetConfig.from_dict(config)).to(device, dtype)
+        if "diffusers" in names:
+            ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # same tensors, no copy
+        built["ours"] = ours, ours
+    return built
+
+
+def inputs(config, batch, side, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, side, side, generator=g)
+    context = torch.randn(batch, CONTEXT_LEN, config["cross_attention_dim"], generator=g)
+    return x.to(device, dtype), torch.full((batch,), TIMESTEP, device=device), context.to(device, dtype)
+
+
+def run(model, args, train, device):
+    """One forward (no grad) or forward+backward; returns its seconds."""
+    module, f = model
+    cuda = device == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+    if cuda:
+        torch.cuda.synchronize()
+    start = clock()
+    if train:
+        f(*args).float().square().mean().backward()
+    else:
+        with torch.no_grad():
+            f(*args)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = clock() - start
+    module.zero_grad(set_to_none=True)
+    return seconds
+
+
+def kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peaks(name, case, device, dtype):
+    """Peak memory growth (bytes) of one forward and of one forward+backward of model `name`."""
+    logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    config, batch, side = CASES[case]
+    model = build(config, device, dtype, names=(name,))[name]
+    args = inputs(config, batch, side, device, dtype)
+    run(model, args, False, device)  # warm-up: one-time allocations, kernel selection
+    result = []
+    for train in (False, True):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run(model, args, train, device)
+            result.append(torch.cuda.max_memory_allocated() - base)
+            continue
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap so RSS starts from live memory
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+        base = kib("VmRSS")
+        run(model, args, train, device)
+        result.append((kib("VmHWM") - base) * 1024)
+    return result
+
+
+def peaks_fresh(name, case, device, dtype):
+    if device == "cuda":
+        return peaks(name, case, device, dtype)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh heap and peak per model
+        return pool.apply(peaks, (name, case, device, dtype))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    logging.set_verbosity_error()  # diffusers' warning on casting with .to(dtype)
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, 1 thread, process time"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}, median of {args.repeats} interleaved repeats")
+    for case, (config, batch, side) in CASES.items():
+        models, x = build(config, args.device, dtype), inputs(config, batch, side, args.device, dtype)
+        times = {(name, train): [] for name in models for train in (False, True)}
+        for r in range(args.repeats + 1):  # repeat 0 is a warm-up
+            order = list(models) if r % 2 else list(models)[::-1]
+            for train in (False, True):
+                for name in order:
+                    seconds = run(models[name], x, train, args.device)
+                    times[name, train] += [seconds] if r else []
+        del models, x
+        mem = {name: peaks_fresh(name, case, args.device, dtype) for name in ("ours", "diffusers")}
+        print(f"\n{case}")
+        for train, label in ((False, "forward"), (True, "forward+backward")):
+            ours, ref = (statistics.median(times[name, train]) for name in ("ours", "diffusers"))
+            mem_ours, mem_ref = mem["ours"][train], mem["diffusers"][train]
+            print(f"  {label:16s} time ours {ours * 1e3:8.1f} ms  diffusers {ref * 1e3:8.1f} ms  ratio "
+                  f"{ours / ref:.3f} | peak memory ours {mem_ours / 2**20:7.1f} MiB  diffusers "
+                  f"{mem_ref / 2**20:7.1f} MiB  ratio {mem_ours / mem_ref:.3f}")
+
+
+if __name__ == "__main__":
+    main()
