@@ -75,7 +75,7 @@ def apply_deltas(unet, paths):
             params = dict(unet.named_parameters())
             originals.update({k: params[k].detach().clone() for k in delta if k in params and k not in originals})
             esd.apply_delta(unet, delta)
-        except (OSError, ValueError) as e:  # missing, truncated, or made for another architecture
+        except Exception as e:  # missing, truncated, pickled code, another architecture: all bad input
             raise load_sd.LoadError(f"cannot apply delta {path}: {str(e).splitlines()[0]}") from None
     return originals
 

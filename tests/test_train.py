@@ -99,6 +99,20 @@ def test_delta_for_another_architecture_is_refused(model, tmp_path, capsys):
     assert code == 2 and err.startswith("error: cannot apply delta") and "\n" not in err, err
 
 
+def test_official_style_pt_delta_applies(model, tmp_path):
+    """Older official ESD releases ship a whole diffusers-named UNet state dict as .pt; it applies by
+    identity, and a .pt holding pickled code is refused (weights_only)."""
+    unet = load_sd.load(model).unet
+    full = {k: v + 1 for k, v in unet.state_dict().items()}
+    torch.save(full, tmp_path / "official.pt")
+    esd.apply_delta(unet, esd.load_delta(str(tmp_path / "official.pt"))[0])
+    assert all(torch.equal(unet.state_dict()[k], full[k]) for k in full)
+    torch.save({"x": torch.nn.Linear(1, 1)}, tmp_path / "pickled.pt")  # a module: pickled code
+    code = sample.main(["--model", model, "--prompt", "car", "--delta", str(tmp_path / "pickled.pt"), "--steps", "1",
+                        "--height", "16", "--width", "16", "--output", str(tmp_path / "x.png"), "--device", "cpu"])
+    assert code == 2
+
+
 def test_compare_grid_has_original_and_erased_rows(model, tmp_path):
     out = tmp_path / "d.safetensors"
     assert run_train(model, out, "--iterations", 2, "--lr", 1e-1) == 0
