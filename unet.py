@@ -195,15 +195,15 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """Stride-2 3x3 conv. The UNet pads 1 on every side; LDM's VAE pads (0, 1, 0, 1), right and
-    bottom only, which Conv2d's `padding` cannot express, so the padding is applied explicitly."""
+    """Stride-2 3x3 conv. The UNet pads 1 all round; LDM's VAE pads (0, 1, 0, 1), right and bottom
+    only, which Conv2d's `padding` cannot express, so that `pad` is applied explicitly."""
 
-    def __init__(self, channels, pad=(1, 1, 1, 1)):
+    def __init__(self, channels, pad=None):
         super().__init__()
-        self.pad, self.conv = pad, nn.Conv2d(channels, channels, 3, stride=2)
+        self.pad, self.conv = pad, nn.Conv2d(channels, channels, 3, stride=2, padding=0 if pad else 1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, self.pad))
+        return self.conv(F.pad(x, self.pad) if self.pad else x)
 
 
 class Upsample2D(nn.Module):

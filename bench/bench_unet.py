@@ -3,18 +3,20 @@ sampling) and forward+backward (as in ESD training) time, medians of interleaved
 memory; prints ours/diffusers ratios (target <= 1.0).
 
 Time: on the CPU, process CPU time with one thread (robust to other jobs sharing the machine);
-on a GPU, wall time between synchronizes. Peak memory: torch.cuda.max_memory_allocated on a GPU.
-On the CPU tracemalloc cannot see tensors (torch allocates outside Python's allocator), so each model
-runs in a fresh process that reads its peak resident-set growth (Linux VmHWM, reset by clear_refs).
+on a GPU, wall time between synchronizes. Peak memory: tensor bytes allocated during one call above
+what was live before it, from torch.cuda.max_memory_allocated on a GPU and from the profiler's log
+of every allocation and free on the CPU (tracemalloc cannot see tensor storage, which torch
+allocates outside Python's allocator).
 
     python bench/bench_unet.py [--device cuda] [--dtype bfloat16] [--repeats 3]
 """
 import argparse
-import ctypes
-import multiprocessing
+import itertools
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -77,41 +79,21 @@ def run(model, args, train, device):
     return seconds
 
 
-def kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peaks(name, case, device, dtype):
-    """Peak memory growth (bytes) of one forward and of one forward+backward of model `name`."""
-    logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    config, batch, side = CASES[case]
-    model = build(config, device, dtype, names=(name,))[name]
-    args = inputs(config, batch, side, device, dtype)
-    run(model, args, False, device)  # warm-up: one-time allocations, kernel selection
-    result = []
-    for train in (False, True):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            run(model, args, train, device)
-            result.append(torch.cuda.max_memory_allocated() - base)
-            continue
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap so RSS starts from live memory
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        base = kib("VmRSS")
-        run(model, args, train, device)
-        result.append((kib("VmHWM") - base) * 1024)
-    return result
-
-
-def peaks_fresh(name, case, device, dtype):
+def peak_bytes(model, args, train, device):
+    """Peak tensor memory of one call, above what was allocated before it."""
     if device == "cuda":
-        return peaks(name, case, device, dtype)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh heap and peak per model
-        return pool.apply(peaks, (name, case, device, dtype))
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(model, args, train, device)
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(model, args, train, device)
+    with tempfile.TemporaryDirectory() as folder:  # the trace lists each allocation (+) and free (-)
+        prof.export_chrome_trace(path := os.path.join(folder, "trace.json"))
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    events.sort(key=lambda e: (e["ts"], e["args"]["Ev Idx"]))
+    return max(itertools.accumulate((e["args"]["Bytes"] for e in events), initial=0))
 
 
 def main():
@@ -134,12 +116,12 @@ def main():
                 for name in order:
                     seconds = run(models[name], x, train, args.device)
                     times[name, train] += [seconds] if r else []
+        mem = {(name, train): peak_bytes(models[name], x, train, args.device) for name, train in times}
         del models, x
-        mem = {name: peaks_fresh(name, case, args.device, dtype) for name in ("ours", "diffusers")}
         print(f"\n{case}")
         for train, label in ((False, "forward"), (True, "forward+backward")):
             ours, ref = (statistics.median(times[name, train]) for name in ("ours", "diffusers"))
-            mem_ours, mem_ref = mem["ours"][train], mem["diffusers"][train]
+            mem_ours, mem_ref = mem["ours", train], mem["diffusers", train]
             print(f"  {label:16s} time ours {ours * 1e3:8.1f} ms  diffusers {ref * 1e3:8.1f} ms  ratio "
                   f"{ours / ref:.3f} | peak memory ours {mem_ours / 2**20:7.1f} MiB  diffusers "
                   f"{mem_ref / 2**20:7.1f} MiB  ratio {mem_ours / mem_ref:.3f}")
