@@ -267,7 +267,7 @@ def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32):
     """A StableDiffusion from a single file (.safetensors, .ckpt), a diffusers folder, a hub id or "toy".
     The tokenizer: a folder's own tokenizer/, else `tokenizer` (folder or hub id), else SD v1's."""
     source = str(source)
-    path = TOY_DIR if source == "toy" else source
+    path, tokenizer = (f"{TOY_DIR}/toy.safetensors", tokenizer or f"{TOY_DIR}/tokenizer") if source == "toy" else (source, tokenizer)
     if not os.path.exists(path):
         if source == "toy":
             raise LoadError("the toy model is not shipped yet (no assets/toy/ beside load_sd.py)")
