@@ -1,0 +1,150 @@
+"""evaluate.py: how much of a concept an ESD delta erased, and what else it changed.
+
+One protocol for the base model and the edited one (base + delta): the same prompts and seeds' noise, DDIM with
+CFG. On the toy a CNN judges every image: the erased-concept rate for the concept alone ("circle", "a circle")
+and in context ("a red circle", ...), as ESD (Gandikota et al. arXiv 2303.07345, sec. 4) contrasts ESD-x with
+ESD-u, plus the other shapes' and colors' accuracy. Real models: the user's prompts, CLIP zero-shot scores (arXiv 2103.00020).
+
+    python evaluate.py --model toy --delta esd-x-circle.safetensors --concept circle
+"""
+import argparse
+import json
+import sys
+
+import torch
+from PIL import Image, ImageDraw
+
+import esd
+import load_sd
+import toy
+
+TILE = 96  # grid cell side in pixels (toy images are scaled up, nearest neighbour)
+CLIP_MODEL = "openai/clip-vit-large-patch14"  # zero-shot judge for real models, used only if cached locally
+SAMPLING = {"toy": dict(steps=toy.DDIM_STEPS, guidance=toy.GUIDANCE, size=toy.IMAGE_SIZE),
+            "real": dict(steps=50, guidance=7.5, size=512)}  # SD v1's usual DDIM sampling
+
+
+def toy_prompts(concept):
+    """[(prompt, group, shape, color)]: the concept alone and in context, then every other shape."""
+    if concept not in toy.SHAPES:
+        raise ValueError(f"the toy concept must be one of {', '.join(toy.SHAPES)}, got {concept!r}")
+    alone = [(p, "alone", concept, None) for p in (concept, f"a {concept}")]
+    context = [(f"a {c} {concept}", "context", concept, c) for c in toy.COLORS]
+    others = [(p, "other", s, c) for s in toy.SHAPES if s != concept
+              for p, c in [(f"a {s}", None)] + [(f"a {c} {s}", c) for c in toy.COLORS]]
+    return alone + context + others
+
+
+def toy_scores(shape_pred, color_pred, entries, concept):
+    """Shares of images (seed-major): concept shown alone / in context; other shapes right; colors right where asked."""
+    n = len(shape_pred) // len(entries)
+    group = [e[1] for e in entries] * n
+    hit = shape_pred == torch.tensor([list(toy.SHAPES).index(e[2]) for e in entries] * n)
+    color = torch.tensor([list(toy.COLORS).index(e[3]) if e[3] else -1 for e in entries] * n)
+    share = lambda g: hit[[x == g for x in group]].float().mean().item()  # noqa: E731
+    return {f"{concept}_alone": share("alone"), f"{concept}_in_context": share("context"),
+            "other_shapes": share("other"), "colors": (color_pred == color)[color >= 0].float().mean().item()}
+
+
+def to_pil(x):
+    """One image [3,H,W] in [-1,1] -> PIL."""
+    return Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy())
+
+
+def clip_scores(images, labels, name=CLIP_MODEL):
+    """Share of images whose best CLIP label is labels[0], and its mean probability; None without a local CLIP."""
+    from transformers import CLIPModel, CLIPProcessor
+    try:
+        model, proc = (c.from_pretrained(name, local_files_only=True) for c in (CLIPModel, CLIPProcessor))
+    except (OSError, ValueError) as e:
+        print(f"CLIP zero-shot scores skipped: no local CLIP model {name} ({str(e).splitlines()[0]})", file=sys.stderr)
+        return None
+    inputs = proc(text=labels, images=[to_pil(x) for x in images], return_tensors="pt", padding=True)
+    probs = model(**inputs).logits_per_image.softmax(-1)  # no grad: evaluate() runs under torch.no_grad
+    return {"concept_top1": (probs.argmax(-1) == 0).float().mean().item(), "concept_prob": probs[:, 0].mean().item()}
+
+
+@torch.no_grad()
+def evaluate(sd, delta=None, concept="circle", *, prompts=None, seeds=range(8), steps=None, guidance=None,
+             classifier=None, labels=None, grid=None):
+    """{"base": scores, "edited": scores with `delta` (a file or {name: tensor}) applied, "edited/base"}: toy scores
+    if `prompts` is None, else CLIP's for `prompts` over `labels` (labels[0]: the concept). grid: a PNG path."""
+    is_toy, seeds, sampling = prompts is None, list(seeds), SAMPLING["toy" if prompts is None else "real"]
+    delta = esd.load_delta(delta)[0] if isinstance(delta, str) else delta
+    entries = toy_prompts(concept) if is_toy else [(p, "prompt", None, None) for p in prompts]
+    steps, guidance = steps or sampling["steps"], guidance or sampling["guidance"]
+    result = {"concept": concept, "prompts": [e[0] for e in entries], "seeds": seeds, "steps": steps, "guidance": guidance}
+    params, images = dict(sd.unet.named_parameters()), {}
+    originals = {k: params[k].detach().clone() for k in delta or {} if k in params}
+    try:
+        for run in ("base", "edited") if delta else ("base",):
+            if run == "edited":
+                esd.apply_delta(sd.unet, delta)
+            images[run] = torch.cat([toy.generate(sd, result["prompts"], [s], steps=steps, guidance=guidance,
+                                                  size=sampling["size"]) for s in seeds])  # a seed at a time: less memory
+            result[run] = (toy_scores(*toy.classify(images[run], classifier), entries, concept) if is_toy
+                           else clip_scores(images[run], labels or [concept, "a photo"]))
+    finally:  # put the base weights back
+        if originals:
+            esd.apply_delta(sd.unet, originals)
+    if delta and result["base"]:
+        result["edited/base"] = {k: v / max(result["base"][k], 1e-9) for k, v in result["edited"].items()}
+    if grid:
+        save_grid(images, result["prompts"], grid)
+    return result
+
+
+def save_grid(images, titles, path, seeds_shown=2):
+    """PNG: a column per prompt; rows: base for the first seeds, then edited for the same seeds."""
+    n = len(titles)
+    rows = [images[run][i * n:(i + 1) * n] for run in images for i in range(min(seeds_shown, len(images[run]) // n))]
+    canvas = Image.new("RGB", (TILE * n, TILE * (len(rows) + 1)), "white")
+    for j, title in enumerate(titles):
+        ImageDraw.Draw(canvas).text((j * TILE + 2, TILE // 2), title[:16], fill="black")
+    for i, row in enumerate(rows):
+        for j, x in enumerate(row):
+            canvas.paste(to_pil(x).resize((TILE, TILE), Image.NEAREST), (j * TILE, (i + 1) * TILE))
+    canvas.save(path)
+
+
+def format_report(result):
+    """A text table: each score for base and edited, and edited/base."""
+    runs = [r for r in ("base", "edited", "edited/base") if result.get(r)]
+    lines = [f"concept {result['concept']!r}: {len(result['prompts'])} prompts x {len(result['seeds'])} seeds, "
+             f"{result['steps']} DDIM steps, guidance {result['guidance']}", f"{'':28}" + "".join(f"{r:>13}" for r in runs)]
+    if not result["base"]:
+        return lines[0] + "\nno scores (no local CLIP model): see the grid"
+    return "\n".join(lines + [f"{k:28}" + "".join(f"{result[r][k]:13.3f}" for r in runs) for k in result["base"]])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy", help="'toy', a single file, a diffusers folder or a hub id")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
+    p.add_argument("--delta", default=None, help="ESD delta .safetensors (without: the base model only)")
+    p.add_argument("--concept", default="circle", help="the erased concept (toy: one of its shapes)")
+    p.add_argument("--prompts", nargs="+", default=None, help="real models: the prompts to generate")
+    p.add_argument("--labels", nargs="+", default=["a photo"], help="real models: CLIP labels besides the concept")
+    p.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 for every prompt")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: SAMPLING's, toy or real)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: SAMPLING's, toy or real)")
+    p.add_argument("--output", default="evaluation", help="writes OUTPUT.json (the report) and OUTPUT.png (the grid)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        if args.model != "toy" and not args.prompts:
+            raise ValueError("--prompts is needed for models other than the toy")
+        sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device)
+        result = evaluate(sd, args.delta, args.concept, prompts=args.prompts, seeds=range(args.seeds), steps=args.steps,
+                          guidance=args.guidance, labels=[args.concept, *args.labels], grid=f"{args.output}.png")
+        with open(f"{args.output}.json", "w") as f:
+            json.dump(result, f, indent=1)
+    except (load_sd.LoadError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(result) + f"\nwrote {args.output}.json and {args.output}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
