@@ -142,9 +142,8 @@ def save_delta(path, delta, metadata):
 
 
 def load_delta(path):
-    """(tensors, metadata) of a delta file: ours, or the official ESD diffusers weights (same names;
-    esd_sd.py writes .safetensors, older releases .pt state dicts, read here without pickled code)."""
-    if not path.endswith(".safetensors"):
+    """(tensors, metadata) of a delta file: ours, or the official ESD diffusers weights (same names)."""
+    if not path.endswith(".safetensors"):  # older official .pt state dicts; weights_only: no pickled code
         return torch.load(path, map_location="cpu", weights_only=True), {}
     with safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
