@@ -144,6 +144,9 @@ def main(argv=None):
     except load_sd.LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

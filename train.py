@@ -125,8 +125,8 @@ def train(cfg, sd, concepts):
     trainer = esd.ESD(sd.unet, cfg.method, negative_guidance=cfg.negative_guidance, target=cfg.loss,
                       steps=cfg.ddim_steps, guidance=cfg.start_guidance, prediction=sd.prediction_type,
                       dtype=DTYPES[cfg.dtype])
-    n_params = sum(p.numel() for p in trainer.params.values())
-    tqdm.write(f"{cfg.method}: training {len(trainer.params)} tensors, {n_params:,} parameters")
+    tqdm.write(f"{cfg.method}: training {len(trainer.params)} tensors, "
+               f"{sum(p.numel() for p in trainer.params.values()):,} parameters")
     optimizer = torch.optim.Adam(trainer.params.values(), lr=cfg.lr)
     uncond, *conds = sd.encode_prompts(["", *concepts]).split(1)  # text contexts, computed once
     anchor = sd.encode_prompts([cfg.erase_from]) if cfg.erase_from else None
@@ -176,7 +176,6 @@ def main(argv=None):
         if not os.access(os.path.dirname(os.path.abspath(cfg.output)), os.W_OK):
             raise load_sd.LoadError(f"cannot write {cfg.output}: its folder is missing or read-only")
         sd = load_sd.load(cfg.model, tokenizer=cfg.tokenizer, device=cfg.device)
-        torch.manual_seed(cfg.seed)
         train(cfg, sd, concepts)
         tqdm.write(f"wrote {cfg.output}")
         if cfg.export_full:
@@ -194,6 +193,9 @@ def main(argv=None):
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; the last checkpoint (--save-every) is kept: continue it with --resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -57,11 +57,22 @@ def test_exports_load_back_everywhere(model, tmp_path):
         assert torch.equal(pipe.scheduler.alphas_cumprod, __import__("sampler").alphas_cumprod())
 
 
-def test_resume_repeats_an_uninterrupted_run(model, tmp_path):
+def test_interrupted_run_resumes_to_the_uninterrupted_result(model, tmp_path, monkeypatch, capsys):
     whole, parts = tmp_path / "whole.safetensors", tmp_path / "parts.safetensors"
-    assert run_train(model, whole, "--iterations", 4) == 0
-    assert run_train(model, parts, "--iterations", 2) == 0  # "interrupted" after 2 iterations
-    assert run_train(model, parts, "--iterations", 4, "--resume") == 0
+    assert run_train(model, whole, "--iterations", 5) == 0
+    loss, calls = esd.ESD.loss, []
+
+    def interrupted_at_iteration_3(self, *args, **kwargs):  # Ctrl-C in the middle of the 4th iteration
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return loss(self, *args, **kwargs)
+    monkeypatch.setattr(esd.ESD, "loss", interrupted_at_iteration_3)
+    assert run_train(model, parts, "--iterations", 5, "--save-every", 2) == 130
+    assert "--resume" in capsys.readouterr().err.splitlines()[-1]
+    monkeypatch.undo()
+    assert esd.load_delta(str(parts))[1]["iterations"] == "2"  # the last checkpoint
+    assert run_train(model, parts, "--iterations", 5, "--resume") == 0
     a, b = esd.load_delta(str(whole))[0], esd.load_delta(str(parts))[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert run_train(model, parts, "--iterations", 6, "--resume", "--seed", 1) == 2  # other settings: refused
