@@ -68,7 +68,7 @@ def test_tokenizer_round_trip(tmp_path):
 
 def test_standardize_is_exact_and_makes_unit_latents():
     torch.manual_seed(0)
-    vae, images = VAE(VAEConfig(**toy.VAE_CONFIG)).eval().requires_grad_(False), toy.make_dataset(64, 0)[0]
+    vae, images = VAE(VAEConfig(**toy.VAE_CONFIG)).eval().requires_grad_(False), toy.make_dataset(32, 0)[0]
     z = toy.encode(vae, images)
     decoded = vae.decode(z)
     toy.standardize(vae, images)
@@ -79,8 +79,9 @@ def test_standardize_is_exact_and_makes_unit_latents():
     torch.testing.assert_close(u.std((0, 2, 3)), torch.ones(4), atol=1e-5, rtol=0)
 
 
-def test_training_stages_are_reproducible():
-    images = toy.make_dataset(64, 0)[0]
+def test_training_stages_are_reproducible(monkeypatch):
+    monkeypatch.setitem(toy.BATCH, "vae", 4)
+    images = toy.make_dataset(16, 0)[0]
     cfg = toy.TrainConfig(vae_steps=2)
     runs = []
     for _ in range(2):
@@ -108,7 +109,7 @@ def test_shipped_model_draws_what_it_is_asked_for(sd):
 
 
 def test_classifier_held_out_accuracy():
-    images, shapes, colors = toy.make_dataset(1000, seed=424242)
+    images, shapes, colors = toy.make_dataset(500, seed=424242)
     shape, color = toy.classify(images)
     assert (shape == shapes).float().mean() >= 0.98 and (color == colors).float().mean() >= 0.98
 
@@ -116,16 +117,16 @@ def test_classifier_held_out_accuracy():
 def test_evaluate_measures_and_restores_the_unet(sd, tmp_path):
     before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
     same = {k: v.detach().clone() for k, v in sd.unet.named_parameters() if "attn2" in k}
-    result = evaluate.evaluate(sd, same, "circle", seeds=[0], steps=4, grid=tmp_path / "grid.png")
+    result = evaluate.evaluate(sd, same, "circle", seeds=[0], steps=3, grid=tmp_path / "grid.png")
     assert result["edited"] == result["base"] and set(result["base"]) == {
         "circle_alone", "circle_in_context", "other_shapes", "colors"}
     assert Image.open(tmp_path / "grid.png").size == (evaluate.TILE * 21, evaluate.TILE * 3)
     broken = {k: torch.randn_like(v) for k, v in same.items()}
-    result = evaluate.evaluate(sd, broken, "square", seeds=[0], steps=4)
+    result = evaluate.evaluate(sd, broken, "square", seeds=[0], steps=3)
     assert result["edited"] != result["base"] and result["prompts"][:2] == ["square", "a square"]
     assert all(torch.equal(before[k], v) for k, v in sd.unet.state_dict().items())
     json.dumps(result)
-    assert "circle_alone" in evaluate.format_report(evaluate.evaluate(sd, None, "circle", seeds=[0], steps=2))
+    assert "square_alone" in evaluate.format_report(result) and "edited/base" in evaluate.format_report(result)
 
 
 def test_evaluate_cli(tmp_path, capsys):
