@@ -191,7 +191,8 @@ def infer_configs(sd):
     text = CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, intermediate_size=shape(f"{t}encoder.layers.0.mlp.fc1.weight")[0],
         num_hidden_layers=len(numbers(re.escape(t) + r"encoder\.layers\.(\d+)\.")), hidden_act=CLIP_ACT,
-        num_attention_heads=width // CLIP_HEAD_DIM, max_position_embeddings=shape(f"{t}embeddings.position_embedding.weight")[0])
+        num_attention_heads=width // CLIP_HEAD_DIM, max_position_embeddings=shape(f"{t}embeddings.position_embedding.weight")[0],
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the tokenizer's, set by load()
     return unet, vae, text
 
 

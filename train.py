@@ -56,7 +56,7 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
 
 
 # The toy model (assets/toy, 32 px) trains with these unless a flag says otherwise; see README for measurements.
-TOY_DEFAULTS = dict(resolution=32, ddim_steps=20, lr=1e-4, iterations=300, start_guidance=3.0, device="cpu")
+TOY_DEFAULTS = dict(resolution=32, ddim_steps=20, lr=1e-3, iterations=300, start_guidance=3.0, device="cpu")
 
 
 def parse_args(argv=None):
