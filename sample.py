@@ -22,6 +22,7 @@ import load_sd
 import sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SD_SIZE, TOY_SIZE = 512, 32  # default image sides: SD v1's training resolution; the toy model's (toy.py)
 
 
 def initial_noise(n, latent_shape, seed):
@@ -96,8 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=None, help="pixels (default: 512; the toy model's 32)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: 512; the toy model's 32)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--output", default="sample.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,7 +106,10 @@ def parse_args(argv=None):
     p.add_argument("--delta", action="append", default=[], help="ESD delta file to apply (repeatable)")
     p.add_argument("--compare", action="store_true",
                    help="write one grid: original model's images (top row) above the edited model's (bottom)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    size = TOY_SIZE if args.model == "toy" else SD_SIZE
+    args.height, args.width = args.height or size, args.width or size
+    return args
 
 
 def check_args(args, scale_factor):
