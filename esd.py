@@ -67,12 +67,9 @@ class ESD:
         if target not in TARGETS:
             raise ValueError(f"unknown ESD target {target!r}; choose one of: {', '.join(TARGETS)}")
         self.unet = unet.eval().requires_grad_(False)
-        self.params = select(unet, method)
-        for p in self.params.values():
-            p.requires_grad_(True)
+        self.params = {name: p.requires_grad_(True) for name, p in select(unet, method).items()}
         self.originals = {name: p.detach().clone() for name, p in self.params.items()}
-        self.method, self.eta, self.target, self.dtype = method, negative_guidance, target, dtype
-        self.steps, self.guidance, self.prediction = steps, guidance, prediction
+        self.eta, self.target, self.steps, self.guidance, self.prediction = negative_guidance, target, steps, guidance, prediction
         self.timesteps = sampler.ddim_timesteps(steps)
         device = next(iter(self.params.values())).device  # move the UNet before, not after, this
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
