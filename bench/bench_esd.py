@@ -9,7 +9,7 @@ shared with other jobs inflates far less than wall-clock time.
 Memory: bytes of the tensors each run holds (UNet parameters, frozen copy or kept originals, grads,
 Adam state, pool); on a GPU also torch.cuda.max_memory_allocated (activations included).
 
-    python bench/bench_esd.py [--device cuda] [--dtype bfloat16] [--iters 6] [--pool 2] [--latent 16]
+    python bench/bench_esd.py [--device cuda] [--dtype bfloat16] [--iters 6] [--pool 2] [--latent 16] [--full]
 """
 import argparse
 import copy
@@ -33,6 +33,7 @@ CONTEXT_LEN = 77  # CLIP text tokens
 # (768) included, so each filter keeps about SD v1's share of the parameters (ESD-x ~5%).
 CONFIG = dict(block_out_channels=[64, 128, 256, 256], cross_attention_dim=160, attention_head_dim=8,
               layers_per_block=2)
+FULL = dict(CONFIG, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768)  # SD v1 itself (--full)
 RUN_LENGTH = 200  # esd_sd.py's default --iterations: the run a pool's one-off sampling is spread over
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,19 +82,19 @@ def run(variant, method, initial, plan, args):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if variant == "two copies (diffusers)":
-        model = UNet2DConditionModel(**CONFIG)
+        model = UNet2DConditionModel(**args.config)
         model.load_state_dict(initial)
         trainer = TwoCopies(model.to(device), method, args.steps, dtype)
         x_t, held = trainer.x_t, trainer.held
     else:
-        model = UNet(UNetConfig.from_dict(CONFIG))
+        model = UNet(UNetConfig.from_dict(args.config))
         model.load_state_dict(initial)
         trainer = esd.ESD(model.to(device), method, steps=args.steps, dtype=dtype)
         x_t = lambda *a: trainer.x_t(*a, xt_from="trained")  # noqa: E731
         held = lambda: list(trainer.unet.parameters()) + list(trainer.originals.values())  # noqa: E731
     opt = torch.optim.Adam(trainer.params.values(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
-    uncond, cond = (torch.randn(1, CONTEXT_LEN, CONFIG["cross_attention_dim"], generator=g).to(device)
+    uncond, cond = (torch.randn(1, CONTEXT_LEN, args.config["cross_attention_dim"], generator=g).to(device)
                     for _ in range(2))
     noise = lambda seed: torch.randn((1, 4, args.latent, args.latent),  # noqa: E731
                                      generator=torch.Generator().manual_seed(seed)).to(device)
@@ -131,14 +132,16 @@ def main():
     p.add_argument("--steps", type=int, default=esd.DDIM_STEPS, help="DDIM steps of the x_t trajectories")
     p.add_argument("--latent", type=int, default=16, help="latent side (image side / 8)")
     p.add_argument("--methods", nargs="+", default=["esd-x", "esd-u"], choices=esd.FILTERS)
+    p.add_argument("--full", action="store_true", help="the full-size SD v1 UNet (859M parameters; for a GPU)")
     args = p.parse_args()
+    args.config = FULL if args.full else CONFIG
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    initial = {k: v.clone() for k, v in UNet2DConditionModel(**CONFIG).state_dict().items()}
+    initial = {k: v.clone() for k, v in UNet2DConditionModel(**args.config).state_dict().items()}
     rng = random.Random(0)  # one (seed, t_enc) sequence for every run
     plan = [(rng.randrange(2 ** 15), rng.randrange(args.steps)) for _ in range(args.iters)]
     n_params = sum(v.numel() for v in initial.values())
-    print(f"{args.device} {args.dtype}, SD v1 layout widths/5, {n_params:,} params, "
+    print(f"{args.device} {args.dtype}, SD v1 layout{'' if args.full else ' widths/5'}, {n_params:,} params, "
           f"latent {args.latent}x{args.latent}, {args.steps} DDIM steps, {args.iters} iterations, "
           f"t_enc {[t for _, t in plan]}, pool of {args.pool}")
     mib = 2 ** 20
