@@ -10,6 +10,7 @@ ESD-u, plus the other shapes' and colors' accuracy. Real models: the user's prom
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
@@ -104,7 +105,7 @@ def save_grid(images, titles, path, seeds_shown=2):
     for i, row in enumerate(rows):
         for j, x in enumerate(row):
             canvas.paste(to_pil(x).resize((TILE, TILE), Image.NEAREST), (j * TILE, (i + 1) * TILE))
-    canvas.save(path)
+    load_sd.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def format_report(result):
@@ -137,8 +138,7 @@ def main(argv=None):
         sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device)
         result = evaluate(sd, args.delta, args.concept, prompts=args.prompts, seeds=range(args.seeds), steps=args.steps,
                           guidance=args.guidance, labels=[args.concept, *args.labels], grid=f"{args.output}.png")
-        with open(f"{args.output}.json", "w") as f:
-            json.dump(result, f, indent=1)
+        load_sd.atomic_write(f"{args.output}.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     except (load_sd.LoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

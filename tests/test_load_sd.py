@@ -1,4 +1,4 @@
-"""load_sd.py: the LDM <-> diffusers key mapping against diffusers' own converters; tiny official-
+"""convert.py and load_sd.py: the LDM <-> diffusers key mapping against diffusers' own converters; tiny official-
 layout single files and diffusers folders load into modules whose outputs equal diffusers'; full-size
 key coverage on the meta device from the official SD v1 key list; one-line errors on bad input."""
 import dataclasses
@@ -12,6 +12,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
+import convert
 import load_sd
 import tiny
 from unet import UNet, UNetConfig
@@ -61,17 +62,17 @@ def test_ours_to_ldm_inverts_diffusers_converters(unet_config):
     unet = tiny.randomize(UNet2DConditionModel(**unet_config))
     vae = tiny.randomize(AutoencoderKL(**tiny.VAE), seed=1)
     ucfg, vcfg = UNetConfig.from_dict(unet_config), VAEConfig.from_dict(tiny.VAE)
-    for part, module, convert, config in (("unet", unet, convert_ldm_unet_checkpoint, unet_config),
+    for part, module, oracle, config in (("unet", unet, convert_ldm_unet_checkpoint, unet_config),
                                           ("vae", vae, convert_ldm_vae_checkpoint, tiny.VAE)):
         ours = {f"{part}.{k}": t for k, t in module.state_dict().items()}
-        ldm = {load_sd.ours_to_ldm(k, ucfg, vcfg): t[:, :, None, None] if load_sd.VAE_ATTN_WEIGHT.fullmatch(k) else t
+        ldm = {convert.ours_to_ldm(k, ucfg, vcfg): t[:, :, None, None] if convert.VAE_ATTN_WEIGHT.fullmatch(k) else t
                for k, t in ours.items()}
         assert len(ldm) == len(ours)
-        back = convert(ldm, config)
+        back = oracle(ldm, config)
         assert back.keys() == module.state_dict().keys()
         for k, t in module.state_dict().items():
             assert torch.equal(back[k], t), k
-        assert all(load_sd.ldm_to_ours(load_sd.ours_to_ldm(k, ucfg, vcfg), ucfg, vcfg) == k for k in ours)
+        assert all(convert.ldm_to_ours(convert.ours_to_ldm(k, ucfg, vcfg), ucfg, vcfg) == k for k in ours)
 
 
 def test_single_file_loads_like_diffusers(model, tmp_path):
@@ -145,7 +146,7 @@ def test_full_size_key_coverage():
         fixture = json.load(f)
     shapes = fixture["tensors"]
     ldm = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    unet_cfg, vae_cfg, text_cfg = load_sd.infer_configs(ldm)
+    unet_cfg, vae_cfg, text_cfg = convert.infer_configs(ldm)
     assert unet_cfg == UNetConfig.sd1() and vae_cfg == VAEConfig.sd()
     assert (text_cfg.vocab_size, text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_hidden_layers,
             text_cfg.num_attention_heads, text_cfg.max_position_embeddings, text_cfg.hidden_act) == \
@@ -153,16 +154,16 @@ def test_full_size_key_coverage():
     with torch.device("meta"):
         modules = {"unet": UNet(unet_cfg), "vae": VAE(vae_cfg), "text_encoder": CLIPTextModel(text_cfg)}
     expected = {f"{p}.{k}": tuple(t.shape) for p, m in modules.items() for k, t in m.state_dict().items()}
-    ignored = sorted(k for k in shapes if load_sd.IGNORED.fullmatch(k))
+    ignored = sorted(k for k in shapes if convert.IGNORED.fullmatch(k))
     assert ignored == sorted(fixture["model"]["schedule_buffers"] +
                              ["cond_stage_model.transformer.text_model.embeddings.position_ids"])
-    mapped = {load_sd.ldm_to_ours(k): tuple(s) for k, s in shapes.items() if k not in ignored}
+    mapped = {convert.ldm_to_ours(k): tuple(s) for k, s in shapes.items() if k not in ignored}
     assert len(mapped) == len(shapes) - len(ignored) == 1143 - 13
     assert mapped.keys() == expected.keys()
     for k, s in mapped.items():
-        linear = load_sd.VAE_ATTN_WEIGHT.fullmatch(k)  # LDM's VAE attention is 1x1 convs, ours linear
+        linear = convert.VAE_ATTN_WEIGHT.fullmatch(k)  # LDM's VAE attention is 1x1 convs, ours linear
         assert (s[:2] if linear else s) == expected[k], k
-    assert all(load_sd.ours_to_ldm(load_sd.ldm_to_ours(k)) == k for k in shapes if k not in ignored)
+    assert all(convert.ours_to_ldm(convert.ldm_to_ours(k)) == k for k in shapes if k not in ignored)
 
 
 class Payload:

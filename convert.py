@@ -1,0 +1,134 @@
+"""convert.py: official LDM checkpoint names and shapes <-> ours (= diffusers'), pure functions.
+
+LDM names become ours by a short rule table plus one index function (the UNet's numbered blocks);
+configs come from tensor shapes plus SD v1's constants. LDM names as in
+https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py
+"""
+import dataclasses
+import functools
+import re
+
+from transformers import CLIPTextConfig
+
+from unet import UNetConfig
+from vae import VAEConfig
+
+CLIP_MAX_LEN = 77  # CLIP's context length: prompts are padded/truncated to 77 tokens
+CLIP_HEAD_DIM = 64  # CLIP text heads are 64 wide (ViT-L/14: 768 = 12 x 64)
+CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
+# Known non-model tensors of LDM files: the 12 DDPM schedule buffers (betas, *alphas_cumprod*, posterior_*;
+# sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids.
+IGNORED = re.compile(r"betas|\w*alphas_cumprod\w*|posterior_\w+|logvar|model_ema\..+|.+\.position_ids")
+VAE_ATTN_WEIGHT = re.compile(r"vae\..*\.attentions\.0\.(to_[qkv]|to_out\.0)\.weight")  # 1x1 convs in LDM
+
+
+
+def _rules(pairs):
+    """(LDM, ours) name patterns, '#' an index and '*' any text, compiled both ways: (forward, back)."""
+    def compile_(src, dst):
+        groups = iter(range(1, 10))
+        regex = "^" + re.escape(src).replace(r"\*", "(.*?)").replace(r"\#", r"(\d+)")
+        return re.compile(regex), re.sub(r"[*#]", lambda _: rf"\g<{next(groups)}>", dst)
+    return [compile_(a, b) for a, b in pairs], [compile_(b, a) for a, b in reversed(pairs)]
+
+
+PREFIXES, PREFIXES_BACK = _rules([
+    ("model.diffusion_model.", "unet."), ("first_stage_model.", "vae."),
+    ("cond_stage_model.transformer.", "text_encoder."),
+    ("text_encoder.text_model.", "text_encoder."),  # transformers 5 dropped this level: both are read
+])
+RENAMES, RENAMES_BACK = _rules([
+    ("unet.time_embed.0.", "unet.time_embedding.linear_1."), ("unet.time_embed.2.", "unet.time_embedding.linear_2."),
+    ("unet.out.0.", "unet.conv_norm_out."), ("unet.out.2.", "unet.conv_out."),
+    ("unet.*resnets.#.in_layers.0.", "unet.*resnets.#.norm1."), ("unet.*resnets.#.in_layers.2.", "unet.*resnets.#.conv1."),
+    ("unet.*resnets.#.emb_layers.1.", "unet.*resnets.#.time_emb_proj."),
+    ("unet.*resnets.#.out_layers.0.", "unet.*resnets.#.norm2."), ("unet.*resnets.#.out_layers.3.", "unet.*resnets.#.conv2."),
+    ("unet.*resnets.#.skip_connection.", "unet.*resnets.#.conv_shortcut."),
+    ("unet.*downsamplers.0.op.", "unet.*downsamplers.0.conv."),
+    ("vae.encoder.down.#.", "vae.encoder.down_blocks.#."), ("vae.*_blocks.#.block.", "vae.*_blocks.#.resnets."),
+    ("vae.*_blocks.#.downsample.", "vae.*_blocks.#.downsamplers.0."),
+    ("vae.*_blocks.#.upsample.", "vae.*_blocks.#.upsamplers.0."),
+    ("vae.*mid.block_1.", "vae.*mid_block.resnets.0."), ("vae.*mid.block_2.", "vae.*mid_block.resnets.1."),
+    ("vae.*mid.attn_1.norm.", "vae.*mid_block.attentions.0.group_norm."),
+    ("vae.*mid.attn_1.q.", "vae.*mid_block.attentions.0.to_q."), ("vae.*mid.attn_1.k.", "vae.*mid_block.attentions.0.to_k."),
+    ("vae.*mid.attn_1.v.", "vae.*mid_block.attentions.0.to_v."),
+    ("vae.*mid.attn_1.proj_out.", "vae.*mid_block.attentions.0.to_out.0."),
+    ("vae.*nin_shortcut.", "vae.*conv_shortcut."), ("vae.*norm_out.", "vae.*conv_norm_out."),
+])
+
+
+@functools.lru_cache
+def _blocks(n, up_attention, vae_levels):
+    """The index function, as rules: LDM's UNet numbers n = layers_per_block + 1 blocks per level,
+    each (resnet, transformer); up_attention[i] says up level i has transformers. LDM's VAE decoder
+    lists its levels in reverse order."""
+    pairs = [("input_blocks.0.0.", "conv_in."), ("middle_block.0.", "mid_block.resnets.0."),
+             ("middle_block.1.", "mid_block.attentions.0."), ("middle_block.2.", "mid_block.resnets.1.")]
+    for i, attention in enumerate(up_attention):
+        for j in range(n):
+            if j < n - 1:
+                pairs += [(f"input_blocks.{n * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."),
+                          (f"input_blocks.{n * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}.")]
+            pairs += [(f"output_blocks.{n * i + j}.0.", f"up_blocks.{i}.resnets.{j}.")]
+            pairs += [(f"output_blocks.{n * i + j}.1.", f"up_blocks.{i}.attentions.{j}.")] if attention else []
+        if i < len(up_attention) - 1:  # resamplers: a level's last input block; the last child of its last output block
+            pairs += [(f"input_blocks.{n * (i + 1)}.0.", f"down_blocks.{i}.downsamplers.0."),
+                      (f"output_blocks.{n * i + n - 1}.{1 + attention}.", f"up_blocks.{i}.upsamplers.0.")]
+    return _rules([(f"unet.{a}", f"unet.{b}") for a, b in pairs] + [
+        (f"vae.decoder.up.{i}.", f"vae.decoder.up_blocks.{vae_levels - 1 - i}.") for i in range(vae_levels)])
+
+
+def _rename(key, unet, vae, back):
+    """Prefixes, block indices (the configs' layout, default SD v1's), then leaf names; or all back."""
+    unet, vae = unet or UNetConfig.sd1(), vae or VAEConfig.sd()
+    attention = tuple("CrossAttn" in kind for kind in unet.up_block_types)
+    blocks = _blocks(unet.layers_per_block + 1, attention, len(vae.block_out_channels))[back]
+    for regex, template in (RENAMES_BACK + blocks + PREFIXES_BACK) if back else (PREFIXES + blocks + RENAMES):
+        key = regex.sub(template, key, count=1)
+    return key
+
+
+def ldm_to_ours(key, unet=None, vae=None):
+    """Our name (unet./vae./text_encoder. + the module's key) of an LDM checkpoint key."""
+    return _rename(key, unet, vae, back=False)
+
+
+def ours_to_ldm(key, unet=None, vae=None):
+    """The official LDM name of one of ours (the inverse of ldm_to_ours)."""
+    return _rename(key, unet, vae, back=True)
+
+
+def infer_configs(sd):
+    """UNet, VAE and CLIP text configs of an LDM SD v1 state dict from its shapes; what shapes cannot
+    tell (8 heads, 32 groups, scaling 0.18215, sample sizes, 64-wide CLIP heads) is SD v1's."""
+    def shape(key):
+        return tuple(sd[key].shape)
+
+    def numbers(pattern):  # the distinct block numbers `pattern` captures
+        return sorted({int(m[1]) for k in sd if (m := re.match(pattern, k))})
+    u, v, t = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+    t += "text_model." if t + "text_model.embeddings.token_embedding.weight" in sd else ""  # transformers 4 names
+    ops = numbers(re.escape(u) + r"input_blocks\.(\d+)\.0\.op\.")  # downsamplers: input_blocks.{n (i + 1)}
+    n, levels = ops[0], len(ops) + 1
+    attention = [[f"{u}{blocks}.{n * i + first}.1.proj_in.weight" in sd for i in range(levels)]
+                 for blocks, first in (("input_blocks", 1), ("output_blocks", 0))]
+    unet = dataclasses.replace(
+        UNetConfig.sd1(), in_channels=shape(f"{u}input_blocks.0.0.weight")[1], out_channels=shape(f"{u}out.2.weight")[0],
+        block_out_channels=tuple(shape(f"{u}input_blocks.{n * i + 1}.0.in_layers.2.weight")[0] for i in range(levels)),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention[0]),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[1]), layers_per_block=n - 1,
+        cross_attention_dim=shape(f"{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
+        use_linear_projection=len(shape(f"{u}middle_block.1.proj_in.weight")) == 2)
+    vae = dataclasses.replace(
+        VAEConfig.sd(), in_channels=shape(f"{v}encoder.conv_in.weight")[1],
+        out_channels=shape(f"{v}decoder.conv_out.weight")[0], latent_channels=shape(f"{v}post_quant_conv.weight")[0],
+        block_out_channels=tuple(shape(f"{v}encoder.down.{i}.block.0.conv2.weight")[0]
+                                 for i in numbers(re.escape(v) + r"encoder\.down\.(\d+)\.")),
+        layers_per_block=len(numbers(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")))
+    vocab, width = shape(f"{t}embeddings.token_embedding.weight")
+    text = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=shape(f"{t}encoder.layers.0.mlp.fc1.weight")[0],
+        num_hidden_layers=len(numbers(re.escape(t) + r"encoder\.layers\.(\d+)\.")), hidden_act=CLIP_ACT,
+        num_attention_heads=width // CLIP_HEAD_DIM, max_position_embeddings=shape(f"{t}embeddings.position_embedding.weight")[0],
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the tokenizer's, set by load()
+    return unet, vae, text
