@@ -4,7 +4,7 @@ Captioned 32x32 images of one shape in one color; our UNet and VAE, a tiny trans
 CLIP BPE tokenizer written here, trained with the DDPM eps loss (Ho et al. arXiv 2006.11239, eqs. 4, 14) on SD's
 schedule, saved as an official SD v1 single file (LDM names, arXiv 2112.10752): it loads like a real one.
 
-    python toy.py train            # all stages, ~21 minutes on 2 CPU cores; writes assets/toy/
+    python toy.py train            # all stages, ~29 minutes on 2 CPU cores; writes assets/toy/
 """
 import argparse
 import dataclasses
@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import convert
 import load_sd
 import sampler
 from unet import UNet, UNetConfig
@@ -46,7 +47,7 @@ UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=8)
 VAE_CONFIG = dict(block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=IMAGE_SIZE)  # 4x down
 TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-            max_position_embeddings=load_sd.CLIP_MAX_LEN, hidden_act=load_sd.CLIP_ACT)
+            max_position_embeddings=convert.CLIP_MAX_LEN, hidden_act=convert.CLIP_ACT)
 BATCH = {"vae": 32, "classifier": 128, "unet": 64}  # images per Adam step, per stage
 LR = {"vae": 1e-3, "classifier": 2e-3, "unet": 1e-3}  # peak Adam learning rates, per stage
 KL_WEIGHT = 1e-6  # LDM's kl_weight for its autoencoders
@@ -56,9 +57,9 @@ KL_WEIGHT = 1e-6  # LDM's kl_weight for its autoencoders
 class TrainConfig:
     seed: int = 0  # every stage draws from generators seeded from this
     images: int = 40_000  # training set size (VAE and UNet)
-    vae_steps: int = 1500  # Adam steps of each stage
-    classifier_steps: int = 600
-    unet_steps: int = 5000  # UNet and text encoder, trained together
+    vae_steps: int = 700  # Adam steps of each stage
+    classifier_steps: int = 300
+    unet_steps: int = 2600  # UNet and text encoder, trained together
     output: str = ASSETS  # folder written: toy.safetensors, tokenizer/, classifier.safetensors
 
 
@@ -99,7 +100,7 @@ def write_tokenizer(folder):
     words = [[*w[:-1], w[-1] + "</w>"] for w in sorted(WORDS, key=len, reverse=True)]  # longest first: "re" of
     merges = list(dict.fromkeys(("".join(p[:k]), p[k]) for p in words for k in range(1, len(p))))  # red can't split green
     vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=load_sd.CLIP_MAX_LEN)
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=convert.CLIP_MAX_LEN)
     tok.save_pretrained(folder)
     return tok
 
@@ -201,7 +202,7 @@ def train_unet(latents, shapes, colors, tok, cfg, g):
         i = torch.randint(len(latents), (BATCH["unet"],), generator=g)
         texts = captions(shapes[i], colors[i], g)
         unique = sorted(set(texts))  # each distinct caption of the batch through the text encoder once
-        ids = tok(unique, padding="max_length", max_length=load_sd.CLIP_MAX_LEN, return_tensors="pt").input_ids
+        ids = tok(unique, padding="max_length", max_length=convert.CLIP_MAX_LEN, return_tensors="pt").input_ids
         context = text(ids).last_hidden_state[[unique.index(t) for t in texts]]
         t, eps = torch.randint(sampler.NUM_TRAIN_TIMESTEPS, (len(i),), generator=g), torch.randn(latents[i].shape, generator=g)
         a = alpha_bar[t][:, None, None, None]
