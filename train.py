@@ -47,7 +47,7 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     start_guidance: float = opt(esd.START_GUIDANCE, "CFG scale while sampling x_t")
     device: str = opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     dtype: str = opt("float32", "autocast compute dtype; trained weights stay float32", choices=list(DTYPES))
-    output: str = opt(None, "delta file (default: esd-<method>-<concept>.safetensors)")
+    output: str = opt(None, "delta file (default: <method>-<concept>.safetensors, e.g. esd-x-car.safetensors)")
     save_every: int = opt(0, "also checkpoint every N iterations (0: only at the end)")
     resume: bool = opt(False, "continue from --output and its .resume.pt checkpoint", action="store_true")
     export_full: str = opt(None, "also write the edited model as an official single file (.safetensors)")
@@ -172,7 +172,7 @@ def main(argv=None):
     try:
         concepts = check(cfg)
         slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in concepts)
-        cfg.output = cfg.output or f"esd-{cfg.method}-{slug}.safetensors"
+        cfg.output = cfg.output or f"{cfg.method}-{slug}.safetensors"
         if not os.access(os.path.dirname(os.path.abspath(cfg.output)), os.W_OK):
             raise load_sd.LoadError(f"cannot write {cfg.output}: its folder is missing or read-only")
         sd = load_sd.load(cfg.model, tokenizer=cfg.tokenizer, device=cfg.device)
