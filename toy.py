@@ -244,7 +244,6 @@ def main(argv=None):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=f.default, help=f"(default: {f.default})")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if k != "command"}
     print(json.dumps(train(TrainConfig(**args))[2], indent=1))
-    return 0
 
 
 if __name__ == "__main__":
