@@ -22,7 +22,6 @@ IGNORED = re.compile(r"betas|\w*alphas_cumprod\w*|posterior_\w+|logvar|model_ema
 VAE_ATTN_WEIGHT = re.compile(r"vae\..*\.attentions\.0\.(to_[qkv]|to_out\.0)\.weight")  # 1x1 convs in LDM
 
 
-
 def _rules(pairs):
     """(LDM, ours) name patterns, '#' an index and '*' any text, compiled both ways: (forward, back)."""
     def compile_(src, dst):
