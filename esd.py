@@ -6,19 +6,14 @@ https://github.com/rohitgandikota/erasing/blob/2704f9a28217cedeb7d2f516b9acfc707
 https://github.com/rohitgandikota/erasing/blob/ce8d4d925b25f2566fb59458e056af34cd5534d3/esd_sd.py
 Memory-lean: ONE UNet; frozen θ = that UNet with kept originals of the trained tensors swapped in.
 """
-import os
-
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.func import functional_call
 
 import sampler
 
 DDIM_STEPS = 50  # x_t trajectory length (train-esd.py --ddim_steps, esd_sd.py --num_inference_steps)
 START_GUIDANCE = 3.0  # CFG scale sampling x_t (train-esd.py --start_guidance, esd_sd.py --guidance_scale)
-DELTA_FORMAT = "esd-delta/1"  # metadata "format" of our delta files
 # Which weights sample x_t (value: use the frozen originals?). "trained": the paper and train-esd.py,
 # x_t follows the model as it forgets; "frozen": esd_sd.py, x_t never changes (trajectory pools).
 XT_FROM = {"trained": False, "frozen": True}
@@ -125,35 +120,3 @@ class ESD:
 def delta_state_dict(unet, method):
     """{name: tensor} of `method`'s tensors of `unet`, detached, on the CPU: a delta file's content."""
     return {name: p.detach().cpu().contiguous() for name, p in select(unet, method).items()}
-
-
-def save_delta(path, delta, metadata):
-    """Write a delta as safetensors with string metadata (concept, method, ...), atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(delta, tmp, metadata={"format": DELTA_FORMAT, **{k: str(v) for k, v in metadata.items()}})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_delta(path):
-    """(tensors, metadata) of a delta file: ours, or the official ESD diffusers weights (same names)."""
-    if not path.endswith(".safetensors"):  # older official .pt state dicts; weights_only: no pickled code
-        return torch.load(path, map_location="cpu", weights_only=True), {}
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-
-
-@torch.no_grad()
-def apply_delta(unet, delta):
-    """Copy a delta's tensors into `unet`; ValueError if any name or shape does not fit it."""
-    params = dict(unet.named_parameters())
-    bad = [k for k, v in delta.items() if k not in params or params[k].shape != v.shape]
-    if bad or not delta:
-        raise ValueError(f"delta does not fit this UNet: {len(bad)} of {len(delta)} tensors have unknown "
-                         f"names or other shapes{', e.g. ' + bad[0] if bad else ''}")
-    for k, v in delta.items():
-        params[k].copy_(v)
-    return unet

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-import esd
 import load_sd
 import toy
 
@@ -71,7 +70,7 @@ def evaluate(sd, delta=None, concept="circle", *, prompts=None, seeds=range(8), 
     """{"base": scores, "edited": scores with `delta` (a file or {name: tensor}) applied, "edited/base"}: toy scores
     if `prompts` is None, else CLIP's for `prompts` over `labels` (labels[0]: the concept). grid: a PNG path."""
     is_toy, seeds, sampling = prompts is None, list(seeds), SAMPLING["toy" if prompts is None else "real"]
-    delta = esd.load_delta(delta)[0] if isinstance(delta, str) else delta
+    delta = load_sd.load_delta(delta)[0] if isinstance(delta, str) else delta
     entries = toy_prompts(concept) if is_toy else [(p, "prompt", None, None) for p in prompts]
     steps, guidance = steps or sampling["steps"], guidance or sampling["guidance"]
     result = {"concept": concept, "prompts": [e[0] for e in entries], "seeds": seeds, "steps": steps, "guidance": guidance}
@@ -80,14 +79,14 @@ def evaluate(sd, delta=None, concept="circle", *, prompts=None, seeds=range(8), 
     try:
         for run in ("base", "edited") if delta else ("base",):
             if run == "edited":
-                esd.apply_delta(sd.unet, delta)
+                load_sd.apply_delta(sd.unet, delta)
             images[run] = torch.cat([toy.generate(sd, result["prompts"], [s], steps=steps, guidance=guidance,
                                                   size=sampling["size"]) for s in seeds])  # a seed at a time: less memory
             result[run] = (toy_scores(*toy.classify(images[run], classifier), entries, concept) if is_toy
                            else clip_scores(images[run], labels or [concept, "a photo"]))
     finally:  # put the base weights back
         if originals:
-            esd.apply_delta(sd.unet, originals)
+            load_sd.apply_delta(sd.unet, originals)
     if delta and result["base"]:
         result["edited/base"] = {k: v / max(result["base"][k], 1e-9) for k, v in result["edited"].items()}
     if grid:

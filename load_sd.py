@@ -12,6 +12,7 @@ import shutil
 
 import torch
 from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -25,6 +26,7 @@ PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "t
 # SD v1.5's scheduler/scheduler_config.json: the DDIM that sampler.py implements.
 DDIM_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                       beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+DELTA_FORMAT = "esd-delta/1"  # metadata "format" of our ESD delta files
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
 
 
@@ -200,6 +202,34 @@ def atomic_write(path, write):
             shutil.rmtree(tmp)
         elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_delta(path, delta, metadata):
+    """An ESD delta (trained UNet tensors, diffusers names) as .safetensors with string metadata, atomically."""
+    metadata = {"format": DELTA_FORMAT, **{k: str(v) for k, v in metadata.items()}}
+    atomic_write(path, lambda tmp: save_file(delta, tmp, metadata))
+
+
+def load_delta(path):
+    """(tensors, metadata) of a delta: ours, or official ESD weights with diffusers names (.safetensors, .pt)."""
+    tensors = _read(path)  # .pt: weights_only, no pickled code
+    if not path.endswith(".safetensors"):
+        return tensors, {}
+    with safe_open(path, framework="pt") as f:
+        return tensors, f.metadata() or {}
+
+
+@torch.no_grad()
+def apply_delta(unet, delta):
+    """Copy a delta's tensors into `unet`; LoadError, with nothing copied, if a name or shape does not fit."""
+    params = dict(unet.named_parameters())
+    bad = [k for k, v in delta.items() if k not in params or params[k].shape != v.shape]
+    if bad or not delta:
+        raise LoadError(f"the delta does not fit this UNet: {len(bad)} of {len(delta)} tensors have unknown "
+                        f"names or other shapes{', e.g. ' + bad[0] if bad else ''}")
+    for k, v in delta.items():
+        params[k].copy_(v)
+    return unet
 
 
 def save_diffusers(sd, folder):

@@ -17,7 +17,6 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-import esd
 import load_sd
 import sampler
 
@@ -69,15 +68,14 @@ def grid(rows):
 
 def apply_deltas(unet, paths):
     """Apply ESD delta files in order; the original values of every tensor they touch."""
-    originals = {}
+    originals, params = {}, dict(unet.named_parameters())
     for path in paths:
+        delta, _ = load_sd.load_delta(path)
+        originals.update({k: params[k].detach().clone() for k in delta if k in params and k not in originals})
         try:
-            delta, _ = esd.load_delta(path)
-            params = dict(unet.named_parameters())
-            originals.update({k: params[k].detach().clone() for k in delta if k in params and k not in originals})
-            esd.apply_delta(unet, delta)
-        except Exception as e:  # missing, truncated, pickled code, another architecture: all bad input
-            raise load_sd.LoadError(f"cannot apply delta {path}: {str(e).splitlines()[0]}") from None
+            load_sd.apply_delta(unet, delta)
+        except load_sd.LoadError as e:
+            raise load_sd.LoadError(f"cannot apply delta {path}: {e}") from None
     return originals
 
 
@@ -138,7 +136,7 @@ def main(argv=None):
         images = to_pil(generate(sd, prompts, **settings))
         params = {k: v for k, v in vars(args).items() if k not in ("output", "device")}
         if args.compare:  # the same prompts and noise through the original weights: the top row
-            esd.apply_delta(sd.unet, originals)
+            load_sd.apply_delta(sd.unet, originals)
             save_png(grid([to_pil(generate(sd, prompts, **settings)), images]), args.output, params)
             tqdm.write(f"wrote {args.output} (top: original, bottom: with {', '.join(args.delta)})")
             return 0

@@ -95,7 +95,7 @@ def save(cfg, trainer, optimizer, iteration):
     """The delta (only trained tensors) and, beside it, what --resume needs; both atomic."""
     meta = dict(concept=cfg.concept, method=cfg.method, negative_guidance=cfg.negative_guidance,
                 iterations=iteration, lr=cfg.lr, seed=cfg.seed, base_model=cfg.model, loss=cfg.loss)
-    esd.save_delta(cfg.output, esd.delta_state_dict(trainer.unet, cfg.method), meta)
+    load_sd.save_delta(cfg.output, esd.delta_state_dict(trainer.unet, cfg.method), meta)
     state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}
     load_sd.atomic_write(cfg.output + ".resume.pt", lambda tmp: torch.save(state, tmp))
 
@@ -104,7 +104,7 @@ def resume(cfg, trainer, optimizer):
     """The iteration to continue from, after restoring the trained tensors and Adam's state."""
     try:
         state = torch.load(cfg.output + ".resume.pt", weights_only=True)
-        delta, _ = esd.load_delta(cfg.output)
+        delta, _ = load_sd.load_delta(cfg.output)
     except (OSError, RuntimeError) as e:
         raise load_sd.LoadError(f"cannot resume from {cfg.output}: {str(e).splitlines()[0]}") from None
     same = ("model", "concept", "method", "loss", "negative_guidance", "erase_from", "seed", "ddim_steps", "resolution")
@@ -112,9 +112,9 @@ def resume(cfg, trainer, optimizer):
     if changed:
         raise load_sd.LoadError(f"--resume with other settings than the checkpoint: {', '.join(changed)}")
     try:
-        esd.apply_delta(trainer.unet, delta)
+        load_sd.apply_delta(trainer.unet, delta)
         optimizer.load_state_dict(state["optimizer"])
-    except ValueError as e:
+    except (load_sd.LoadError, ValueError) as e:  # a delta of other tensors, an optimizer of other shapes
         raise load_sd.LoadError(f"cannot resume from {cfg.output}: {e}") from None
     return state["iteration"]
 

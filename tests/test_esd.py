@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 import esd
+import load_sd
 import sampler
 import tiny
 import unet as unet_lib
@@ -173,17 +174,17 @@ def test_delta_round_trip_into_ours_and_diffusers(tmp_path):
     meta = dict(concept="car", method="esd-x", negative_guidance=1.0, iterations=2, lr=1e-2, seed=0,
                 base_model="tiny")
     path = str(tmp_path / "esd-car.safetensors")
-    esd.save_delta(path, delta, meta)
+    load_sd.save_delta(path, delta, meta)
     assert os.listdir(tmp_path) == ["esd-car.safetensors"]  # the temporary file was renamed away
-    tensors, metadata = esd.load_delta(path)
-    assert metadata == {"format": esd.DELTA_FORMAT, **{k: str(v) for k, v in meta.items()}}
+    tensors, metadata = load_sd.load_delta(path)
+    assert metadata == {"format": load_sd.DELTA_FORMAT, **{k: str(v) for k, v in meta.items()}}
     assert tensors.keys() == delta.keys() and all(torch.equal(tensors[k], delta[k]) for k in delta)
     assert all("attn2" in k for k in tensors)
 
     x, t, (context,) = noise(5, batch=2), 401, contexts(1, batch=2)
     with torch.no_grad():
         expected = trained(x, t, context)
-        ours = esd.apply_delta(copy.deepcopy(base), tensors)
+        ours = load_sd.apply_delta(copy.deepcopy(base), tensors)
         torch.testing.assert_close(ours(x, t, context), expected, rtol=0, atol=0)
         theirs = UNet2DConditionModel(**tiny.UNET_V1).eval()
         theirs.load_state_dict(base.state_dict(), strict=True)
@@ -201,8 +202,8 @@ def test_delta_with_wrong_keys_or_shapes_is_rejected():
     other = esd.delta_state_dict(tiny_unet(tiny.UNET_V2), "esd-x")  # 128-wide context: other to_k/to_v shapes
     wrong_key = {"down_blocks.0.attentions.0.transformer_blocks.0.attn3.to_k.weight": torch.zeros(64, 64)}
     for bad in (other, wrong_key, {}):
-        with pytest.raises(ValueError, match="does not fit") as e:
-            esd.apply_delta(model, bad)
+        with pytest.raises(load_sd.LoadError, match="does not fit") as e:
+            load_sd.apply_delta(model, bad)
         assert "\n" not in str(e.value)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing half-applied
 

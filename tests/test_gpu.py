@@ -3,7 +3,6 @@ autocast keeps its trained weights and Adam state in fp32 and changes only the s
 import pytest
 import torch
 
-import esd
 import load_sd
 import sample
 import tiny
@@ -40,5 +39,5 @@ def test_bf16_autocast_training_keeps_fp32_weights(model, tmp_path):
     after = sd.unet.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed == {k for k in after if "attn2" in k}
-    delta, _ = esd.load_delta(cfg.output)
+    delta, _ = load_sd.load_delta(cfg.output)
     assert all(t.dtype == torch.float32 for t in delta.values())

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-import esd
 import evaluate
 import load_sd
 import toy
@@ -135,7 +134,7 @@ def test_evaluate_measures_and_restores_the_unet(sd, tmp_path):
 
 def test_evaluate_cli(tmp_path, capsys):
     delta = tmp_path / "d.safetensors"
-    esd.save_delta(str(delta), {k: v.detach() for k, v in load_sd.load("toy").unet.named_parameters() if "attn2" in k}, {})
+    load_sd.save_delta(str(delta), {k: v.detach() for k, v in load_sd.load("toy").unet.named_parameters() if "attn2" in k}, {})
     assert evaluate.main(["--delta", str(delta), "--seeds", "1", "--steps", "2", "--output", str(tmp_path / "e")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["edited/base"] and (tmp_path / "e.png").exists()
     assert evaluate.main(["--concept", "hexagon", "--output", str(tmp_path / "x")]) == 2

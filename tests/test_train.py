@@ -36,7 +36,7 @@ def test_cli_end_to_end_changes_only_cross_attention(model, tmp_path):
                         "--output", out, *FAST], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, r.stderr
-    delta, meta = esd.load_delta(str(out))
+    delta, meta = load_sd.load_delta(str(out))
     base = load_sd.load(model).unet.state_dict()
     assert set(delta) == {k for k in base if "attn2" in k}
     assert all(not torch.equal(delta[k], base[k]) for k in delta), "every trained tensor moved"
@@ -47,7 +47,7 @@ def test_exports_load_back_everywhere(model, tmp_path):
     out, full, folder = tmp_path / "d.safetensors", tmp_path / "full.safetensors", tmp_path / "diffusers"
     assert run_train(model, out, "--iterations", 2, "--export-full", full, "--export-diffusers", folder) == 0
     edited = load_sd.load(model)
-    esd.apply_delta(edited.unet, esd.load_delta(str(out))[0])
+    load_sd.apply_delta(edited.unet, load_sd.load_delta(str(out))[0])
     x, context = torch.randn(1, 4, 8, 8), edited.encode_prompts(["car"])
     with torch.no_grad():
         want = edited.unet(x, 500, context)
@@ -71,9 +71,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(model, tmp_path, mo
     assert run_train(model, parts, "--iterations", 5, "--save-every", 2) == 130
     assert "--resume" in capsys.readouterr().err.splitlines()[-1]
     monkeypatch.undo()
-    assert esd.load_delta(str(parts))[1]["iterations"] == "2"  # the last checkpoint
+    assert load_sd.load_delta(str(parts))[1]["iterations"] == "2"  # the last checkpoint
     assert run_train(model, parts, "--iterations", 5, "--resume") == 0
-    a, b = esd.load_delta(str(whole))[0], esd.load_delta(str(parts))[0]
+    a, b = load_sd.load_delta(str(whole))[0], load_sd.load_delta(str(parts))[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert run_train(model, parts, "--iterations", 6, "--resume", "--seed", 1) == 2  # other settings: refused
 
@@ -84,7 +84,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(model, tmp_path, capsys):
     assert run_train(model, out, "--iterations", 5, "--save-every", 1, "--lr", 1e30) == 1
     err = capsys.readouterr().err.strip()  # the progress bar's lines, then one error line
     assert err.splitlines()[-1].startswith("error: loss is nan") and "Traceback" not in err, err
-    delta, meta = esd.load_delta(str(out))
+    delta, meta = load_sd.load_delta(str(out))
     assert int(meta["iterations"]) >= 1 and all(torch.isfinite(t).all() for t in delta.values())
 
 
@@ -102,7 +102,7 @@ def test_bad_input_is_one_line_exit_2(model, tmp_path, capsys):
 
 def test_delta_for_another_architecture_is_refused(model, tmp_path, capsys):
     other = tmp_path / "other.safetensors"
-    esd.save_delta(str(other), {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight":
+    load_sd.save_delta(str(other), {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight":
                                 torch.zeros(320, 768)}, {"concept": "car"})
     code = sample.main(["--model", model, "--prompt", "car", "--delta", str(other), "--steps", "1",
                         "--height", "16", "--width", "16", "--output", str(tmp_path / "x.png"), "--device", "cpu"])
@@ -116,7 +116,7 @@ def test_official_style_pt_delta_applies(model, tmp_path):
     unet = load_sd.load(model).unet
     full = {k: v + 1 for k, v in unet.state_dict().items()}
     torch.save(full, tmp_path / "official.pt")
-    esd.apply_delta(unet, esd.load_delta(str(tmp_path / "official.pt"))[0])
+    load_sd.apply_delta(unet, load_sd.load_delta(str(tmp_path / "official.pt"))[0])
     assert all(torch.equal(unet.state_dict()[k], full[k]) for k in full)
     torch.save({"x": torch.nn.Linear(1, 1)}, tmp_path / "pickled.pt")  # a module: pickled code
     code = sample.main(["--model", model, "--prompt", "car", "--delta", str(tmp_path / "pickled.pt"), "--steps", "1",
