@@ -40,6 +40,7 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     trajectory_pool: int = opt(0, "reuse N sampled x_t trajectories instead of sampling every iteration (0: off)")
     pool_refresh: int = opt(0, "re-sample the pool every R iterations (0: never; use with --xt-from trained)")
     iterations: int = opt(1000, "optimizer steps")
+    batch_size: int = opt(1, "x_t per step, all at one t_enc (the paper: 1; more: a steadier gradient)")
     lr: float = opt(1e-5, "Adam learning rate")
     seed: int = opt(0, "seeds the concept, t_enc and noise of every iteration")
     ddim_steps: int = opt(esd.DDIM_STEPS, "DDIM steps of the x_t trajectories")
@@ -78,7 +79,8 @@ def check(cfg):
     concepts = [c.strip() for c in (cfg.concept or "").split(",") if c.strip()]
     problems = [
         (not concepts, "--concept is required, e.g. --concept \"car\""),
-        (cfg.iterations < 1 or cfg.lr <= 0 or not 1 <= cfg.ddim_steps < 1000, "--iterations, --lr, --ddim-steps out of range"),
+        (min(cfg.iterations, cfg.batch_size) < 1 or cfg.lr <= 0 or not 1 <= cfg.ddim_steps < 1000,
+         "--iterations, --batch-size, --lr, --ddim-steps out of range"),
         (cfg.resolution % 8 or cfg.resolution <= 0, "--resolution must be a positive multiple of 8"),
         (not abs(cfg.negative_guidance) < float("inf"), "--negative-guidance must be a finite number"),
         ((cfg.loss == "anchor") != (cfg.erase_from is not None), "--loss anchor and --erase-from go together"),
@@ -107,7 +109,8 @@ def resume(cfg, trainer, optimizer):
         delta, _ = load_sd.load_delta(cfg.output)
     except (OSError, RuntimeError) as e:
         raise load_sd.LoadError(f"cannot resume from {cfg.output}: {str(e).splitlines()[0]}") from None
-    same = ("model", "concept", "method", "loss", "negative_guidance", "erase_from", "seed", "ddim_steps", "resolution")
+    same = ("model", "concept", "method", "loss", "negative_guidance", "erase_from", "seed", "ddim_steps", "resolution",
+            "batch_size")
     changed = [k for k in same if state["config"][k] != getattr(cfg, k)]
     if changed:
         raise load_sd.LoadError(f"--resume with other settings than the checkpoint: {', '.join(changed)}")
@@ -132,10 +135,11 @@ def train(cfg, sd, concepts):
     anchor = sd.encode_prompts([cfg.erase_from]) if cfg.erase_from else None
     shape = sd.latent_shape(cfg.resolution, cfg.resolution)
     start = resume(cfg, trainer, optimizer) if cfg.resume else 0
+    batch = lambda context: context.expand(cfg.batch_size, -1, -1)  # [1, 77, D] -> [batch_size, 77, D]
 
     def draw(it, stream="iteration"):  # (concept index, t_enc, x_T) of iteration `it` (or pool entry)
         rng = random.Random(f"{cfg.seed}/{stream}/{it}")
-        noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(rng.getrandbits(62)))
+        noise = torch.randn((cfg.batch_size, *shape), generator=torch.Generator().manual_seed(rng.getrandbits(62)))
         return rng.randrange(len(concepts)), rng.randrange(cfg.ddim_steps), noise.to(cfg.device)
 
     pool = []  # (concept index, trajectory [steps, 1, 4, h, w]) when --trajectory-pool N
@@ -144,23 +148,24 @@ def train(cfg, sd, concepts):
         if cfg.trajectory_pool and (not pool or cfg.pool_refresh and it % cfg.pool_refresh == 0):
             refresh = it // cfg.pool_refresh if cfg.pool_refresh else 0
             draws = [draw(i, f"pool{refresh}") for i in range(cfg.trajectory_pool)]
-            pool = [(c, trainer.trajectory(x_T, anchor if anchor is not None else conds[c], uncond, cfg.xt_from))
+            pool = [(c, trainer.trajectory(x_T[:1], anchor if anchor is not None else conds[c], uncond, cfg.xt_from))
                     for c, _, x_T in draws]
         c, t_enc, x_T = draw(it)
-        prompt = anchor if anchor is not None else conds[c]  # x_t shows the anchor's images when erasing from it
-        if pool:
-            c, trajectory = pool[it % len(pool)]
-            x_t = trajectory[t_enc]
-        else:
-            x_t = trainer.x_t(x_T, prompt, uncond, t_enc, cfg.xt_from)
-        loss = trainer.loss(x_t, t_enc, conds[c], uncond, anchor)
+        cs = [c] * cfg.batch_size
+        if pool:  # batch_size consecutive pool entries, each with its own concept
+            cs, trajectories = zip(*(pool[(it * cfg.batch_size + j) % len(pool)] for j in range(cfg.batch_size)))
+            x_t = torch.cat([trajectory[t_enc] for trajectory in trajectories])
+        else:  # x_t shows the anchor's images when erasing from it
+            x_t = trainer.x_t(x_T, batch(anchor if anchor is not None else conds[c]), batch(uncond), t_enc, cfg.xt_from)
+        loss = trainer.loss(x_t, t_enc, torch.cat([conds[c] for c in cs]), batch(uncond),
+                            None if anchor is None else batch(anchor))
         if not torch.isfinite(loss):
             kept = f"the last checkpoint ({cfg.output}) is kept" if os.path.exists(cfg.output) else "nothing saved"
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; {kept}. Try a lower --lr.")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}", concept=concepts[c])
+        bar.set_postfix(loss=f"{loss.item():.4f}", concept=concepts[cs[0]])
         if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
             save(cfg, trainer, optimizer, it + 1)
     save(cfg, trainer, optimizer, cfg.iterations)
