@@ -13,9 +13,9 @@ pytestmark = pytest.mark.slow
 CASES = {
     "esd-x": ([], {"circle_alone": (0.10, "max"), "circle_in_context": (0.55, "max"),  # measured 0, 0.39
                    "other_shapes": (0.95, "min"), "colors": (0.95, "min")}),  # 0.99, 1
-    "esd-u": (["--method", "esd-u", "--lr", "1e-4", "--negative-guidance", "2"],
-              {"circle_alone": (0.60, "max"), "circle_in_context": (0.25, "max"),  # 0.43, 0.16
-               "other_shapes": (0.78, "min"), "colors": (0.95, "min")}),  # 0.84, 1
+    "esd-u": (["--method", "esd-u", "--lr", "2e-4", "--negative-guidance", "2", "--batch-size", "8"],
+              {"circle_alone": (0.50, "max"), "circle_in_context": (0.45, "max"),  # 0.29, 0.32 (seeds 0 and 1)
+               "other_shapes": (0.85, "min"), "colors": (0.95, "min")}),  # 0.91 and 0.89, 1
 }
 
 
