@@ -90,7 +90,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(model, tmp_path, capsys):
 
 def test_bad_input_is_one_line_exit_2(model, tmp_path, capsys):
     cases = [["--concept", " , "], ["--output", tmp_path / "missing" / "d.safetensors"],
-             ["--loss", "anchor"], ["--resolution", "12"], ["--model", tmp_path / "none.safetensors"]]
+             ["--loss", "anchor"], ["--resolution", "12"], ["--batch-size", "0"], ["--model", tmp_path / "none.safetensors"]]
     for case in cases:
         assert train.main(["--model", model, "--concept", "car", *FAST, *map(str, case)]) == 2, case
         err = capsys.readouterr().err.strip()
