@@ -26,6 +26,7 @@ PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "t
 # SD v1.5's scheduler/scheduler_config.json: the DDIM that sampler.py implements.
 DDIM_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                       beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # CLI names
 DELTA_FORMAT = "esd-delta/1"  # metadata "format" of our ESD delta files
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
 

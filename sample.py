@@ -20,7 +20,6 @@ from tqdm import tqdm
 import load_sd
 import sampler
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SD_SIZE, TOY_SIZE = 512, 32  # default image sides: SD v1's training resolution; the toy model's (toy.py)
 
 
@@ -100,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--output", default="sample.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=load_sd.DTYPES)
     p.add_argument("--delta", action="append", default=[], help="ESD delta file to apply (repeatable)")
     p.add_argument("--compare", action="store_true",
                    help="write one grid: original model's images (top row) above the edited model's (bottom)")
@@ -127,7 +126,7 @@ def main(argv=None):
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise load_sd.LoadError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
-        sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=DTYPES[args.dtype])
+        sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=load_sd.DTYPES[args.dtype])
         check_args(args, sd.vae.scale_factor)
         originals = apply_deltas(sd.unet, args.delta)
         prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]

@@ -19,8 +19,6 @@ from tqdm import tqdm
 import esd
 import load_sd
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def opt(default, help, **argparse_kw):
     return dataclasses.field(default=default, metadata=dict(help=help, **argparse_kw))
@@ -47,7 +45,7 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     resolution: int = opt(512, "image side in pixels (latents are resolution / 8)")
     start_guidance: float = opt(esd.START_GUIDANCE, "CFG scale while sampling x_t")
     device: str = opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
-    dtype: str = opt("float32", "autocast compute dtype; trained weights stay float32", choices=list(DTYPES))
+    dtype: str = opt("float32", "autocast compute dtype; trained weights stay float32", choices=list(load_sd.DTYPES))
     output: str = opt(None, "delta file (default: <method>-<concept>.safetensors, e.g. esd-x-car.safetensors)")
     save_every: int = opt(0, "also checkpoint every N iterations (0: only at the end)")
     resume: bool = opt(False, "continue from --output and its .resume.pt checkpoint", action="store_true")
@@ -127,7 +125,7 @@ def train(cfg, sd, concepts):
     resumed run repeats exactly what an uninterrupted one does."""
     trainer = esd.ESD(sd.unet, cfg.method, negative_guidance=cfg.negative_guidance, target=cfg.loss,
                       steps=cfg.ddim_steps, guidance=cfg.start_guidance, prediction=sd.prediction_type,
-                      dtype=DTYPES[cfg.dtype])
+                      dtype=load_sd.DTYPES[cfg.dtype])
     tqdm.write(f"{cfg.method}: training {len(trainer.params)} tensors, "
                f"{sum(p.numel() for p in trainer.params.values()):,} parameters")
     optimizer = torch.optim.Adam(trainer.params.values(), lr=cfg.lr)

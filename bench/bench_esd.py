@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from diffusers import UNet2DConditionModel  # noqa: E402  (test/benchmark-only oracle)
 
 import esd  # noqa: E402
+import load_sd  # noqa: E402
 import sampler  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 
@@ -35,7 +36,6 @@ CONFIG = dict(block_out_channels=[64, 128, 256, 256], cross_attention_dim=160, a
               layers_per_block=2)
 FULL = dict(CONFIG, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768)  # SD v1 itself (--full)
 RUN_LENGTH = 200  # esd_sd.py's default --iterations: the run a pool's one-off sampling is spread over
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TwoCopies:
@@ -75,7 +75,7 @@ def nbytes(tensors):
 
 def run(variant, method, initial, plan, args):
     """Train `plan` iterations; returns (seconds per iteration, pool seconds, held bytes, cuda peak, losses)."""
-    device, dtype = args.device, DTYPES[args.dtype]
+    device, dtype = args.device, load_sd.DTYPES[args.dtype]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     clock = time.perf_counter if device == "cuda" else time.process_time  # see the module docstring
     if device == "cuda":
@@ -126,7 +126,7 @@ def run(variant, method, initial, plan, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast compute dtype (weights stay fp32)")
+    p.add_argument("--dtype", default="float32", choices=load_sd.DTYPES, help="autocast compute dtype (weights stay fp32)")
     p.add_argument("--iters", type=int, default=6, help="training iterations per run")
     p.add_argument("--pool", type=int, default=2, help="trajectories in the pool")
     p.add_argument("--steps", type=int, default=esd.DDIM_STEPS, help="DDIM steps of the x_t trajectories")
