@@ -135,9 +135,9 @@ def train(cfg, sd, concepts):
     start = resume(cfg, trainer, optimizer) if cfg.resume else 0
     batch = lambda context: context.expand(cfg.batch_size, -1, -1)  # [1, 77, D] -> [batch_size, 77, D]
 
-    def draw(it, stream="iteration"):  # (concept index, t_enc, x_T) of iteration `it` (or pool entry)
-        rng = random.Random(f"{cfg.seed}/{stream}/{it}")
-        noise = torch.randn((cfg.batch_size, *shape), generator=torch.Generator().manual_seed(rng.getrandbits(62)))
+    def draw(it, stream="iteration", n=cfg.batch_size):  # (concept index, t_enc, x_T [n]) of iteration or pool entry `it`
+        rng = random.Random(f"{cfg.seed}/{stream}/{it}")  # x_T[:1] is the same for every n
+        noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(rng.getrandbits(62)))
         return rng.randrange(len(concepts)), rng.randrange(cfg.ddim_steps), noise.to(cfg.device)
 
     pool = []  # (concept index, trajectory [steps, 1, 4, h, w]) when --trajectory-pool N
@@ -145,8 +145,8 @@ def train(cfg, sd, concepts):
     for it in bar:
         if cfg.trajectory_pool and (not pool or cfg.pool_refresh and it % cfg.pool_refresh == 0):
             refresh = it // cfg.pool_refresh if cfg.pool_refresh else 0
-            draws = [draw(i, f"pool{refresh}") for i in range(cfg.trajectory_pool)]
-            pool = [(c, trainer.trajectory(x_T[:1], anchor if anchor is not None else conds[c], uncond, cfg.xt_from))
+            draws = [draw(i, f"pool{refresh}", n=1) for i in range(cfg.trajectory_pool)]
+            pool = [(c, trainer.trajectory(x_T, anchor if anchor is not None else conds[c], uncond, cfg.xt_from))
                     for c, _, x_T in draws]
         c, t_enc, x_T = draw(it)
         cs = [c] * cfg.batch_size
