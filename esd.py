@@ -6,6 +6,8 @@ https://github.com/rohitgandikota/erasing/blob/2704f9a28217cedeb7d2f516b9acfc707
 https://github.com/rohitgandikota/erasing/blob/ce8d4d925b25f2566fb59458e056af34cd5534d3/esd_sd.py
 Memory-lean: ONE UNet; frozen θ = that UNet with kept originals of the trained tensors swapped in.
 """
+import random
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -13,7 +15,7 @@ from torch.func import functional_call
 import sampler
 
 DDIM_STEPS = 50  # x_t trajectory length (train-esd.py --ddim_steps, esd_sd.py --num_inference_steps)
-START_GUIDANCE = 3.0  # CFG scale sampling x_t (train-esd.py --start_guidance, esd_sd.py --guidance_scale)
+GUIDANCE = 3.0  # CFG scale sampling x_t (train-esd.py --start_guidance, esd_sd.py --guidance_scale)
 # Which weights sample x_t (value: use the frozen originals?). "trained": the paper and train-esd.py,
 # x_t follows the model as it forgets; "frozen": esd_sd.py, x_t never changes (trajectory pools).
 XT_FROM = {"trained": False, "frozen": True}
@@ -38,18 +40,15 @@ def select(unet, method):
     return {name: p for name, p in unet.named_parameters() if FILTERS[method](name)}
 
 
-# Targets from frozen predictions e_0 = ε_θ(x_t, t), e_c = ε_θ(x_t, c, t), e_a = ε_θ(x_t, a, t); eta = η.
-def esd_target(e_0, e_c, eta, e_a=None):
-    """Paper, train-esd.py. esd_sd.py writes e_c − η'(e_c − e_0), η' = η + 1: the same target."""
-    return e_0 - eta * (e_c - e_0)  # eq. 7: ε_θ(x_t, t) − η[ε_θ(x_t, c, t) − ε_θ(x_t, t)]
+def esd_target(e_0, e_c, negative_guidance, e_a=None):
+    """Paper eq. 7 and train-esd.py, from frozen predictions e_0 = ε_θ(x_t, t), e_c = ε_θ(x_t, c, t). With an
+    anchor a (esd_sd.py --erase_from) the base is e_a = ε_θ(x_t, a, t) instead of e_0: c is erased from a's
+    images. esd_sd.py writes e_c − η'(e_c − e_0) with η' = η + 1: the same target."""
+    base = e_0 if e_a is None else e_a
+    return base - negative_guidance * (e_c - e_0)  # ε_θ(x_t, t) − η[ε_θ(x_t, c, t) − ε_θ(x_t, t)]
 
 
-def anchor_target(e_0, e_c, eta, e_a):
-    """esd_sd.py --erase_from a: start from a's prediction (esd_sd.py puts its η' = 2 here)."""
-    return e_a - eta * (e_c - e_0)  # eq. 7 with ε_θ(x_t, a, t) in place of ε_θ(x_t, t)
-
-
-TARGETS = {"esd": esd_target, "anchor": anchor_target}
+TARGETS = {"esd": esd_target}  # train.py --target NAME; add variants here (README, "Your own target")
 
 
 class ESD:
@@ -58,13 +57,14 @@ class ESD:
     round away). dtype bf16/fp16 only turns on autocast for the forward passes."""
 
     def __init__(self, unet, method="esd-x", *, negative_guidance=1.0, target="esd", steps=DDIM_STEPS,
-                 guidance=START_GUIDANCE, prediction="epsilon", dtype=torch.float32):
+                 guidance=GUIDANCE, prediction="epsilon", dtype=torch.float32):
         if target not in TARGETS:
             raise ValueError(f"unknown ESD target {target!r}; choose one of: {', '.join(TARGETS)}")
         self.unet = unet.eval().requires_grad_(False)
         self.params = {name: p.requires_grad_(True) for name, p in select(unet, method).items()}
         self.originals = {name: p.detach().clone() for name, p in self.params.items()}
-        self.eta, self.target, self.steps, self.guidance, self.prediction = negative_guidance, target, steps, guidance, prediction
+        self.negative_guidance, self.target = negative_guidance, TARGETS[target]
+        self.steps, self.guidance, self.prediction = steps, guidance, prediction
         self.timesteps = sampler.ddim_timesteps(steps)
         device = next(iter(self.params.values())).device  # move the UNet before, not after, this
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -76,47 +76,71 @@ class ESD:
         return self.unet(x, t, context)
 
     @torch.no_grad()
-    def x_t(self, x_T, cond, uncond, t_enc, xt_from="trained"):
-        """x after t_enc guided DDIM steps from noise x_T: it sits at timestep self.timesteps[t_enc]."""
+    def sample(self, x_T, cond, uncond, until, xt_from="trained", trajectory=False):
+        """x after `until` guided DDIM steps from noise x_T: it sits at timestep self.timesteps[until].
+        trajectory=True: every step's x up to there, [until + 1, B, 4, h, w]."""
+        frozen = XT_FROM[xt_from]
         with self.autocast:
-            return sampler.sample(lambda x, t, c: self.eps(x, t, c, XT_FROM[xt_from]), x_T, cond, uncond,
-                                  steps=self.steps, guidance=self.guidance, prediction=self.prediction,
-                                  until=t_enc)
-
-    @torch.no_grad()
-    def trajectory(self, x_T, cond, uncond, xt_from="frozen"):
-        """[steps, B, 4, h, w]: x at every DDIM step, trajectory[t_enc] == x_t(x_T, ..., t_enc). A pool of
-        these from the frozen model gives every later x_t for free (DESIGN.md "Where x_t costs most");
-        rebuilt from the trained model every R iterations, it nears on-policy x_t."""
-        xs = []
-
-        def recording(x, t, context):  # the sampler calls the model once per step, on [x; x] under CFG
-            xs.append(x[:len(x_T)])
-            return self.eps(x, t, context, XT_FROM[xt_from])
-        with self.autocast:
-            sampler.sample(recording, x_T, cond, uncond, steps=self.steps, guidance=self.guidance,
-                           prediction=self.prediction)
-        return torch.stack(xs)
+            return sampler.sample(lambda x, t, c: self.eps(x, t, c, frozen), x_T, cond, uncond, steps=self.steps,
+                                  guidance=self.guidance, prediction=self.prediction, until=until,
+                                  trajectory=trajectory)
 
     def loss(self, x_t, t_enc, cond, uncond, anchor=None):
-        """MSE between the trained ε_θ*(x_t, c, t) and the target from the frozen θ. With an anchor a
-        (target "anchor", esd_sd.py --erase_from) x_t should come from a's prompt, and the trained
-        model is asked on a's prompt: c is erased from a's images."""
-        if (anchor is not None) != (self.target == "anchor"):
-            raise ValueError("an anchor prompt is used by, and needed for, the 'anchor' target only")
+        """MSE between the trained ε_θ*(x_t, c, t) and the target from the frozen θ; x_t [B, 4, h, w], cond
+        [B, 77, D], uncond and anchor [1, 77, D]. With an anchor a the trained model is asked on a's prompt
+        (x_t should show a's images): c is erased from them."""
         # The timestep x_t sits at. train-esd.py instead draws a DDPM t from [t_enc, t_enc + 1) * 1000/steps,
         # but its sampler stops where x is 2-3 DDIM steps less noisy than that t says.
         t = int(self.timesteps[t_enc])
-        contexts = [uncond, cond] + ([anchor] if anchor is not None else [])
+        contexts = [c.expand(len(x_t), -1, -1) for c in [uncond, cond] + ([anchor] if anchor is not None else [])]
         with torch.no_grad(), self.autocast:  # frozen θ, ONE batch: [e_0; e_c] (+ e_a)
             e = self.eps(torch.cat([x_t] * len(contexts)), t, torch.cat(contexts), frozen=True).float()
         e_0, e_c, *e_a = e.chunk(len(contexts))
-        target = TARGETS[self.target](e_0, e_c, self.eta, *e_a)
+        target = self.target(e_0, e_c, self.negative_guidance, *e_a)
         with self.autocast:
-            e_n = self.eps(x_t, t, cond if anchor is None else anchor)  # trained θ*, with grad
+            e_n = self.eps(x_t, t, contexts[-1] if anchor is not None else contexts[1])  # trained θ*, with grad
         return F.mse_loss(e_n.float(), target)
 
+    def delta(self):
+        """{name: tensor} of the trained tensors, detached, on the CPU: a delta file's content."""
+        return {name: p.detach().cpu().contiguous() for name, p in self.params.items()}
 
-def delta_state_dict(unet, method):
-    """{name: tensor} of `method`'s tensors of `unet`, detached, on the CPU: a delta file's content."""
-    return {name: p.detach().cpu().contiguous() for name, p in select(unet, method).items()}
+
+class XtSource:
+    """Where each iteration's x_t comes from: draw(it) -> (concept index per row, t_enc, x_t [B, 4, h, w]).
+    Each iteration's concept, t_enc and noise depend on (seed, it) alone, so a resumed run repeats an
+    uninterrupted one. prompts: a [1, 77, D] context per concept to sample x_t with (with an anchor: its).
+    pool=0, the paper: every iteration samples B fresh x_t, t_enc guided DDIM steps from noise.
+    pool=N: N trajectories (every step's x, DESIGN.md "Where x_t costs most") sampled at once and rebuilt
+    every `refresh` iterations (0: never); iteration it reads entries it*B .. it*B+B-1 (mod N) at its t_enc."""
+
+    def __init__(self, trainer, prompts, uncond, latent_shape, *, seed=0, batch_size=1, pool=0, refresh=0,
+                 xt_from="trained"):
+        self.trainer, self.prompts, self.uncond, self.shape = trainer, prompts, uncond, latent_shape
+        self.seed, self.batch_size, self.pool, self.refresh, self.xt_from = seed, batch_size, pool, refresh, xt_from
+        self.trajectories, self.built = [], None  # (concept, trajectory [steps, 1, 4, h, w]) per entry
+
+    def _draw(self, stream, i):
+        """(concept index, t_enc, noise seed) number i of a stream: e.g. iteration it, or pool entry i."""
+        rng = random.Random(f"{self.seed}/{stream}/{i}")
+        noise_seed = rng.getrandbits(62)
+        return rng.randrange(len(self.prompts)), rng.randrange(self.trainer.steps), noise_seed
+
+    def _sample(self, concept, noise_seed, n, until, trajectory=False):
+        """x_t (or the trajectory) of n noises from one seed (noise[:1] is the same for every n), concept's prompt."""
+        x_T = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(noise_seed)).to(self.uncond.device)
+        return self.trainer.sample(x_T, self.prompts[concept].expand(n, -1, -1), self.uncond.expand(n, -1, -1),
+                                   until, self.xt_from, trajectory)
+
+    def draw(self, it):
+        concept, t_enc, noise_seed = self._draw("iteration", it)
+        if not self.pool:
+            return [concept] * self.batch_size, t_enc, self._sample(concept, noise_seed, self.batch_size, t_enc)
+        generation = it // self.refresh if self.refresh else 0
+        if generation != self.built:  # (re)build; a trajectory ends at the last t_enc it serves
+            entries = [self._draw(f"pool{generation}", i) for i in range(self.pool)]
+            self.trajectories = [(c, self._sample(c, seed, 1, self.trainer.steps - 1, trajectory=True))
+                                 for c, _, seed in entries]
+            self.built = generation
+        rows = [self.trajectories[(it * self.batch_size + j) % self.pool] for j in range(self.batch_size)]
+        return [c for c, _ in rows], t_enc, torch.cat([trajectory[t_enc] for _, trajectory in rows])

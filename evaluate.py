@@ -13,15 +13,14 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
+import delta
 import load_sd
+import sample
+import sampler
 import toy
 
-TILE = 96  # grid cell side in pixels (toy images are scaled up, nearest neighbour)
 CLIP_MODEL = "openai/clip-vit-large-patch14"  # zero-shot judge for real models, used only if cached locally
-SAMPLING = {"toy": dict(steps=toy.DDIM_STEPS, guidance=toy.GUIDANCE, size=toy.IMAGE_SIZE),
-            "real": dict(steps=50, guidance=7.5, size=512)}  # SD v1's usual DDIM sampling
 
 
 def toy_prompts(concept):
@@ -46,11 +45,6 @@ def toy_scores(shape_pred, color_pred, entries, concept):
             "other_shapes": share("other"), "colors": (color_pred == color)[color >= 0].float().mean().item()}
 
 
-def to_pil(x):
-    """One image [3,H,W] in [-1,1] -> PIL."""
-    return Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy())
-
-
 def clip_scores(images, labels, name=CLIP_MODEL):
     """Share of images whose best CLIP label is labels[0], and its mean probability; None without a local CLIP."""
     from transformers import CLIPModel, CLIPProcessor
@@ -59,35 +53,30 @@ def clip_scores(images, labels, name=CLIP_MODEL):
     except (OSError, ValueError) as e:
         print(f"CLIP zero-shot scores skipped: no local CLIP model {name} ({str(e).splitlines()[0]})", file=sys.stderr)
         return None
-    inputs = proc(text=labels, images=[to_pil(x) for x in images], return_tensors="pt", padding=True)
+    inputs = proc(text=labels, images=sample.to_pil(images), return_tensors="pt", padding=True)
     probs = model(**inputs).logits_per_image.softmax(-1)  # no grad: evaluate() runs under torch.no_grad
     return {"concept_top1": (probs.argmax(-1) == 0).float().mean().item(), "concept_prob": probs[:, 0].mean().item()}
 
 
 @torch.no_grad()
-def evaluate(sd, delta=None, concept="circle", *, prompts=None, seeds=range(8), steps=None, guidance=None,
+def evaluate(sd, edit=None, concept="circle", *, prompts=None, seeds=range(8), steps=None, guidance=None,
              classifier=None, labels=None, grid=None):
-    """{"base": scores, "edited": scores with `delta` (a file or {name: tensor}) applied, "edited/base"}: toy scores
-    if `prompts` is None, else CLIP's for `prompts` over `labels` (labels[0]: the concept). grid: a PNG path."""
-    is_toy, seeds, sampling = prompts is None, list(seeds), SAMPLING["toy" if prompts is None else "real"]
-    delta = load_sd.load_delta(delta)[0] if isinstance(delta, str) else delta
+    """{"base": scores, "edited": scores with delta `edit` (a file or {name: tensor}) applied, "edited/base"}: toy
+    scores if `prompts` is None, else CLIP's for `prompts` over `labels` (labels[0]: the concept). grid: a PNG path."""
+    is_toy, seeds = prompts is None, list(seeds)
+    sampling = dict(toy.SAMPLING) if is_toy else dict(steps=sample.DDIM_STEPS, guidance=sample.GUIDANCE,
+                                                     height=sd.image_size, width=sd.image_size)
+    sampling.update({k: v for k, v in dict(steps=steps, guidance=guidance).items() if v is not None})
     entries = toy_prompts(concept) if is_toy else [(p, "prompt", None, None) for p in prompts]
-    steps, guidance = steps or sampling["steps"], guidance or sampling["guidance"]
-    result = {"concept": concept, "prompts": [e[0] for e in entries], "seeds": seeds, "steps": steps, "guidance": guidance}
-    params, images = dict(sd.unet.named_parameters()), {}
-    originals = {k: params[k].detach().clone() for k in delta or {} if k in params}
-    try:
-        for run in ("base", "edited") if delta else ("base",):
-            if run == "edited":
-                load_sd.apply_delta(sd.unet, delta)
-            images[run] = torch.cat([toy.generate(sd, result["prompts"], [s], steps=steps, guidance=guidance,
-                                                  size=sampling["size"]) for s in seeds])  # a seed at a time: less memory
-            result[run] = (toy_scores(*toy.classify(images[run], classifier), entries, concept) if is_toy
-                           else clip_scores(images[run], labels or [concept, "a photo"]))
-    finally:  # put the base weights back
-        if originals:
-            load_sd.apply_delta(sd.unet, originals)
-    if delta and result["base"]:
+    result = {"concept": concept, "prompts": [e[0] for e in entries], "seeds": seeds, "steps": sampling["steps"],
+              "guidance": sampling["guidance"]}
+    images = {}
+    for run in ("base", "edited") if edit is not None else ("base",):
+        with delta.applied(sd.unet, *[edit] if run == "edited" else []):  # the base weights back afterwards
+            images[run] = sampler.generate(sd, result["prompts"], seeds, **sampling)  # a seed per batch
+        result[run] = (toy_scores(*toy.classify(images[run], classifier), entries, concept) if is_toy
+                       else clip_scores(images[run], labels or [concept, "a photo"]))
+    if edit is not None and result["base"]:
         result["edited/base"] = {k: v / max(result["base"][k], 1e-9) for k, v in result["edited"].items()}
     if grid:
         save_grid(images, result["prompts"], grid)
@@ -97,14 +86,10 @@ def evaluate(sd, delta=None, concept="circle", *, prompts=None, seeds=range(8), 
 def save_grid(images, titles, path, seeds_shown=2):
     """PNG: a column per prompt; rows: base for the first seeds, then edited for the same seeds."""
     n = len(titles)
-    rows = [images[run][i * n:(i + 1) * n] for run in images for i in range(min(seeds_shown, len(images[run]) // n))]
-    canvas = Image.new("RGB", (TILE * n, TILE * (len(rows) + 1)), "white")
-    for j, title in enumerate(titles):
-        ImageDraw.Draw(canvas).text((j * TILE + 2, TILE // 2), title[:16], fill="black")
-    for i, row in enumerate(rows):
-        for j, x in enumerate(row):
-            canvas.paste(to_pil(x).resize((TILE, TILE), Image.NEAREST), (j * TILE, (i + 1) * TILE))
-    load_sd.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    rows = [sample.to_pil(images[run][i * n:(i + 1) * n])
+            for run in images for i in range(min(seeds_shown, len(images[run]) // n))]
+    image = sample.grid(rows, titles)
+    load_sd.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def format_report(result):
@@ -121,20 +106,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="'toy', a single file, a diffusers folder or a hub id")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
+    p.add_argument("--revision", default=None, help="hub models: branch, tag or commit")
+    p.add_argument("--variant", default=None, help="diffusers folders and hub models: weight files *.VARIANT.*")
     p.add_argument("--delta", default=None, help="ESD delta .safetensors (without: the base model only)")
     p.add_argument("--concept", default="circle", help="the erased concept (toy: one of its shapes)")
     p.add_argument("--prompts", nargs="+", default=None, help="real models: the prompts to generate")
     p.add_argument("--labels", nargs="+", default=["a photo"], help="real models: CLIP labels besides the concept")
     p.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 for every prompt")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: SAMPLING's, toy or real)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: SAMPLING's, toy or real)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the toy's 20, else sample.py's 50)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the toy's 5, else sample.py's 7.5)")
     p.add_argument("--output", default="evaluation", help="writes OUTPUT.json (the report) and OUTPUT.png (the grid)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
         if args.model != "toy" and not args.prompts:
             raise ValueError("--prompts is needed for models other than the toy")
-        sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device)
+        sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, revision=args.revision,
+                          variant=args.variant)
         result = evaluate(sd, args.delta, args.concept, prompts=args.prompts, seeds=range(args.seeds), steps=args.steps,
                           guidance=args.guidance, labels=[args.concept, *args.labels], grid=f"{args.output}.png")
         load_sd.atomic_write(f"{args.output}.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))

@@ -1,5 +1,6 @@
 """DDIM sampling for Stable Diffusion: SD's noise schedule, the DDIM update, classifier-free
-guidance, and a sampling loop that can stop part-way (ESD needs x_t after t_enc steps).
+guidance, a sampling loop that can stop part-way and give every step's x (ESD needs x_t after
+t_enc steps), and prompts x seeds -> images with any loaded model.
 
 DDIM: Song et al., arXiv 2010.02502, eq. 12 (the update) and eq. 16 (sigma_t from eta); the paper's
 alpha_t is DDPM's alpha_bar_t, the cumulative product, and that is the name used here.
@@ -16,14 +17,15 @@ BETA_END = 0.012
 PREDICTIONS = ("epsilon", "v_prediction")  # what the UNet outputs: eps (SD v1, v2-base) or v (SD v2 768)
 
 
-def alphas_cumprod():
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s) for t = 0..999, float32 [1000].
+def betas(dtype=torch.float32):
+    """beta_t for t = 0..999: "scaled_linear", linear in sqrt(beta) (LDM's "linear" schedule)."""
+    return torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=dtype) ** 2
 
-    "scaled_linear": betas are linear in sqrt(beta). Computed in float32 as diffusers does (LDM computes
-    in float64 and then stores float32; the two differ by up to 5e-7).
-    """
-    betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
+
+def alphas_cumprod():
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) for t = 0..999, float32 [1000]. Computed in float32 as
+    diffusers does (LDM computes in float64 and then stores float32; the two differ by up to 5e-7)."""
+    return torch.cumprod(1.0 - betas(), dim=0)
 
 
 def ddim_timesteps(steps):
@@ -67,12 +69,13 @@ def cfg(eps_uncond, eps_cond, scale):
 
 @torch.no_grad()
 def sample(unet, x_T, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, prediction="epsilon",
-           generator=None, until=None, progress=False):
+           generator=None, until=None, trajectory=False, progress=False):
     """Run DDIM from noise x_T [B,4,h,w] and return the latents.
 
     unet(x, t, context) -> eps or v; cond, uncond: text contexts [B,77,D]. With uncond given and
     guidance != 1, the UNet sees [uncond; cond] as ONE batch of 2B per step.
     until=k stops after k steps and returns x at timestep ddim_timesteps(steps)[k] (k=0: x_T itself).
+    trajectory=True returns every step's x instead, [until + 1, B, 4, h, w]: x after 0, 1, ..., until steps.
     eta > 0 draws its noise from `generator` (on the generator's device, then moved, as diffusers does).
     """
     timesteps = ddim_timesteps(steps)
@@ -82,7 +85,7 @@ def sample(unet, x_T, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, pre
     alpha_bar = alphas_cumprod()
     guided = uncond is not None and guidance != 1
     context = torch.cat([uncond, cond]) if guided else cond
-    x = x_T
+    x, xs = x_T, [x_T]
     for i in tqdm(range(until), disable=not progress, desc="DDIM"):
         t = int(timesteps[i])  # a python int: valid on any device the UNet runs on
         # The step after the last has no timestep: its alpha_bar_prev is alphas_cumprod[0], as in LDM and
@@ -98,4 +101,31 @@ def sample(unet, x_T, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, pre
             device = generator.device if generator is not None else x.device
             noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
         x = ddim_step(x, model_out, alpha_bar[t], alpha_bar_prev, eta, noise, prediction)
-    return x
+        xs += [x] if trajectory else []
+    return torch.stack(xs) if trajectory else x
+
+
+def initial_noise(seed, latent_shape):
+    """Seed s's noise [1, 4, h, w] (DESIGN.md): drawn on the CPU, as a diffusers pipeline given
+    torch.Generator("cpu").manual_seed(s) draws it for one image, so every device sees the same numbers."""
+    return torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(sd, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
+             batch_size=None, progress=False):
+    """Images [len(seeds) * len(prompts), 3, H, W] in [-1, 1] of a loaded model `sd`, seed-major: image
+    (s, p) starts from seed s's noise. Batches of `batch_size` images (default: one seed's prompts)."""
+    param = next(sd.unet.parameters())
+    pairs = [(seed, prompt) for seed in seeds for prompt in prompts]
+    batch_size = batch_size or len(prompts)
+    uncond = sd.encode_prompts([negative_prompt])
+    images = []
+    for i in range(0, len(pairs), batch_size):
+        batch_seeds, batch_prompts = zip(*pairs[i:i + batch_size])
+        x_T = torch.cat([initial_noise(s, sd.latent_shape(height, width)) for s in batch_seeds])
+        latents = sample(sd.unet, x_T.to(param.device, param.dtype), sd.encode_prompts(batch_prompts),
+                         uncond.expand(len(x_T), -1, -1), steps=steps, guidance=guidance,
+                         prediction=sd.prediction_type, progress=progress)
+        images.append(sd.decode_latents(latents).clamp(-1, 1).float().cpu())
+    return torch.cat(images)

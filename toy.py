@@ -34,6 +34,9 @@ SHAPES = {"circle": lambda dx, dy, r: dx ** 2 + dy ** 2 <= r ** 2,
 COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.2, 0.3, 1.0), "yellow": (1.0, 0.9, 0.1)}
 WORDS = ("a", *COLORS, *SHAPES, "shape")  # the toy language; each word is one token
 IMAGE_SIZE, DDIM_STEPS, GUIDANCE = 32, 20, 5.0  # image side in pixels; the toy's sampling defaults
+# train.py --model toy: ESD's settings for the toy, under any flag given (README's measurements use them).
+SAMPLING = dict(steps=DDIM_STEPS, guidance=GUIDANCE, height=IMAGE_SIZE, width=IMAGE_SIZE)  # sampler.generate's
+ESD = dict(resolution=IMAGE_SIZE, steps=DDIM_STEPS, lr=1e-3, iterations=300, device="cpu")
 SUPERSAMPLE = 4  # shapes are drawn on a 4x finer grid and averaged down: anti-aliased edges
 RADIUS = (5.0, 11.0)  # shape half-size range in pixels
 # Caption odds: "a red circle", "a circle", "a red shape", "" (CFG: Ho & Salimans arXiv 2207.12598); "a" 50% dropped.
@@ -123,17 +126,6 @@ def classify(images, classifier=None):
     return shape.argmax(1), color.argmax(1)
 
 
-@torch.no_grad()
-def generate(sd, prompts, seeds, *, steps=DDIM_STEPS, guidance=GUIDANCE, size=IMAGE_SIZE):
-    """Images [len(seeds) * len(prompts), 3, size, size], seed-major; all prompts share seed s's noise (DESIGN.md)."""
-    noise = [torch.randn((1, *sd.latent_shape(size, size)), generator=torch.Generator().manual_seed(s)) for s in seeds]
-    param, cond = next(sd.unet.parameters()), sd.encode_prompts(prompts).repeat(len(seeds), 1, 1)
-    x_T = torch.cat(noise).repeat_interleave(len(prompts), 0).to(param.device, param.dtype)
-    latents = sampler.sample(sd.unet, x_T, cond, sd.encode_prompts([""]).expand_as(cond), steps=steps,
-                             guidance=guidance, prediction=sd.prediction_type)
-    return sd.decode_latents(latents).clamp(-1, 1)
-
-
 def fit(model, stage, steps, loss_fn):
     """Adam, linear warm-up then cosine decay to zero (arXiv 1608.03983); loss_fn() -> this step's loss."""
     opt = torch.optim.Adam(model.parameters(), LR[stage])
@@ -145,7 +137,7 @@ def fit(model, stage, steps, loss_fn):
     return model.eval()
 
 
-def train_vae(images, cfg, g):
+def train_vae(images, config, g):
     """KL autoencoder (LDM sec. 3.1): MSE reconstruction + KL_WEIGHT * KL(q(z|x) || N(0, I))."""
     vae = VAE(VAEConfig(**VAE_CONFIG))
 
@@ -155,7 +147,7 @@ def train_vae(images, cfg, g):
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)  # reparametrisation trick
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()  # Kingma & Welling App. B
         return F.mse_loss(vae.decode(z), x) + KL_WEIGHT * kl
-    return standardize(fit(vae, "vae", cfg.vae_steps, loss).requires_grad_(False), images)
+    return standardize(fit(vae, "vae", config.vae_steps, loss).requires_grad_(False), images)
 
 
 @torch.no_grad()
@@ -178,7 +170,7 @@ def encode(vae, images):
     return torch.cat([vae.encode(x)[0] for x in images.split(1024)])
 
 
-def train_classifier(vae, cfg, g):
+def train_classifier(vae, config, g):
     """Cross-entropy on fresh images every step, half of them through the VAE: the judge knows its look."""
     model = classifier_net()
 
@@ -188,10 +180,10 @@ def train_classifier(vae, cfg, g):
             x = torch.cat([x[:len(x) // 2], vae.decode(vae.encode(x[len(x) // 2:])[0]).clamp(-1, 1)])
         shape_logits, color_logits = model(x).split([len(SHAPES), len(COLORS)], 1)
         return F.cross_entropy(shape_logits, s) + F.cross_entropy(color_logits, c)
-    return fit(model, "classifier", cfg.classifier_steps, loss)
+    return fit(model, "classifier", config.classifier_steps, loss)
 
 
-def train_unet(latents, shapes, colors, tok, cfg, g):
+def train_unet(latents, shapes, colors, tok, config, g):
     """UNet and text encoder together on the eps loss over SD's schedule: DDPM eq. 14 (L_simple)."""
     unet = UNet(UNetConfig(**UNET))
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
@@ -207,7 +199,7 @@ def train_unet(latents, shapes, colors, tok, cfg, g):
         t, eps = torch.randint(sampler.NUM_TRAIN_TIMESTEPS, (len(i),), generator=g), torch.randn(latents[i].shape, generator=g)
         a = alpha_bar[t][:, None, None, None]
         return F.mse_loss(unet(a.sqrt() * latents[i] + (1 - a).sqrt() * eps, t, context), eps)  # eq. 4's x_t in eq. 14
-    fit(nn.ModuleList([unet, text]), "unet", cfg.unet_steps, loss)
+    fit(nn.ModuleList([unet, text]), "unet", config.unet_steps, loss)
     return unet, text
 
 
@@ -217,23 +209,23 @@ def accuracy(classifier, images, shapes, colors):
     return {"shape": (s == shapes).float().mean().item(), "color": (c == colors).float().mean().item()}
 
 
-def train(cfg):
-    """All stages (each progress bar shows its time); writes cfg.output; returns (sd, classifier, report)."""
-    torch.manual_seed(cfg.seed)  # initial weights; each stage's data comes from its own generator
-    g = [torch.Generator().manual_seed(cfg.seed * 100 + k) for k in range(3)]
-    tok, (images, shapes, colors) = write_tokenizer(os.path.join(cfg.output, "tokenizer")), make_dataset(cfg.images, cfg.seed)
-    vae = train_vae(images, cfg, g[0])
-    classifier = train_classifier(vae, cfg, g[1])
-    unet, text = train_unet(encode(vae, images) * vae.config.scaling_factor, shapes, colors, tok, cfg, g[2])
-    sd, n = load_sd.StableDiffusion(unet, vae, text, tok, "sd1", "epsilon", "toy"), 8
-    images, shapes, colors = make_dataset(2000, seed=cfg.seed + 10 ** 6)  # held out: a seed no stage draws
+def train(config):
+    """All stages (each progress bar shows its time); writes config.output; returns (sd, classifier, report)."""
+    torch.manual_seed(config.seed)  # initial weights; each stage's data comes from its own generator
+    g = [torch.Generator().manual_seed(config.seed * 100 + k) for k in range(3)]
+    tok, (images, shapes, colors) = write_tokenizer(os.path.join(config.output, "tokenizer")), make_dataset(config.images, config.seed)
+    vae = train_vae(images, config, g[0])
+    classifier = train_classifier(vae, config, g[1])
+    unet, text = train_unet(encode(vae, images) * vae.config.scaling_factor, shapes, colors, tok, config, g[2])
+    sd, n = load_sd.StableDiffusion(unet, vae, text, tok, "sd1", "epsilon", "toy", IMAGE_SIZE), 8
+    images, shapes, colors = make_dataset(2000, seed=config.seed + 10 ** 6)  # held out: a seed no stage draws
     prompts = [(f"a {c} {s}", i, j) for i, s in enumerate(SHAPES) for j, c in enumerate(COLORS)]
-    report = {"config": dataclasses.asdict(cfg), "classifier_held_out": accuracy(classifier, images, shapes, colors),
+    report = {"config": dataclasses.asdict(config), "classifier_held_out": accuracy(classifier, images, shapes, colors),
               "classifier_held_out_vae": accuracy(classifier, sd.vae.decode(encode(vae, images)), shapes, colors),
-              "generations": accuracy(classifier, generate(sd, [p[0] for p in prompts], range(n)),  # 8 seeds each
+              "generations": accuracy(classifier, sampler.generate(sd, [p[0] for p in prompts], range(n), **SAMPLING),
                                       *torch.tensor([p[1:] for p in prompts]).repeat(n, 1).T)}
-    load_sd.save_single_file(sd, os.path.join(cfg.output, CHECKPOINT), {"toy": json.dumps(report)})
-    save_file(classifier.state_dict(), os.path.join(cfg.output, CLASSIFIER))
+    load_sd.save_single_file(sd, os.path.join(config.output, CHECKPOINT), {"toy": json.dumps(report)})
+    save_file(classifier.state_dict(), os.path.join(config.output, CLASSIFIER))
     return sd, classifier, report
 
 

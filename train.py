@@ -10,14 +10,16 @@ Writes a delta (.safetensors holding only the trained tensors, diffusers UNet na
 import argparse
 import dataclasses
 import os
-import random
 import sys
 
 import torch
 from tqdm import tqdm
 
+import delta
 import esd
+import evaluate
 import load_sd
+import toy
 
 
 def opt(default, help, **argparse_kw):
@@ -28,11 +30,13 @@ def opt(default, help, **argparse_kw):
 class TrainConfig:  # every field is a command-line flag: --negative-guidance for negative_guidance
     model: str = opt("CompVis/stable-diffusion-v1-4", "single file, diffusers folder, hub id, or 'toy'")
     tokenizer: str = opt(None, "tokenizer folder or hub id, for single-file models")
+    revision: str = opt(None, "hub models: branch, tag or commit")
+    variant: str = opt(None, "diffusers folders and hub models: weight files *.VARIANT.*, e.g. fp16")
     concept: str = opt(None, "what to erase; 'a, b' erases both (one drawn per iteration)")
     method: str = opt("esd-x", "which weights train (esd.py FILTERS)", choices=list(esd.FILTERS))
-    loss: str = opt("esd", "target of the trained prediction (esd.py TARGETS)", choices=list(esd.TARGETS))
-    negative_guidance: float = opt(1.0, "eta in e_0 - eta (e_c - e_0)")
-    erase_from: str = opt(None, "anchor concept: erase the concept from its images (implies --loss anchor)")
+    target: str = opt("esd", "what the trained prediction is pulled toward (esd.py TARGETS)")
+    negative_guidance: float = opt(1.0, "the paper's eta in e_0 - eta (e_c - e_0)")
+    erase_from: str = opt(None, "anchor concept a: erase the concept from a's images (target base e_a)")
     xt_from: str = opt("trained", "weights that sample x_t: the model being trained (paper) or the frozen one",
                        choices=list(esd.XT_FROM))
     trajectory_pool: int = opt(0, "reuse N sampled x_t trajectories instead of sampling every iteration (0: off)")
@@ -41,9 +45,9 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     batch_size: int = opt(1, "x_t per step, all at one t_enc (the paper: 1; more: a steadier gradient)")
     lr: float = opt(1e-5, "Adam learning rate")
     seed: int = opt(0, "seeds the concept, t_enc and noise of every iteration")
-    ddim_steps: int = opt(esd.DDIM_STEPS, "DDIM steps of the x_t trajectories")
+    steps: int = opt(esd.DDIM_STEPS, "DDIM steps of the x_t trajectories")
     resolution: int = opt(512, "image side in pixels (latents are resolution / 8)")
-    start_guidance: float = opt(esd.START_GUIDANCE, "CFG scale while sampling x_t")
+    guidance: float = opt(esd.GUIDANCE, "classifier-free guidance scale while sampling x_t")
     device: str = opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     dtype: str = opt("float32", "autocast compute dtype; trained weights stay float32", choices=list(load_sd.DTYPES))
     output: str = opt(None, "delta file (default: <method>-<concept>.safetensors, e.g. esd-x-car.safetensors)")
@@ -54,36 +58,34 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     no_eval: bool = opt(False, "toy model: skip the erasure measurement at the end", action="store_true")
 
 
-# The toy model (assets/toy, 32 px) trains with these unless a flag says otherwise; see README for measurements.
-TOY_DEFAULTS = dict(resolution=32, ddim_steps=20, lr=1e-3, iterations=300, start_guidance=3.0, device="cpu")
+# Settings a --resume must share with its checkpoint: they decide what every iteration does.
+RESUME_SAME = ("model", "concept", "method", "target", "negative_guidance", "erase_from", "xt_from", "trajectory_pool",
+               "pool_refresh", "batch_size", "lr", "seed", "steps", "resolution", "guidance")
 
 
 def parse_args(argv=None):
-    """TrainConfig from the command line: typed flags, toy defaults under flags the user gave."""
+    """TrainConfig from the command line: typed flags, the toy's defaults (toy.ESD) under flags the user gave."""
     p = argparse.ArgumentParser(description="Erase a concept from Stable Diffusion with ESD.")
     for f in dataclasses.fields(TrainConfig):
         kind = {} if "action" in f.metadata else {"type": f.type}  # typed: "--lr 1e-5" is a float
         p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
                        **kind, **dict(f.metadata, help=f"{f.metadata['help']} (default: {f.default})"))
     given = vars(p.parse_args(argv))
-    if "erase_from" in given:
-        given.setdefault("loss", "anchor")
-    toy = TOY_DEFAULTS if given.get("model") == "toy" else {}
-    return TrainConfig(**{**toy, **given})
+    return TrainConfig(**{**(toy.ESD if given.get("model") == "toy" else {}), **given})
 
 
-def check(cfg):
+def check(config):
     """The concept list; LoadError (one line, exit 2) for settings no run could succeed with."""
-    concepts = [c.strip() for c in (cfg.concept or "").split(",") if c.strip()]
+    concepts = [c.strip() for c in (config.concept or "").split(",") if c.strip()]
     problems = [
         (not concepts, "--concept is required, e.g. --concept \"car\""),
-        (min(cfg.iterations, cfg.batch_size) < 1 or cfg.lr <= 0 or not 1 <= cfg.ddim_steps < 1000,
-         "--iterations, --batch-size, --lr, --ddim-steps out of range"),
-        (cfg.resolution % 8 or cfg.resolution <= 0, "--resolution must be a positive multiple of 8"),
-        (not abs(cfg.negative_guidance) < float("inf"), "--negative-guidance must be a finite number"),
-        ((cfg.loss == "anchor") != (cfg.erase_from is not None), "--loss anchor and --erase-from go together"),
-        (cfg.trajectory_pool < 0 or cfg.pool_refresh < 0 or cfg.save_every < 0, "negative counts are not allowed"),
-        (cfg.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda, but no CUDA GPU is here"),
+        (config.target not in esd.TARGETS, f"--target must be one of: {', '.join(esd.TARGETS)}"),
+        (min(config.iterations, config.batch_size) < 1 or config.lr <= 0 or not 1 <= config.steps < 1000,
+         "--iterations, --batch-size, --lr, --steps out of range"),
+        (config.resolution % 8 or config.resolution <= 0, "--resolution must be a positive multiple of 8"),
+        (not abs(config.negative_guidance) < float("inf"), "--negative-guidance must be a finite number"),
+        (config.trajectory_pool < 0 or config.pool_refresh < 0 or config.save_every < 0, "negative counts are not allowed"),
+        (config.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda, but no CUDA GPU is here"),
     ]
     for bad, message in problems:
         if bad:
@@ -91,105 +93,99 @@ def check(cfg):
     return concepts
 
 
-def save(cfg, trainer, optimizer, iteration):
+def save(config, trainer, optimizer, iteration):
     """The delta (only trained tensors) and, beside it, what --resume needs; both atomic."""
-    meta = dict(concept=cfg.concept, method=cfg.method, negative_guidance=cfg.negative_guidance,
-                iterations=iteration, lr=cfg.lr, seed=cfg.seed, base_model=cfg.model, loss=cfg.loss)
-    load_sd.save_delta(cfg.output, esd.delta_state_dict(trainer.unet, cfg.method), meta)
-    state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)}
-    load_sd.atomic_write(cfg.output + ".resume.pt", lambda tmp: torch.save(state, tmp))
+    meta = dict(concept=config.concept, method=config.method, target=config.target, iterations=iteration,
+                negative_guidance=config.negative_guidance, erase_from=config.erase_from or "", lr=config.lr,
+                seed=config.seed, base_model=config.model)
+    delta.save(config.output, trainer.delta(), meta)
+    state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(config)}
+    load_sd.atomic_write(config.output + ".resume.pt", lambda tmp: torch.save(state, tmp))
 
 
-def resume(cfg, trainer, optimizer):
+def resume(config, trainer, optimizer):
     """The iteration to continue from, after restoring the trained tensors and Adam's state."""
     try:
-        state = torch.load(cfg.output + ".resume.pt", weights_only=True)
-        delta, _ = load_sd.load_delta(cfg.output)
-    except (OSError, RuntimeError) as e:
-        raise load_sd.LoadError(f"cannot resume from {cfg.output}: {str(e).splitlines()[0]}") from None
-    same = ("model", "concept", "method", "loss", "negative_guidance", "erase_from", "seed", "ddim_steps", "resolution",
-            "batch_size")
-    changed = [k for k in same if state["config"][k] != getattr(cfg, k)]
+        state = torch.load(config.output + ".resume.pt", weights_only=True)
+        tensors, _ = delta.load(config.output)
+    except (OSError, RuntimeError, load_sd.LoadError) as e:
+        raise load_sd.LoadError(f"cannot resume from {config.output}: {str(e).splitlines()[0]}") from None
+    changed = [k for k in RESUME_SAME if state["config"].get(k) != getattr(config, k)]
     if changed:
         raise load_sd.LoadError(f"--resume with other settings than the checkpoint: {', '.join(changed)}")
+    if state["iteration"] > config.iterations:
+        raise load_sd.LoadError(f"--iterations {config.iterations}: the checkpoint is at {state['iteration']} already")
     try:
-        load_sd.apply_delta(trainer.unet, delta)
+        delta.apply(trainer.unet, tensors)
         optimizer.load_state_dict(state["optimizer"])
     except (load_sd.LoadError, ValueError) as e:  # a delta of other tensors, an optimizer of other shapes
-        raise load_sd.LoadError(f"cannot resume from {cfg.output}: {e}") from None
+        raise load_sd.LoadError(f"cannot resume from {config.output}: {e}") from None
     return state["iteration"]
 
 
-def train(cfg, sd, concepts):
-    """ESD's loop. Every iteration draws its concept, t_enc and noise from (seed, iteration) alone, so a
-    resumed run repeats exactly what an uninterrupted one does."""
-    trainer = esd.ESD(sd.unet, cfg.method, negative_guidance=cfg.negative_guidance, target=cfg.loss,
-                      steps=cfg.ddim_steps, guidance=cfg.start_guidance, prediction=sd.prediction_type,
-                      dtype=load_sd.DTYPES[cfg.dtype])
-    tqdm.write(f"{cfg.method}: training {len(trainer.params)} tensors, "
+def train(config, sd, concepts):
+    """ESD (the paper's Algorithm 1) on `sd`'s UNet; its trainer. Every iteration's concept, t_enc and
+    noise come from (seed, iteration) alone, so a resumed run repeats what an uninterrupted one does."""
+    trainer = esd.ESD(sd.unet, config.method, negative_guidance=config.negative_guidance, target=config.target,
+                      steps=config.steps, guidance=config.guidance, prediction=sd.prediction_type,
+                      dtype=load_sd.DTYPES[config.dtype])
+    tqdm.write(f"{config.method}: training {len(trainer.params)} tensors, "
                f"{sum(p.numel() for p in trainer.params.values()):,} parameters")
-    optimizer = torch.optim.Adam(trainer.params.values(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(trainer.params.values(), lr=config.lr)
     uncond, *conds = sd.encode_prompts(["", *concepts]).split(1)  # text contexts, computed once
-    anchor = sd.encode_prompts([cfg.erase_from]) if cfg.erase_from else None
-    shape = sd.latent_shape(cfg.resolution, cfg.resolution)
-    start = resume(cfg, trainer, optimizer) if cfg.resume else 0
-    batch = lambda context: context.expand(cfg.batch_size, -1, -1)  # [1, 77, D] -> [batch_size, 77, D]
-
-    def draw(it, stream="iteration", n=cfg.batch_size):  # (concept index, t_enc, x_T [n]) of iteration or pool entry `it`
-        rng = random.Random(f"{cfg.seed}/{stream}/{it}")  # x_T[:1] is the same for every n
-        noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(rng.getrandbits(62)))
-        return rng.randrange(len(concepts)), rng.randrange(cfg.ddim_steps), noise.to(cfg.device)
-
-    pool = []  # (concept index, trajectory [steps, 1, 4, h, w]) when --trajectory-pool N
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ESD")
+    anchor = sd.encode_prompts([config.erase_from]) if config.erase_from else None
+    xt_prompts = conds if anchor is None else [anchor] * len(conds)  # with an anchor x_t shows its images
+    xt_source = esd.XtSource(trainer, xt_prompts, uncond, sd.latent_shape(config.resolution, config.resolution),
+                             seed=config.seed, batch_size=config.batch_size, pool=config.trajectory_pool,
+                             refresh=config.pool_refresh, xt_from=config.xt_from)
+    start = resume(config, trainer, optimizer) if config.resume else 0
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="ESD")
     for it in bar:
-        if cfg.trajectory_pool and (not pool or cfg.pool_refresh and it % cfg.pool_refresh == 0):
-            refresh = it // cfg.pool_refresh if cfg.pool_refresh else 0
-            draws = [draw(i, f"pool{refresh}", n=1) for i in range(cfg.trajectory_pool)]
-            pool = [(c, trainer.trajectory(x_T, anchor if anchor is not None else conds[c], uncond, cfg.xt_from))
-                    for c, _, x_T in draws]
-        c, t_enc, x_T = draw(it)
-        cs = [c] * cfg.batch_size
-        if pool:  # batch_size consecutive pool entries, each with its own concept
-            cs, trajectories = zip(*(pool[(it * cfg.batch_size + j) % len(pool)] for j in range(cfg.batch_size)))
-            x_t = torch.cat([trajectory[t_enc] for trajectory in trajectories])
-        else:  # x_t shows the anchor's images when erasing from it
-            x_t = trainer.x_t(x_T, batch(anchor if anchor is not None else conds[c]), batch(uncond), t_enc, cfg.xt_from)
-        loss = trainer.loss(x_t, t_enc, torch.cat([conds[c] for c in cs]), batch(uncond),
-                            None if anchor is None else batch(anchor))
+        # Draw the iteration's concepts and DDIM step t_enc; x_t after t_enc steps (sampled now, or a pool's).
+        concept, t_enc, x_t = xt_source.draw(it)
+        # Frozen e_0, e_c (one batch) -> target e_0 - eta (e_c - e_0); loss: the trained prediction's MSE to it.
+        loss = trainer.loss(x_t, t_enc, torch.cat([conds[c] for c in concept]), uncond, anchor)
         if not torch.isfinite(loss):
-            kept = f"the last checkpoint ({cfg.output}) is kept" if os.path.exists(cfg.output) else "nothing saved"
-            raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; {kept}. Try a lower --lr.")
+            raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; {kept(config)}. Try a lower --lr.")
+        # Step the selected weights.
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}", concept=concepts[cs[0]])
-        if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
-            save(cfg, trainer, optimizer, it + 1)
-    save(cfg, trainer, optimizer, cfg.iterations)
+        # Log; checkpoint every --save-every iterations and at the end.
+        bar.set_postfix(loss=f"{loss.item():.4f}", concept=concepts[concept[0]])
+        if config.save_every and (it + 1) % config.save_every == 0 and it + 1 < config.iterations:
+            save(config, trainer, optimizer, it + 1)
+    save(config, trainer, optimizer, config.iterations)
     return trainer
 
 
+def kept(config):
+    """What an interrupted run leaves, for its error line."""
+    if config.output and os.path.exists(config.output):
+        return f"the last checkpoint {config.output} is kept: continue it with --resume"
+    return "nothing saved"
+
+
 def main(argv=None):
-    cfg = parse_args(argv)
+    config = parse_args(argv)
     try:
-        concepts = check(cfg)
+        concepts = check(config)
         slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in concepts)
-        cfg.output = cfg.output or f"{cfg.method}-{slug}.safetensors"
-        if not os.access(os.path.dirname(os.path.abspath(cfg.output)), os.W_OK):
-            raise load_sd.LoadError(f"cannot write {cfg.output}: its folder is missing or read-only")
-        sd = load_sd.load(cfg.model, tokenizer=cfg.tokenizer, device=cfg.device)
-        train(cfg, sd, concepts)
-        tqdm.write(f"wrote {cfg.output}")
-        if cfg.export_full:
-            load_sd.save_single_file(sd, cfg.export_full, {"esd": f"{cfg.method} {cfg.concept}"})
-            tqdm.write(f"wrote {cfg.export_full}")
-        if cfg.export_diffusers:
-            load_sd.save_diffusers(sd, cfg.export_diffusers)
-            tqdm.write(f"wrote {cfg.export_diffusers}")
-        if cfg.model == "toy" and not cfg.no_eval:
-            import evaluate  # the toy's measurement: erased-concept rate before and after
-            print(evaluate.format_report(evaluate.evaluate(load_sd.load("toy"), cfg.output, concepts[0])))
+        config.output = config.output or f"{config.method}-{slug}.safetensors"
+        if not os.access(os.path.dirname(os.path.abspath(config.output)), os.W_OK):
+            raise load_sd.LoadError(f"cannot write {config.output}: its folder is missing or read-only")
+        sd = load_sd.load(config.model, tokenizer=config.tokenizer, device=config.device, revision=config.revision,
+                          variant=config.variant)
+        train(config, sd, concepts)
+        tqdm.write(f"wrote {config.output}")
+        if config.export_full:
+            load_sd.save_single_file(sd, config.export_full, {"esd": f"{config.method} {config.concept}"})
+            tqdm.write(f"wrote {config.export_full}")
+        if config.export_diffusers:
+            load_sd.save_diffusers(sd, config.export_diffusers)
+            tqdm.write(f"wrote {config.export_diffusers}")
+        if config.model == "toy" and not config.no_eval:  # the toy's measurement: erased-concept rate before and after
+            print(evaluate.format_report(evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])))
     except load_sd.LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -197,7 +193,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted; the last checkpoint (--save-every) is kept: continue it with --resume", file=sys.stderr)
+        print(f"error: interrupted; {kept(config)}", file=sys.stderr)
         return 130
     return 0
 

@@ -8,7 +8,7 @@ https://github.com/huggingface/diffusers/blob/dbbfe89b9297c416ad1037e80f13e3fa7a
 """
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -22,34 +22,6 @@ FF_MULT = 4              # FeedForward(mult=4) in LDM attention.py
 RESNET_EPS = 1e-5        # UNet GroupNorms: torch's default eps (LDM GroupNorm32, diffusers norm_eps)
 TRANSFORMER_GN_EPS = 1e-6  # GroupNorm before proj_in: LDM Normalize(eps=1e-6)
 CROSS_DOWN, CROSS_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
-BLOCK_TYPES = {CROSS_DOWN, "DownBlock2D", CROSS_UP, "UpBlock2D"}
-
-# UNet2DConditionModel config keys SD leaves at these values; others switch on parts we do not build.
-SD_VALUES = dict(
-    center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", dropout=0.0,
-    mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, downsample_padding=1,
-    mid_block_scale_factor=1, norm_eps=RESNET_EPS, transformer_layers_per_block=1,
-    dual_cross_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
-    resnet_out_scale_factor=1.0, time_embedding_type="positional", conv_in_kernel=3, conv_out_kernel=3,
-    attention_type="default", class_embeddings_concat=False, addition_embed_type_num_heads=64,
-    **dict.fromkeys("""reverse_transformer_layers_per_block encoder_hid_dim encoder_hid_dim_type
-        num_attention_heads class_embed_type addition_embed_type addition_time_embed_dim num_class_embeds
-        time_embedding_dim time_embedding_act_fn timestep_post_act time_cond_proj_dim cross_attention_norm
-        projection_class_embeddings_input_dim mid_block_only_cross_attention""".split()))
-# upcast_attention only asks for an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it too.
-IGNORED_KEYS = ("upcast_attention",)
-
-
-def config_from_dict(cls, d, sd_values, ignored=()):
-    """Build dataclass `cls` from a diffusers config.json dict; ValueError for options we do not build."""
-    names = {f.name for f in fields(cls)}
-    for key, value in d.items():
-        if key.startswith("_") or key in names or key in ignored:
-            continue  # "_class_name", "_diffusers_version", ... are bookkeeping
-        values = value if isinstance(value, (list, tuple)) else [value]  # per-level lists too
-        if key not in sd_values or any(v != sd_values[key] for v in values):
-            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r}: not Stable Diffusion's")
-    return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -78,15 +50,6 @@ class UNetConfig:
         context_dim 1024 (OpenCLIP ViT-H), use_linear_in_transformer; 768 px, so 96 latents."""
         return cls(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                    use_linear_projection=True, sample_size=96)
-
-    @classmethod
-    def from_dict(cls, d):
-        """From a diffusers unet/config.json dict; ValueError on non-SD options."""
-        config = config_from_dict(cls, d, SD_VALUES, IGNORED_KEYS)
-        bad = set(config.down_block_types) | set(config.up_block_types)
-        if not bad <= BLOCK_TYPES:
-            raise ValueError(f"unsupported UNet block types {sorted(bad - BLOCK_TYPES)}")
-        return config
 
 
 def timestep_embedding(t, dim):

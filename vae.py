@@ -10,18 +10,12 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from unet import (Attention, DownBlock2D, Downsample2D, MidBlock2D, ResnetBlock2D, UpBlock2D,
-                  Upsample2D, config_from_dict)
+from unet import Attention, DownBlock2D, Downsample2D, MidBlock2D, ResnetBlock2D, UpBlock2D, Upsample2D
 
 VAE_EPS = 1e-6                       # every VAE GroupNorm: LDM Normalize(eps=1e-6)
 VAE_SCALE = 0.18215                  # latent scaling: v1-inference.yaml `scale_factor`
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp in LDM's DiagonalGaussianDistribution
 VAE_PAD = (0, 1, 0, 1)               # LDM Downsample pads right and bottom, then a stride-2 conv
-# AutoencoderKL config keys SD leaves at these values (per-level lists: each entry).
-SD_VALUES = dict(down_block_types="DownEncoderBlock2D", up_block_types="UpDecoderBlock2D", act_fn="silu",
-                 shift_factor=None, latents_mean=None, latents_std=None, use_quant_conv=True,
-                 use_post_quant_conv=True, mid_block_add_attention=True)
-IGNORED_KEYS = ("force_upcast",)     # a pipeline hint: decode fp16 latents in fp32
 
 
 @dataclass
@@ -40,11 +34,6 @@ class VAEConfig:
         """SD v1 and v2: v1-inference.yaml first_stage_config (ch 128, ch_mult [1,2,4,4],
         num_res_blocks 2, z_channels 4), as in stable-diffusion-v1-5 vae/config.json."""
         return cls()
-
-    @classmethod
-    def from_dict(cls, d):
-        """From a diffusers vae/config.json dict; ValueError on non-SD options."""
-        return config_from_dict(cls, d, SD_VALUES, IGNORED_KEYS)
 
 
 class VAEAttention(Attention):

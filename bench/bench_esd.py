@@ -27,7 +27,8 @@ from diffusers import UNet2DConditionModel  # noqa: E402  (test/benchmark-only o
 import esd  # noqa: E402
 import load_sd  # noqa: E402
 import sampler  # noqa: E402
-from unet import UNet, UNetConfig  # noqa: E402
+import convert  # noqa: E402
+from unet import UNet  # noqa: E402
 
 CONTEXT_LEN = 77  # CLIP text tokens
 # SD v1 layout (runwayml/stable-diffusion-v1-5 unet/config.json) with every width / 5, the text width
@@ -54,7 +55,7 @@ class TwoCopies:
     def x_t(self, x_T, cond, uncond, t_enc):  # from the model being trained, as train-esd.py
         with torch.no_grad(), self.autocast():
             return sampler.sample(lambda x, t, c: self.unet(x, t, encoder_hidden_states=c).sample, x_T, cond,
-                                  uncond, steps=self.steps, guidance=esd.START_GUIDANCE, until=t_enc)
+                                  uncond, steps=self.steps, guidance=esd.GUIDANCE, until=t_enc)
 
     def loss(self, x_t, t_enc, cond, uncond):
         t = int(self.timesteps[t_enc])
@@ -87,10 +88,10 @@ def run(variant, method, initial, plan, args):
         trainer = TwoCopies(model.to(device), method, args.steps, dtype)
         x_t, held = trainer.x_t, trainer.held
     else:
-        model = UNet(UNetConfig.from_dict(args.config))
+        model = UNet(convert.unet_config(args.config))
         model.load_state_dict(initial)
         trainer = esd.ESD(model.to(device), method, steps=args.steps, dtype=dtype)
-        x_t = lambda *a: trainer.x_t(*a, xt_from="trained")  # noqa: E731
+        x_t = lambda *a: trainer.sample(*a, xt_from="trained")  # noqa: E731
         held = lambda: list(trainer.unet.parameters()) + list(trainer.originals.values())  # noqa: E731
     opt = torch.optim.Adam(trainer.params.values(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
@@ -102,7 +103,8 @@ def run(variant, method, initial, plan, args):
     if variant == "ours + pool":
         sync()
         start = clock()
-        pool = [trainer.trajectory(noise(seed), cond, uncond, xt_from="frozen") for seed in range(args.pool)]
+        pool = [trainer.sample(noise(seed), cond, uncond, args.steps - 1, xt_from="frozen", trajectory=True)
+                for seed in range(args.pool)]
         sync()
         pool_seconds = clock() - start
     losses, seconds = [], []

@@ -1,6 +1,6 @@
 """ESD (esd.py): targets on hand-made tensors, filters at full size, what training may and may not
-change, the frozen model staying the original one, delta files (ours and diffusers' UNet load them),
-and trajectory pools giving the same x_t as direct sampling."""
+change, the frozen model staying the original one, delta files (delta.py: ours and diffusers' UNet load
+them, the official formats), and x_t sources: trajectory pools give the same x_t as direct sampling."""
 import copy
 import os
 
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
+import convert
+import delta
 import esd
-import load_sd
 import sampler
 import tiny
 import unet as unet_lib
@@ -22,7 +23,7 @@ FULL_SD1_COUNTS = {"esd-x": (80, 43_962_560), "esd-x-strict": (32, 19_169_280), 
 
 
 def tiny_unet(config=tiny.UNET_V1, seed=0):
-    return tiny.randomize(unet_lib.UNet(unet_lib.UNetConfig.from_dict(config)), seed=seed)
+    return tiny.randomize(unet_lib.UNet(convert.unet_config(config)), seed=seed)
 
 
 def contexts(n=3, batch=1, seed=0):
@@ -42,8 +43,9 @@ def test_targets_on_hand_made_tensors():
     # esd_sd.py's spelling e_c - eta'(e_c - e_0) with eta' = eta + 1 is the same line
     for eta in (0.5, 1.0, 3.0):
         torch.testing.assert_close(esd.TARGETS["esd"](e_0, e_c, eta), e_c - (eta + 1) * (e_c - e_0))
-    torch.testing.assert_close(esd.TARGETS["anchor"](e_0, e_c, 1.0, e_a), torch.tensor([8.0, 11.0]))
-    torch.testing.assert_close(esd.TARGETS["anchor"](e_0, e_c, 2.0, e_a), torch.tensor([6.0, 12.0]))
+    # an anchor a replaces the base e_0 (not the guidance direction): e_a - eta (e_c - e_0)
+    torch.testing.assert_close(esd.TARGETS["esd"](e_0, e_c, 1.0, e_a), torch.tensor([8.0, 11.0]))
+    torch.testing.assert_close(esd.TARGETS["esd"](e_0, e_c, 2.0, e_a), torch.tensor([6.0, 12.0]))
 
 
 @pytest.mark.parametrize("method", sorted(FULL_SD1_COUNTS))
@@ -69,7 +71,7 @@ def test_unknown_filter_lists_the_valid_ones():
     assert all(name in str(e.value) for name in esd.FILTERS) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="esd-x"):
         esd.ESD(tiny_unet(), "noxattn")
-    with pytest.raises(ValueError, match="anchor"):
+    with pytest.raises(ValueError, match="esd"):
         esd.ESD(tiny_unet(), target="nope")
 
 
@@ -84,7 +86,7 @@ def test_training_changes_only_the_selected_tensors_and_keeps_the_frozen_model(m
     uncond, cond, _ = contexts()
     for it in range(3):
         x_T, t_enc = noise(it), [3, 0, STEPS - 1][it]
-        x_t = trainer.x_t(x_T, cond, uncond, t_enc, xt_from="trained")
+        x_t = trainer.sample(x_T, cond, uncond, t_enc, xt_from="trained")
         t = int(sampler.ddim_timesteps(STEPS)[t_enc])
         with torch.no_grad():  # frozen predictions == the untouched model's, though the weights moved
             assert torch.equal(trainer.eps(x_t, t, cond, frozen=True), reference(x_t, t, cond))
@@ -103,16 +105,16 @@ def test_training_changes_only_the_selected_tensors_and_keeps_the_frozen_model(m
             assert torch.equal(p, initial[name]), name
     assert set(trainer.originals) == set(trainer.params)
     # x_t sampled with the frozen model is the untouched model's x_t; with the trained one it moved
-    x_frozen = trainer.x_t(noise(9), cond, uncond, 5, xt_from="frozen")
-    ref_x = sampler.sample(reference, noise(9), cond, uncond, steps=STEPS, guidance=esd.START_GUIDANCE, until=5)
+    x_frozen = trainer.sample(noise(9), cond, uncond, 5, xt_from="frozen")
+    ref_x = sampler.sample(reference, noise(9), cond, uncond, steps=STEPS, guidance=esd.GUIDANCE, until=5)
     assert torch.equal(x_frozen, ref_x)
-    assert not torch.allclose(trainer.x_t(noise(9), cond, uncond, 5, xt_from="trained"), ref_x)
+    assert not torch.allclose(trainer.sample(noise(9), cond, uncond, 5, xt_from="trained"), ref_x)
 
 
 def test_loss_decreases_on_a_fixed_x_t():
     trainer = esd.ESD(tiny_unet(), "esd-x", steps=STEPS)
     uncond, cond, _ = contexts()
-    x_t = trainer.x_t(noise(0), cond, uncond, 2)
+    x_t = trainer.sample(noise(0), cond, uncond, 2)
     opt = torch.optim.Adam(trainer.params.values(), lr=1e-3)
     losses = []
     for _ in range(15):
@@ -127,25 +129,21 @@ def test_loss_decreases_on_a_fixed_x_t():
 def test_anchor_target_asks_the_trained_model_on_the_anchor_prompt():
     model = tiny_unet()
     reference = copy.deepcopy(model)
-    trainer = esd.ESD(model, "esd-x", target="anchor", negative_guidance=2.0, steps=STEPS)
+    trainer = esd.ESD(model, "esd-x", negative_guidance=2.0, steps=STEPS)
     uncond, cond, anchor = contexts()
-    x_t = trainer.x_t(noise(0), anchor, uncond, 2)
+    x_t = trainer.sample(noise(0), anchor, uncond, 2)
     t = int(sampler.ddim_timesteps(STEPS)[2])
     with torch.no_grad():
         target = reference(x_t, t, anchor) - 2.0 * (reference(x_t, t, cond) - reference(x_t, t, uncond))
         expected = F.mse_loss(model(x_t, t, anchor), target)
     torch.testing.assert_close(trainer.loss(x_t, 2, cond, uncond, anchor), expected, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="anchor"):
-        trainer.loss(x_t, 2, cond, uncond)  # the anchor target without an anchor
-    with pytest.raises(ValueError, match="anchor"):
-        esd.ESD(tiny_unet(), "esd-x", steps=STEPS).loss(x_t, 2, cond, uncond, anchor)
 
 
 def test_bf16_autocast_keeps_trained_tensors_and_adam_state_fp32():
     trainer = esd.ESD(tiny_unet(), "esd-x", steps=STEPS, dtype=torch.bfloat16)
     opt = torch.optim.Adam(trainer.params.values(), lr=1e-3)
     uncond, cond, _ = contexts()
-    loss = trainer.loss(trainer.x_t(noise(0), cond, uncond, 3), 3, cond, uncond)
+    loss = trainer.loss(trainer.sample(noise(0), cond, uncond, 3), 3, cond, uncond)
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
@@ -161,7 +159,7 @@ def trained_esd(method="esd-x"):
     opt = torch.optim.Adam(trainer.params.values(), lr=1e-2)
     uncond, cond, _ = contexts()
     for it in range(2):
-        trainer.loss(trainer.x_t(noise(it), cond, uncond, 4), 4, cond, uncond).backward()
+        trainer.loss(trainer.sample(noise(it), cond, uncond, 4), 4, cond, uncond).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return trainer, base
@@ -169,41 +167,72 @@ def trained_esd(method="esd-x"):
 
 def test_delta_round_trip_into_ours_and_diffusers(tmp_path):
     trainer, base = trained_esd()
-    trained = trainer.unet
-    delta = esd.delta_state_dict(trained, "esd-x")
+    trained, tensors = trainer.unet, trainer.delta()
     meta = dict(concept="car", method="esd-x", negative_guidance=1.0, iterations=2, lr=1e-2, seed=0,
                 base_model="tiny")
     path = str(tmp_path / "esd-car.safetensors")
-    load_sd.save_delta(path, delta, meta)
+    delta.save(path, tensors, meta)
     assert os.listdir(tmp_path) == ["esd-car.safetensors"]  # the temporary file was renamed away
-    tensors, metadata = load_sd.load_delta(path)
-    assert metadata == {"format": load_sd.DELTA_FORMAT, **{k: str(v) for k, v in meta.items()}}
-    assert tensors.keys() == delta.keys() and all(torch.equal(tensors[k], delta[k]) for k in delta)
-    assert all("attn2" in k for k in tensors)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~convert.UMASK  # not safetensors' 0600
+    loaded, metadata = delta.load(path)
+    assert metadata == {"format": delta.FORMAT, **{k: str(v) for k, v in meta.items()}}
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert set(loaded) == {n for n in dict(base.named_parameters()) if "attn2" in n}
 
     x, t, (context,) = noise(5, batch=2), 401, contexts(1, batch=2)
     with torch.no_grad():
         expected = trained(x, t, context)
-        ours = load_sd.apply_delta(copy.deepcopy(base), tensors)
+        ours = delta.apply(copy.deepcopy(base), loaded)
         torch.testing.assert_close(ours(x, t, context), expected, rtol=0, atol=0)
         theirs = UNet2DConditionModel(**tiny.UNET_V1).eval()
         theirs.load_state_dict(base.state_dict(), strict=True)
         before = theirs(x, t, encoder_hidden_states=context).sample
-        result = theirs.load_state_dict(tensors, strict=False)
-        assert result.unexpected_keys == [] and len(result.missing_keys) == len(base.state_dict()) - len(tensors)
+        result = theirs.load_state_dict(loaded, strict=False)
+        assert result.unexpected_keys == [] and len(result.missing_keys) == len(base.state_dict()) - len(loaded)
         after = theirs(x, t, encoder_hidden_states=context).sample
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, after, atol=1e-4)  # the delta is what makes them agree
 
 
+def test_applied_restores_the_originals_also_on_error(tmp_path):
+    trainer, base = trained_esd()
+    model, tensors = copy.deepcopy(base), trainer.delta()
+    x, t, (context,) = noise(5), 401, contexts(1)
+    with torch.no_grad():
+        with delta.applied(model, tensors) as edited:
+            torch.testing.assert_close(edited(x, t, context), trainer.unet(x, t, context), rtol=0, atol=0)
+        assert all(torch.equal(p, base.state_dict()[n]) for n, p in model.named_parameters())
+        bad = {next(iter(tensors)): torch.full_like(next(iter(tensors.values())), float("nan"))}
+        with pytest.raises(delta.LoadError, match="NaN"):  # a later delta that does not fit: the first is undone
+            with delta.applied(model, tensors, bad):
+                pass
+        with pytest.raises(KeyError):
+            with delta.applied(model, tensors):
+                raise KeyError("an error inside the block")
+    assert all(torch.equal(p, base.state_dict()[n]) for n, p in model.named_parameters())
+
+
+def test_official_2023_compvis_pt_is_read_as_its_unet(tmp_path):
+    """train-esd.py saved the whole edited model, LDM names, with torch.save: its UNet part is the delta."""
+    trainer, base = trained_esd("esd-u")
+    ldm = {convert.ours_to_ldm(f"unet.{k}", base.config): v for k, v in trainer.unet.state_dict().items()}
+    ldm.update({"first_stage_model.decoder.conv_in.weight": torch.zeros(3), "betas": torch.zeros(1000),
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(3)})
+    torch.save({"state_dict": ldm}, tmp_path / "compvis-word_car-method_noxattn.pt")
+    loaded, metadata = delta.load(tmp_path / "compvis-word_car-method_noxattn.pt", base.config)
+    assert metadata == {} and loaded.keys() == trainer.unet.state_dict().keys()
+    edited = delta.apply(copy.deepcopy(base), loaded)
+    assert all(torch.equal(p, trainer.unet.state_dict()[n]) for n, p in edited.named_parameters())
+
+
 def test_delta_with_wrong_keys_or_shapes_is_rejected():
     model = tiny_unet()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    other = esd.delta_state_dict(tiny_unet(tiny.UNET_V2), "esd-x")  # 128-wide context: other to_k/to_v shapes
+    other = esd.ESD(tiny_unet(tiny.UNET_V2), "esd-x").delta()  # 128-wide context: other to_k/to_v shapes
     wrong_key = {"down_blocks.0.attentions.0.transformer_blocks.0.attn3.to_k.weight": torch.zeros(64, 64)}
     for bad in (other, wrong_key, {}):
-        with pytest.raises(load_sd.LoadError, match="does not fit") as e:
-            load_sd.apply_delta(model, bad)
+        with pytest.raises(delta.LoadError, match="does not fit") as e:
+            delta.apply(model, bad)
         assert "\n" not in str(e.value)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing half-applied
 
@@ -212,12 +241,38 @@ def test_trajectory_pool_gives_the_directly_sampled_x_t():
     trainer, base = trained_esd()  # trained != frozen weights, so which one samples matters
     uncond, cond, _ = contexts(batch=2)
     x_T = noise(3, batch=2)
-    pool = trainer.trajectory(x_T, cond, uncond, xt_from="frozen")
+    pool = trainer.sample(x_T, cond, uncond, STEPS - 1, xt_from="frozen", trajectory=True)
     assert pool.shape == (STEPS, 2, 4, 8, 8) and torch.equal(pool[0], x_T)
     for t_enc in (1, STEPS - 1):  # == the untouched model sampled directly, same seed and t_enc
-        direct = sampler.sample(base, x_T, cond, uncond, steps=STEPS, guidance=esd.START_GUIDANCE, until=t_enc)
+        direct = sampler.sample(base, x_T, cond, uncond, steps=STEPS, guidance=esd.GUIDANCE, until=t_enc)
         assert torch.equal(pool[t_enc], direct), t_enc
-    on_policy = trainer.trajectory(x_T, cond, uncond, xt_from="trained")  # a pool rebuilt from the trained model
+    on_policy = trainer.sample(x_T, cond, uncond, STEPS - 1, xt_from="trained", trajectory=True)
     for t_enc in (2, STEPS - 1):
-        assert torch.equal(on_policy[t_enc], trainer.x_t(x_T, cond, uncond, t_enc, xt_from="trained")), t_enc
+        assert torch.equal(on_policy[t_enc], trainer.sample(x_T, cond, uncond, t_enc, xt_from="trained")), t_enc
     assert not torch.allclose(pool[-1], on_policy[-1])
+
+
+def test_x_t_source_draws_from_seed_and_iteration_alone():
+    trainer, _ = trained_esd()
+    uncond, *prompts = contexts(3)
+    source = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2)
+    concepts, t_enc, x_t = source.draw(7)
+    again = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2).draw(7)  # a resumed run
+    assert (concepts, t_enc) == again[:2] and torch.equal(x_t, again[2])
+    assert len(set(concepts)) == 1 and x_t.shape == (2, 4, 8, 8) and not torch.equal(x_t[0], x_t[1])
+    assert torch.equal(x_t, trainer.sample(torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(
+        source._draw("iteration", 7)[2])), prompts[concepts[0]].expand(2, -1, -1), uncond.expand(2, -1, -1), t_enc))
+    draws = [source.draw(it)[:2] for it in range(40)]
+    assert {c[0] for c, _ in draws} == {0, 1} and {t for _, t in draws} == set(range(STEPS))  # all are drawn
+
+    pool = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4)
+    for it in range(4):  # one generation of 3 trajectories, 2 consecutive entries an iteration, at its t_enc
+        concepts, t_enc, x_t = pool.draw(it)
+        assert t_enc == draws[it][1] and pool.built == 0  # the same t_enc as without a pool
+        for j, (c, trajectory) in enumerate(pool.trajectories[(2 * it + k) % 3] for k in range(2)):
+            assert concepts[j] == c and torch.equal(x_t[j], trajectory[t_enc, 0])
+    before = [trajectory for _, trajectory in pool.trajectories]
+    pool.draw(4)  # iteration 4 starts generation 1: new trajectories
+    assert pool.built == 1 and not any(torch.equal(a, b) for a, (_, b) in zip(before, pool.trajectories))
+    resumed = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4)
+    assert torch.equal(resumed.draw(5)[2], pool.draw(5)[2])  # a resumed run rebuilds the same generation

@@ -3,24 +3,23 @@ autocast keeps its trained weights and Adam state in fp32 and changes only the s
 import pytest
 import torch
 
+import delta
 import load_sd
 import sample
-import tiny
+import sampler
 import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd") / "tiny"
-    tiny.pipeline(folder=folder)
-    return str(folder)
+def model(tiny_sd):
+    return str(tiny_sd.folder)
 
 
 def test_cuda_image_equals_cpu_image(model):
-    images = [sample.to_pil(sample.generate(load_sd.load(model, device=device), ["a car"] * 2, seed=7, steps=5,
-                                            height=16, width=16))
+    images = [sample.to_pil(sampler.generate(load_sd.load(model, device=device), ["a car"], [7, 8], steps=5,
+                                             height=16, width=16))
               for device in ("cpu", "cuda")]
     for cpu, cuda in zip(*images):
         diff = (torch.tensor(list(cpu.getdata())) - torch.tensor(list(cuda.getdata()))).abs().max()
@@ -30,14 +29,14 @@ def test_cuda_image_equals_cpu_image(model):
 def test_bf16_autocast_training_keeps_fp32_weights(model, tmp_path):
     sd = load_sd.load(model, device="cuda")
     before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
-    cfg = train.TrainConfig(model=model, concept="car", iterations=3, lr=1e-3, resolution=16, ddim_steps=4,
-                            device="cuda", dtype="bfloat16", output=str(tmp_path / "d.safetensors"))
-    trainer = train.train(cfg, sd, ["car"])
+    config = train.TrainConfig(model=model, concept="car", iterations=3, lr=1e-3, resolution=16, steps=4,
+                               device="cuda", dtype="bfloat16", output=str(tmp_path / "d.safetensors"))
+    trainer = train.train(config, sd, ["car"])
     assert all(p.dtype == torch.float32 for p in trainer.params.values())
-    adam = torch.load(cfg.output + ".resume.pt", weights_only=True)["optimizer"]["state"]
+    adam = torch.load(config.output + ".resume.pt", weights_only=True)["optimizer"]["state"]
     assert adam and all(s[m].dtype == torch.float32 for s in adam.values() for m in ("exp_avg", "exp_avg_sq"))
     after = sd.unet.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed == {k for k in after if "attn2" in k}
-    delta, _ = load_sd.load_delta(cfg.output)
-    assert all(t.dtype == torch.float32 for t in delta.values())
+    tensors, _ = delta.load(config.output)
+    assert all(t.dtype == torch.float32 for t in tensors.values())

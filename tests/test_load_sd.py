@@ -4,10 +4,11 @@ key coverage on the meta device from the official SD v1 key list; one-line error
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
@@ -23,14 +24,8 @@ PROMPTS = ["a red circle", ""]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A tiny random diffusers SD v1 pipeline saved as a folder, and the same weights as an
-    official-layout single file: (pipeline, folder, single file)."""
-    root = tmp_path_factory.mktemp("sd")
-    pipe = tiny.pipeline(folder=root / "diffusers")
-    sd = load_sd.StableDiffusion(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, "sd1", "epsilon", "tiny")
-    load_sd.save_single_file(sd, root / "sd.safetensors")  # diffusers' modules written by ours_to_ldm
-    return pipe, root / "diffusers", root / "sd.safetensors"
+def model(tiny_sd):
+    return tiny_sd.pipe, tiny_sd.folder, tiny_sd.single
 
 
 def preset_with(preset, config):
@@ -61,7 +56,7 @@ def test_ours_to_ldm_inverts_diffusers_converters(unet_config):
     exactly the original keys and tensors (v2: linear projections, 1 resnet per level)."""
     unet = tiny.randomize(UNet2DConditionModel(**unet_config))
     vae = tiny.randomize(AutoencoderKL(**tiny.VAE), seed=1)
-    ucfg, vcfg = UNetConfig.from_dict(unet_config), VAEConfig.from_dict(tiny.VAE)
+    ucfg, vcfg = convert.unet_config(unet_config), convert.vae_config(tiny.VAE)
     for part, module, oracle, config in (("unet", unet, convert_ldm_unet_checkpoint, unet_config),
                                           ("vae", vae, convert_ldm_vae_checkpoint, tiny.VAE)):
         ours = {f"{part}.{k}": t for k, t in module.state_dict().items()}
@@ -206,6 +201,73 @@ def test_bad_input_is_one_line_load_error(model, tmp_path, monkeypatch):
         with pytest.raises(load_sd.LoadError, match=message) as e:
             load_sd.load(source, tokenizer=tokenizer or folder / "tokenizer")
         assert "\n" not in str(e.value), source
-    if not os.path.isdir(load_sd.TOY_DIR):
-        with pytest.raises(load_sd.LoadError, match="toy model is not shipped yet"):
-            load_sd.load("toy")
+
+
+def test_writer_adds_the_schedule_buffers_and_the_image_size(model, tmp_path):
+    """What --export-full writes has an official file's key set (SD v1 at full size, on the meta device),
+    LDM's 12 schedule buffers with diffusers' values, and the image size as model-spec metadata."""
+    with open(FIXTURE) as f:
+        fixture = json.load(f)
+    unet, vae, text = convert.infer_configs({k: torch.empty(s, device="meta") for k, s in fixture["tensors"].items()})
+    with torch.device("meta"):
+        full = load_sd.StableDiffusion(UNet(unet), VAE(vae), CLIPTextModel(text), None, "sd1", "epsilon", "sd-v1")
+    tensors = load_sd.ldm_state_dict(full)
+    assert {k: list(t.shape) for k, t in tensors.items()} == fixture["tensors"]
+    written = load_file(model[2])
+    ddpm = DDPMScheduler(**{k: v for k, v in tiny.SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    torch.testing.assert_close(written["betas"], ddpm.betas, rtol=1e-6, atol=0)
+    torch.testing.assert_close(written["alphas_cumprod"], ddpm.alphas_cumprod, rtol=1e-5, atol=0)
+    # diffusers works in float32, LDM (and we) in float64: 1 - alpha_bar near t = 0 costs diffusers ~1e-4
+    variance = torch.stack([ddpm._get_variance(t) for t in range(1, 1000)])  # DDPM eq. 7's beta-tilde
+    torch.testing.assert_close(written["posterior_variance"][1:], variance, rtol=3e-4, atol=0)
+    a, a_prev, b = ddpm.alphas_cumprod[1:], ddpm.alphas_cumprod[:-1], ddpm.betas[1:]
+    torch.testing.assert_close(written["posterior_mean_coef1"][1:], a_prev.sqrt() * b / (1 - a), rtol=3e-4, atol=0)
+    torch.testing.assert_close(written["posterior_mean_coef2"][1:], (1 - b).sqrt() * (1 - a_prev) / (1 - a),
+                               rtol=3e-4, atol=0)
+    sd = load_sd.load(model[2], tokenizer=model[1] / "tokenizer")
+    assert sd.image_size == 512  # the writer's default, SD v1's; a folder says its own
+    load_sd.save_single_file(dataclasses.replace(sd, image_size=48), tmp_path / "s.safetensors")
+    assert load_sd.load(tmp_path / "s.safetensors", tokenizer=model[1] / "tokenizer").image_size == 48
+    assert load_sd.load(model[1]).image_size == 16  # unet sample_size 8 x the tiny VAE's 2
+
+
+def test_folder_with_transformers_bin_names_and_a_variant(model, tmp_path):
+    """text_encoder/pytorch_model.bin (older repos) loads; --variant fp16 reads *.fp16.* weight files."""
+    pipe, folder, _ = model
+    shutil.copytree(folder, tmp_path / "bin")
+    text = tmp_path / "bin" / "text_encoder"
+    torch.save(load_file(text / "model.safetensors"), text / "pytorch_model.bin")
+    (text / "model.safetensors").unlink()
+    assert_same_outputs(load_sd.load(tmp_path / "bin"), pipe)
+    shutil.copytree(folder, tmp_path / "fp16")
+    for part, names in load_sd.WEIGHTS.items():
+        os.rename(tmp_path / "fp16" / part / names[0], tmp_path / "fp16" / part / load_sd._variant(names[0], "fp16"))
+    assert_same_outputs(load_sd.load(tmp_path / "fp16", variant="fp16"), pipe)
+    with pytest.raises(load_sd.LoadError, match="expected diffusion_pytorch_model.safetensors or .*bin"):
+        load_sd.load(tmp_path / "fp16")
+    with pytest.raises(load_sd.LoadError, match="--variant is for diffusers folders"):
+        load_sd.load(model[2], variant="fp16")
+
+
+def test_hub_download_asks_for_the_revision_and_only_the_files_needed(model, tmp_path, monkeypatch):
+    """The hub path, with huggingface_hub's snapshot_download stood in by the tiny folder: it is asked for
+    the revision, configs, tokenizer and per part the variant's .safetensors, then .bin where those are missing."""
+    calls, folder = [], tmp_path / "snapshot"
+    shutil.copytree(model[1], folder)
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(vae), folder / "vae" / "diffusion_pytorch_model.bin")
+    vae.unlink()
+
+    def snapshot_download(repo, revision=None, allow_patterns=()):
+        calls.append((repo, revision, sorted(allow_patterns)))
+        return str(folder)
+    monkeypatch.setattr(load_sd, "snapshot_download", snapshot_download)
+    load_sd.load("someone/tiny-sd", revision="abc123")
+    assert [c[:2] for c in calls] == [("someone/tiny-sd", "abc123")] * 2
+    assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/*",
+            "unet/config.json"} <= set(calls[0][2]) and not any(p.endswith(".bin") for p in calls[0][2])
+    assert calls[1][2] == ["vae/diffusion_pytorch_model.bin"]  # the one part without .safetensors
+    calls.clear()
+    with pytest.raises(load_sd.LoadError, match="no weights"):
+        load_sd.load("someone/tiny-sd", variant="fp16")  # the tiny repo has no fp16 files
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[0][2]

@@ -1,9 +1,11 @@
 """End to end: sample.py on a tiny random model gives the image diffusers' StableDiffusionPipeline
 (DDIMScheduler, SD v1.5 config) gives for the same seed, steps and guidance, from a diffusers
-folder and from the same weights as an official-layout single file; bad input exits 2."""
+folder and from the same weights as an official-layout single file; each PNG carries its own prompt
+and seed in A1111's format; bad input exits 2."""
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,12 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-import load_sd
 import sample
-import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPT, SEED, STEPS, GUIDANCE, SIZE = "a red circle", 3, 4, 7.5, 16
+PROMPT, NEGATIVE, SEED, STEPS, GUIDANCE, SIZE = "a red circle", "blue", 3, 4, 7.5, 16
 
 
 def run(*args):
@@ -34,32 +34,54 @@ def run_inline(capsys, *args):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """(diffusers folder, single file, tokenizer folder, the pipeline's uint8 images for 2 images)."""
-    root = tmp_path_factory.mktemp("model")
-    pipe = tiny.pipeline(folder=root / "diffusers")
+def reference(tiny_sd):
+    """(diffusers folder, single file, tokenizer folder, the pipeline's uint8 images for seeds SEED, SEED + 1)."""
     with torch.no_grad():
-        out = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
-                   num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(SEED),
-                   output_type="np").images
-    single = root / "sd.safetensors"
-    load_sd.save_single_file(load_sd.load(str(root / "diffusers")), str(single))
-    return root / "diffusers", single, root / "diffusers" / "tokenizer", (out * 255).round().astype(np.uint8)
+        out = [tiny_sd.pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                            height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(SEED + i),
+                            output_type="np").images[0] for i in range(2)]
+    return tiny_sd.folder, tiny_sd.single, tiny_sd.tokenizer, [(x * 255).round().astype(np.uint8) for x in out]
+
+
+def parse_infotext(text):
+    """A1111's PNG `parameters` text, read as its format is described: the prompt lines, an optional line
+    "Negative prompt: ...", and a last line of "Key: value" pairs separated by ", " (values may be quoted)."""
+    *lines, settings = text.split("\n")
+    negative = [i for i, line in enumerate(lines) if line.startswith("Negative prompt: ")]
+    prompt = "\n".join(lines[:negative[0]] if negative else lines)
+    pairs = dict(re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings))
+    return dict(pairs, prompt=prompt,
+                negative_prompt="\n".join(lines[negative[0]:])[len("Negative prompt: "):] if negative else "")
 
 
 @pytest.mark.parametrize("kind", ["folder", "single-file"])
 def test_sample_cli_matches_diffusers_pipeline(reference, tmp_path, capsys, kind):
     folder, single, tokenizer, expected = reference
     model = ["--model", folder] if kind == "folder" else ["--model", single, "--tokenizer", tokenizer]
-    r = (run if kind == "folder" else functools.partial(run_inline, capsys))(*model, "--prompt", PROMPT, "--seed", SEED, "--steps", STEPS, "--guidance", GUIDANCE,
-            "--height", SIZE, "--width", SIZE, "--num-images", 2, "--output", tmp_path / "x.png", "--device", "cpu")
+    r = (run if kind == "folder" else functools.partial(run_inline, capsys))(
+        *model, "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--seed", SEED, "--steps", STEPS, "--guidance",
+        GUIDANCE, "--height", SIZE, "--width", SIZE, "--num-images", 2, "--output", tmp_path / "x.png", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    for i in range(2):
+    for i in range(2):  # image i has seed SEED + i: the pipeline's image for that seed
         image = Image.open(tmp_path / f"x-{i}.png")
         diff = np.abs(np.asarray(image).astype(int) - expected[i].astype(int))
         assert diff.max() <= 1, f"image {i}: max pixel difference {diff.max()}/255"
-        params = json.loads(image.text["parameters"])
-        assert (params["prompt"], params["seed"], params["steps"], params["index"]) == ([PROMPT], SEED, STEPS, i)
+        a1111 = parse_infotext(image.text["parameters"])
+        assert (a1111["prompt"], a1111["negative_prompt"], a1111["Seed"], a1111["Steps"], a1111["Sampler"],
+                a1111["CFG scale"], a1111["Size"]) == (PROMPT, NEGATIVE, str(SEED + i), str(STEPS), "DDIM",
+                                                       str(GUIDANCE), f"{SIZE}x{SIZE}")
+        assert a1111["Model"] == ("diffusers" if kind == "folder" else "sd")  # the model's file or folder name
+        ours = json.loads(image.text["esd"])
+        assert (ours["prompt"], ours["seed"], ours["steps"], ours["delta"]) == (PROMPT, SEED + i, STEPS, [])
+
+
+def test_infotext_parser_reads_a1111_examples():
+    """The parser above on A1111-style texts written by hand: several prompt lines, quoted values, no negative."""
+    text = 'a cat,\nin a hat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768'
+    assert parse_infotext(text) == {"prompt": "a cat,\nin a hat", "negative_prompt": "dog", "Steps": "20",
+                                    "Sampler": "Euler a", "CFG scale": "7", "Seed": "1", "Size": "512x768"}
+    parsed = parse_infotext('x\nSteps: 5, Lora hashes: "a: 1, b: 2", Seed: 3')
+    assert (parsed["negative_prompt"], parsed["Lora hashes"], parsed["Seed"]) == ("", '"a: 1, b: 2"', "3")
 
 
 def test_bad_input_is_one_line_exit_2(reference, tmp_path, capsys):

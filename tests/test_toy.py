@@ -3,13 +3,20 @@ model in assets/toy/ loads offline through the official single-file path and dra
 for, its classifier is accurate on held-out data, and evaluate.py measures and leaves the UNet as it was."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
+import convert
+import delta
 import evaluate
 import load_sd
+import sampler
+import sample
 import toy
 from vae import VAE, VAEConfig
 
@@ -81,23 +88,37 @@ def test_standardize_is_exact_and_makes_unit_latents():
 def test_training_stages_are_reproducible(monkeypatch):
     monkeypatch.setitem(toy.BATCH, "vae", 4)
     images = toy.make_dataset(16, 0)[0]
-    cfg = toy.TrainConfig(vae_steps=2)
+    config = toy.TrainConfig(vae_steps=2)
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        runs.append(toy.train_vae(images, cfg, torch.Generator().manual_seed(1)).state_dict())
+        runs.append(toy.train_vae(images, config, torch.Generator().manual_seed(1)).state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def test_shipped_model_loads_offline_as_an_official_single_file(sd, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_shipped_model_is_an_official_single_file(sd):
     assert sd.family == "sd1" and sd.prediction_type == "epsilon" and sd.latent_shape(32, 32) == (4, 8, 8)
     assert all(getattr(sd.unet.config, k) == v for k, v in toy.UNET.items() if k != "sample_size")
     assert sd.vae.config.block_out_channels == toy.VAE_CONFIG["block_out_channels"]
     assert sd.text_encoder.config.hidden_size == toy.TEXT["hidden_size"]
-    keys = load_sd._read(f"{toy.ASSETS}/{toy.CHECKPOINT}").keys()  # LDM names: what official tools read
+    assert sd.image_size == toy.IMAGE_SIZE  # its model-spec metadata: sample.py's default size
+    keys = convert.read_tensors(f"{toy.ASSETS}/{toy.CHECKPOINT}").keys()  # LDM names: what official tools read
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
+    assert {"betas", "alphas_cumprod", "posterior_mean_coef2"} <= set(keys)  # the official key set
+
+
+def test_shipped_model_loads_and_trains_with_no_network(tmp_path):
+    """A fresh process with the hub switched off and every connection sent to a closed port."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    code = ("import load_sd, train; sd = load_sd.load('toy'); print(sd.image_size); "
+            "import sys; sys.exit(train.main(['--model', 'toy', '--concept', 'circle', '--iterations', '1', "
+            "'--output', sys.argv[1], '--no-eval']))")
+    out = tmp_path / "circle.safetensors"
+    r = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and r.stdout.startswith("32"), r.stderr
+    assert delta.load(out)[1]["concept"] == "circle"
 
 
 def test_shipped_model_draws_what_it_is_asked_for(sd):
@@ -105,7 +126,8 @@ def test_shipped_model_draws_what_it_is_asked_for(sd):
     full = [(f"a {c} {s}", i, j) for i, s in enumerate(toy.SHAPES) for j, c in enumerate(toy.COLORS)]
     alone = [(p.format(s), i, None) for i, s in enumerate(toy.SHAPES) for p in ("{}", "a {}")]
     for entries, seeds, at_least in ((full, [0, 1], 0.95), (alone, [0, 1, 2, 3], 0.85)):
-        shape, color = toy.classify(toy.generate(sd, [e[0] for e in entries], seeds=seeds, steps=10))
+        images = sampler.generate(sd, [e[0] for e in entries], seeds, **dict(toy.SAMPLING, steps=10))
+        shape, color = toy.classify(images)
         assert (shape == torch.tensor([e[1] for e in entries] * len(seeds))).float().mean() >= at_least
         if entries is full:
             assert (color == torch.tensor([e[2] for e in entries] * len(seeds))).float().mean() >= 0.95
@@ -123,7 +145,7 @@ def test_evaluate_measures_and_restores_the_unet(sd, tmp_path):
     result = evaluate.evaluate(sd, same, "circle", seeds=[0], steps=3, grid=tmp_path / "grid.png")
     assert result["edited"] == result["base"] and set(result["base"]) == {
         "circle_alone", "circle_in_context", "other_shapes", "colors"}
-    assert Image.open(tmp_path / "grid.png").size == (evaluate.TILE * 21, evaluate.TILE * 3)
+    assert Image.open(tmp_path / "grid.png").size == (sample.MIN_CELL * 21, 16 + sample.MIN_CELL * 2)
     broken = {k: torch.randn_like(v) for k, v in same.items()}
     result = evaluate.evaluate(sd, broken, "square", seeds=[0], steps=3)
     assert result["edited"] != result["base"] and result["prompts"][:2] == ["square", "a square"]
@@ -133,9 +155,9 @@ def test_evaluate_measures_and_restores_the_unet(sd, tmp_path):
 
 
 def test_evaluate_cli(tmp_path, capsys):
-    delta = tmp_path / "d.safetensors"
-    load_sd.save_delta(str(delta), {k: v.detach() for k, v in load_sd.load("toy").unet.named_parameters() if "attn2" in k}, {})
-    assert evaluate.main(["--delta", str(delta), "--seeds", "1", "--steps", "2", "--output", str(tmp_path / "e")]) == 0
+    path = tmp_path / "d.safetensors"
+    delta.save(str(path), {k: v.detach() for k, v in load_sd.load("toy").unet.named_parameters() if "attn2" in k}, {})
+    assert evaluate.main(["--delta", str(path), "--seeds", "1", "--steps", "2", "--output", str(tmp_path / "e")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["edited/base"] and (tmp_path / "e.png").exists()
     assert evaluate.main(["--concept", "hexagon", "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()

@@ -9,21 +9,19 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+import delta
 import esd
 import load_sd
 import sample
-import tiny
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--resolution", "16", "--ddim-steps", "4", "--device", "cpu", "--lr", "1e-3"]
+FAST = ["--resolution", "16", "--steps", "4", "--device", "cpu", "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd") / "tiny"
-    tiny.pipeline(folder=folder)
-    return str(folder)
+def model(tiny_sd):
+    return str(tiny_sd.folder)
 
 
 def run_train(model, out, *args):
@@ -36,10 +34,10 @@ def test_cli_end_to_end_changes_only_cross_attention(model, tmp_path):
                         "--output", out, *FAST], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, r.stderr
-    delta, meta = load_sd.load_delta(str(out))
+    tensors, meta = delta.load(str(out))
     base = load_sd.load(model).unet.state_dict()
-    assert set(delta) == {k for k in base if "attn2" in k}
-    assert all(not torch.equal(delta[k], base[k]) for k in delta), "every trained tensor moved"
+    assert set(tensors) == {k for k in base if "attn2" in k}
+    assert all(not torch.equal(tensors[k], base[k]) for k in tensors), "every trained tensor moved"
     assert (meta["concept"], meta["method"], meta["iterations"], meta["base_model"]) == ("car", "esd-x", "3", model)
 
 
@@ -47,7 +45,7 @@ def test_exports_load_back_everywhere(model, tmp_path):
     out, full, folder = tmp_path / "d.safetensors", tmp_path / "full.safetensors", tmp_path / "diffusers"
     assert run_train(model, out, "--iterations", 2, "--export-full", full, "--export-diffusers", folder) == 0
     edited = load_sd.load(model)
-    load_sd.apply_delta(edited.unet, load_sd.load_delta(str(out))[0])
+    delta.apply(edited.unet, delta.load(str(out))[0])
     x, context = torch.randn(1, 4, 8, 8), edited.encode_prompts(["car"])
     with torch.no_grad():
         want = edited.unet(x, 500, context)
@@ -71,9 +69,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(model, tmp_path, mo
     assert run_train(model, parts, "--iterations", 5, "--save-every", 2) == 130
     assert "--resume" in capsys.readouterr().err.splitlines()[-1]
     monkeypatch.undo()
-    assert load_sd.load_delta(str(parts))[1]["iterations"] == "2"  # the last checkpoint
+    assert delta.load(str(parts))[1]["iterations"] == "2"  # the last checkpoint
     assert run_train(model, parts, "--iterations", 5, "--resume") == 0
-    a, b = load_sd.load_delta(str(whole))[0], load_sd.load_delta(str(parts))[0]
+    a, b = delta.load(str(whole))[0], delta.load(str(parts))[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert run_train(model, parts, "--iterations", 6, "--resume", "--seed", 1) == 2  # other settings: refused
 
@@ -84,13 +82,13 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(model, tmp_path, capsys):
     assert run_train(model, out, "--iterations", 5, "--save-every", 1, "--lr", 1e30) == 1
     err = capsys.readouterr().err.strip()  # the progress bar's lines, then one error line
     assert err.splitlines()[-1].startswith("error: loss is nan") and "Traceback" not in err, err
-    delta, meta = load_sd.load_delta(str(out))
-    assert int(meta["iterations"]) >= 1 and all(torch.isfinite(t).all() for t in delta.values())
+    tensors, meta = delta.load(str(out))
+    assert int(meta["iterations"]) >= 1 and all(torch.isfinite(t).all() for t in tensors.values())
 
 
 def test_bad_input_is_one_line_exit_2(model, tmp_path, capsys):
     cases = [["--concept", " , "], ["--output", tmp_path / "missing" / "d.safetensors"],
-             ["--loss", "anchor"], ["--resolution", "12"], ["--batch-size", "0"], ["--model", tmp_path / "none.safetensors"]]
+             ["--target", "nope"], ["--steps", "1000"], ["--resolution", "12"], ["--batch-size", "0"], ["--model", tmp_path / "none.safetensors"]]
     for case in cases:
         assert train.main(["--model", model, "--concept", "car", *FAST, *map(str, case)]) == 2, case
         err = capsys.readouterr().err.strip()
@@ -102,7 +100,7 @@ def test_bad_input_is_one_line_exit_2(model, tmp_path, capsys):
 
 def test_delta_for_another_architecture_is_refused(model, tmp_path, capsys):
     other = tmp_path / "other.safetensors"
-    load_sd.save_delta(str(other), {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight":
+    delta.save(str(other), {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight":
                                 torch.zeros(320, 768)}, {"concept": "car"})
     code = sample.main(["--model", model, "--prompt", "car", "--delta", str(other), "--steps", "1",
                         "--height", "16", "--width", "16", "--output", str(tmp_path / "x.png"), "--device", "cpu"])
@@ -116,7 +114,7 @@ def test_official_style_pt_delta_applies(model, tmp_path):
     unet = load_sd.load(model).unet
     full = {k: v + 1 for k, v in unet.state_dict().items()}
     torch.save(full, tmp_path / "official.pt")
-    load_sd.apply_delta(unet, load_sd.load_delta(str(tmp_path / "official.pt"))[0])
+    delta.apply(unet, delta.load(str(tmp_path / "official.pt"))[0])
     assert all(torch.equal(unet.state_dict()[k], full[k]) for k in full)
     torch.save({"x": torch.nn.Linear(1, 1)}, tmp_path / "pickled.pt")  # a module: pickled code
     code = sample.main(["--model", model, "--prompt", "car", "--delta", str(tmp_path / "pickled.pt"), "--steps", "1",
@@ -134,7 +132,8 @@ def test_compare_grid_has_original_and_erased_rows(model, tmp_path):
     from PIL import Image
     import numpy as np
     g = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert g.shape == (32, 32, 3)
+    assert g.shape == (2 * sample.MIN_CELL, 2 * sample.MIN_CELL, 3)  # 16-px images enlarged 6x
+    g = g[::6, ::6]  # nearest-neighbour enlargement: every 6th pixel is the image
     for j in range(2):  # top row: exactly what the unedited model draws; bottom row: something else
         assert np.array_equal(g[:16, 16 * j:16 * (j + 1)], np.asarray(Image.open(tmp_path / f"plain-{j}.png")))
     assert not np.array_equal(g[:16], g[16:])
@@ -144,7 +143,7 @@ def test_batch_size_adds_x_t_at_the_same_t_enc(model, tmp_path, monkeypatch):
     seen, loss = [], esd.ESD.loss
 
     def recording(self, x_t, t_enc, cond, uncond, anchor=None):
-        assert len(cond) == len(uncond) == len(x_t)
+        assert len(cond) == len(x_t) and len(uncond) == 1
         seen.append((x_t, t_enc))
         return loss(self, x_t, t_enc, cond, uncond, anchor)
     monkeypatch.setattr(esd.ESD, "loss", recording)
@@ -158,3 +157,18 @@ def test_batch_size_adds_x_t_at_the_same_t_enc(model, tmp_path, monkeypatch):
     assert run_train(model, tmp_path / "p.safetensors", "--iterations", 2, "--batch-size", 2,
                      "--trajectory-pool", 3, "--xt-from", "frozen") == 0
     assert [len(x) for x, _ in seen] == [2, 2] and not torch.allclose(seen[0][0][0], seen[0][0][1])
+
+
+def test_a_target_variant_is_one_function_and_one_dict_entry(model, tmp_path, monkeypatch):
+    """The README's recipe for a loss variant: a function in esd.TARGETS, picked by --target NAME, is what trains."""
+    def no_guidance(e_0, e_c, negative_guidance, e_a=None):  # pull toward e_0 alone: eta = 0
+        return e_0 if e_a is None else e_a
+    monkeypatch.setitem(esd.TARGETS, "no-guidance", no_guidance)
+    assert run_train(model, tmp_path / "variant.safetensors", "--iterations", 2, "--target", "no-guidance") == 0
+    assert run_train(model, tmp_path / "eta0.safetensors", "--iterations", 2, "--negative-guidance", 0) == 0
+    assert run_train(model, tmp_path / "eta1.safetensors", "--iterations", 2) == 0
+    (variant, meta), reference, eta1 = (delta.load(tmp_path / f) for f in ("variant.safetensors", "eta0.safetensors",
+                                                                           "eta1.safetensors"))
+    assert meta["target"] == "no-guidance"
+    assert all(torch.equal(variant[k], reference[0][k]) for k in variant)  # the same target, the same weights
+    assert not all(torch.equal(variant[k], eta1[0][k]) for k in variant)  # and the default is another target

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+import convert
 import tiny
 from vae import VAE, VAEConfig
 
@@ -25,13 +26,13 @@ def shapes(module):
 @pytest.fixture(scope="module")
 def pair():
     ref = tiny.randomize(AutoencoderKL(**tiny.VAE)).eval()
-    ours = VAE(VAEConfig.from_dict(tiny.VAE)).eval()
+    ours = VAE(convert.vae_config(tiny.VAE)).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
 
 def test_state_dict_keys_and_shapes_equal_diffusers():
-    assert shapes(VAE(VAEConfig.from_dict(tiny.VAE))) == shapes(AutoencoderKL(**tiny.VAE))
+    assert shapes(VAE(convert.vae_config(tiny.VAE))) == shapes(AutoencoderKL(**tiny.VAE))
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (24, 40)])
@@ -70,21 +71,21 @@ def test_logvar_is_clamped_like_ldm(pair):
     assert logvar[:, 2:].abs().max() < 20.0
 
 
-def test_from_dict_reads_a_saved_diffusers_config(tmp_path):
+def test_config_from_a_saved_diffusers_config_json(tmp_path):
     AutoencoderKL(**tiny.VAE).save_config(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
     assert "_class_name" in d and "force_upcast" in d
-    config = VAEConfig.from_dict(d)
-    assert config.block_out_channels == [32, 64] and config.layers_per_block == 1
+    config = convert.vae_config(d)
+    assert config.block_out_channels == (32, 64) and config.layers_per_block == 1  # a tuple, as declared
     assert config.scaling_factor == 0.18215
 
 
 @pytest.mark.parametrize("override", [dict(use_quant_conv=False), dict(latents_mean=[0.0] * 4),
                                       dict(up_block_types=["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]),
                                       dict(mid_block_add_attention=False), dict(some_future_option=1)])
-def test_from_dict_rejects_non_sd_options(override):
+def test_config_json_with_non_sd_options_is_refused(override):
     with pytest.raises(ValueError, match="unsupported"):
-        VAEConfig.from_dict({**tiny.VAE, **override})
+        convert.vae_config({**tiny.VAE, **override})
 
 
 def test_full_size_sd_vae_on_meta():

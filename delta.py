@@ -1,0 +1,77 @@
+"""delta.py: ESD delta files, the trained UNet tensors under diffusers names: save, load, apply, and
+`with applied(unet, delta):` for one block with the originals always put back.
+
+Ours: .safetensors with string metadata (DESIGN.md, "ESD delta file"). Also read, never with pickled
+code: the official ESD weights, diffusers-named UNet tensors (esd_sd.py's .safetensors, train-esd.py's
+diffusers .pt), and train-esd.py's compvis .pt, the whole edited model as an LDM state dict
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`): its UNet part, names mapped by
+convert.py; ESD leaves the VAE and text encoder as they were.
+"""
+import contextlib
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import convert
+from convert import LoadError
+
+FORMAT = "esd-delta/1"  # metadata "format" of our delta files
+LDM_UNET = "model.diffusion_model."  # the UNet's prefix in an LDM state dict
+
+
+def save(path, tensors, metadata):
+    """A delta ({name: tensor}) as .safetensors with string metadata, atomically."""
+    metadata = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
+    convert.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+
+def load(path, config=None):
+    """(tensors, metadata) of a delta file, ours or official. `config`: the UNet's, for the block numbers
+    of an LDM state dict (default SD v1's, the model the official ESD weights edit)."""
+    tensors = convert.read_tensors(str(path))
+    if any(k.startswith(LDM_UNET) for k in tensors):  # train-esd.py's whole model: keep its UNet
+        tensors = {convert.ldm_to_ours(k, config).removeprefix("unet."): t
+                   for k, t in tensors.items() if k.startswith(LDM_UNET)}
+    if not str(path).endswith(".safetensors"):
+        return tensors, {}
+    with safe_open(str(path), framework="pt") as f:
+        return tensors, f.metadata() or {}
+
+
+@torch.no_grad()
+def apply(unet, tensors):
+    """Copy a delta's tensors into `unet`; LoadError, with nothing copied, if a name, shape or value does not fit."""
+    params = dict(unet.named_parameters())
+    bad = [k for k, v in tensors.items() if k not in params or params[k].shape != v.shape]
+    if bad or not tensors:
+        raise LoadError(f"the delta does not fit this UNet: {len(bad)} of {len(tensors)} tensors have unknown "
+                        f"names or other shapes{', e.g. ' + bad[0] if bad else ''}")
+    not_finite = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if not_finite:
+        raise LoadError(f"the delta holds NaN or infinite values in {len(not_finite)} tensors, e.g. {not_finite[0]}")
+    for k, v in tensors.items():
+        params[k].copy_(v)
+    return unet
+
+
+@contextlib.contextmanager
+def applied(unet, *deltas):
+    """Inside the block, `unet` has the deltas (files or {name: tensor}) applied in order; afterwards, also
+    after an error, every tensor they touched has its original value again."""
+    params, originals = dict(unet.named_parameters()), {}
+    try:
+        for d in deltas:
+            is_file = isinstance(d, (str, os.PathLike))
+            tensors = load(d, unet.config)[0] if is_file else d
+            originals.update({k: params[k].detach().clone() for k in tensors if k in params and k not in originals})
+            try:
+                apply(unet, tensors)
+            except LoadError as e:
+                raise LoadError(f"cannot apply delta {d}: {e}" if is_file else str(e)) from None
+        yield unet
+    finally:
+        with torch.no_grad():
+            for k, v in originals.items():
+                params[k].copy_(v)
