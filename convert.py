@@ -1,10 +1,7 @@
 """convert.py: official checkpoint formats <-> ours (= diffusers' names): files read safely and written
-atomically, LDM names by a rule table, configs from tensor shapes or from diffusers' config.json.
-
-LDM names become ours by a short rule table plus one index function (the UNet's numbered blocks);
-configs come from tensor shapes plus SD v1's constants. LDM names as in
-https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py
-"""
+atomically; LDM names by a short rule table plus one index function (the UNet's numbered blocks); configs
+from tensor shapes plus SD v1's constants, or from diffusers' config.json. LDM names as in
+https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py"""
 import dataclasses
 import functools
 import os
@@ -26,8 +23,6 @@ CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
 # sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids.
 IGNORED = re.compile(r"betas|\w*alphas_cumprod\w*|posterior_\w+|logvar|model_ema\..+|.+\.position_ids")
 VAE_ATTN_WEIGHT = re.compile(r"vae\..*\.attentions\.0\.(to_[qkv]|to_out\.0)\.weight")  # 1x1 convs in LDM
-
-
 UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
 os.umask(UMASK)
 
@@ -38,8 +33,7 @@ class LoadError(Exception):
 
 def first_line(e):
     """`Type: first line of the message` of an exception, for one-line errors."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
 
 
 def read_tensors(path):
@@ -106,9 +100,8 @@ RENAMES, RENAMES_BACK = _rules([
 
 @functools.lru_cache
 def _blocks(n, up_attention, vae_levels):
-    """The index function, as rules: LDM's UNet numbers n = layers_per_block + 1 blocks per level,
-    each (resnet, transformer); up_attention[i] says up level i has transformers. LDM's VAE decoder
-    lists its levels in reverse order."""
+    """The index function, as rules: LDM's UNet numbers n = layers_per_block + 1 blocks per level, each
+    (resnet, transformer); up_attention[i]: up level i has transformers. LDM's VAE decoder lists levels reversed."""
     pairs = [("input_blocks.0.0.", "conv_in."), ("middle_block.0.", "mid_block.resnets.0."),
              ("middle_block.1.", "mid_block.attentions.0."), ("middle_block.2.", "mid_block.resnets.1.")]
     for i, attention in enumerate(up_attention):
@@ -185,58 +178,43 @@ def schedule_buffers():
     """The 12 DDPM buffers an official LDM file stores (ldm/models/diffusion/ddpm.py register_schedule:
     computed in float64, stored as float32) for SD's schedule; loading ignores them (IGNORED)."""
     betas = sampler.betas(torch.float64)
-    alphas = 1 - betas
-    a, a_prev = torch.cumprod(alphas, 0), torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(alphas, 0)[:-1]])
-    posterior_variance = betas * (1 - a_prev) / (1 - a)  # v_posterior = 0
+    a = torch.cumprod(1 - betas, 0)  # alpha_bar_t
+    a_prev = torch.cat([a.new_ones(1), a[:-1]])
+    variance = betas * (1 - a_prev) / (1 - a)  # of the posterior q(x_{t-1} | x_t, x_0), DDPM eq. 7
     buffers = dict(betas=betas, alphas_cumprod=a, alphas_cumprod_prev=a_prev, sqrt_alphas_cumprod=a.sqrt(),
                    sqrt_one_minus_alphas_cumprod=(1 - a).sqrt(), log_one_minus_alphas_cumprod=(1 - a).log(),
                    sqrt_recip_alphas_cumprod=(1 / a).sqrt(), sqrt_recipm1_alphas_cumprod=(1 / a - 1).sqrt(),
-                   posterior_variance=posterior_variance,
-                   posterior_log_variance_clipped=posterior_variance.clamp(min=1e-20).log(),
+                   posterior_variance=variance, posterior_log_variance_clipped=variance.clamp(min=1e-20).log(),
                    posterior_mean_coef1=betas * a_prev.sqrt() / (1 - a),
-                   posterior_mean_coef2=(1 - a_prev) * alphas.sqrt() / (1 - a))
-    return {k: v.float() for k, v in buffers.items()}
+                   posterior_mean_coef2=(1 - a_prev) * (1 - betas).sqrt() / (1 - a))
+    return {name: buffer.float() for name, buffer in buffers.items()}
 
 
-# diffusers config.json keys that SD leaves at these values; others switch on parts we do not build.
-UNET_SD_VALUES = dict(
-    center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", dropout=0.0,
-    mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, downsample_padding=1,
-    mid_block_scale_factor=1, norm_eps=RESNET_EPS, transformer_layers_per_block=1,
-    dual_cross_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
-    resnet_out_scale_factor=1.0, time_embedding_type="positional", conv_in_kernel=3, conv_out_kernel=3,
-    attention_type="default", class_embeddings_concat=False, addition_embed_type_num_heads=64,
-    down_block_types=(CROSS_DOWN, "DownBlock2D"), up_block_types=(CROSS_UP, "UpBlock2D"),
-    **dict.fromkeys("""reverse_transformer_layers_per_block encoder_hid_dim encoder_hid_dim_type
-        num_attention_heads class_embed_type addition_embed_type addition_time_embed_dim num_class_embeds
-        time_embedding_dim time_embedding_act_fn timestep_post_act time_cond_proj_dim cross_attention_norm
-        projection_class_embeddings_input_dim mid_block_only_cross_attention""".split()),
-    upcast_attention=(False, True))  # an fp32 softmax in diffusers' non-SDPA attention only; SDPA ignores it
-VAE_SD_VALUES = dict(down_block_types="DownEncoderBlock2D", up_block_types="UpDecoderBlock2D", act_fn="silu",
-                     shift_factor=None, latents_mean=None, latents_std=None, use_quant_conv=True,
-                     use_post_quant_conv=True, mid_block_add_attention=True,
-                     force_upcast=(False, True))  # a pipeline hint: decode fp16 latents in fp32
+# diffusers config.json options -> SD's value (a tuple: any of these); unlisted options must be off (None).
+SD_VALUES = {
+    UNetConfig: dict(
+        center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", dropout=0.0, downsample_padding=1,
+        mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, mid_block_scale_factor=1,
+        norm_eps=RESNET_EPS, transformer_layers_per_block=1, dual_cross_attention=False, resnet_skip_time_act=False,
+        resnet_time_scale_shift="default", resnet_out_scale_factor=1.0, time_embedding_type="positional",
+        conv_in_kernel=3, conv_out_kernel=3, attention_type="default", class_embeddings_concat=False,
+        addition_embed_type_num_heads=64, down_block_types=(CROSS_DOWN, "DownBlock2D"),
+        up_block_types=(CROSS_UP, "UpBlock2D"),
+        upcast_attention=(False, True)),  # an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it
+    VAEConfig: dict(down_block_types="DownEncoderBlock2D", up_block_types="UpDecoderBlock2D", act_fn="silu",
+                    use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+                    force_upcast=(False, True)),  # a pipeline hint: decode fp16 latents in fp32
+}
 
 
-def _config(cls, d, sd_values):
-    """Dataclass `cls` from a diffusers config.json dict (lists as tuples); ValueError for options we do not build."""
-    names = {f.name for f in dataclasses.fields(cls)}
+def config_from_json(cls, d):
+    """UNetConfig or VAEConfig from a diffusers config.json dict (lists as tuples); ValueError on non-SD options."""
+    names, sd_values = {f.name for f in dataclasses.fields(cls)}, SD_VALUES[cls]
     for key, value in d.items():
         if key.startswith("_") or key in names and key not in sd_values:
-            continue  # "_class_name", "_diffusers_version", ... are bookkeeping
-        allowed = sd_values.get(key)
-        allowed = allowed if isinstance(allowed, tuple) else (allowed,)  # a tuple: several values are SD's
+            continue  # "_class_name", "_diffusers_version": bookkeeping; and the fields we build from
+        allowed = sd_values.get(key, None)
         values = value if isinstance(value, (list, tuple)) else [value]  # per-level lists: each entry
-        if key not in sd_values or any(v not in allowed for v in values):
+        if any(v not in (allowed if isinstance(allowed, tuple) else (allowed,)) for v in values):
             raise ValueError(f"unsupported {cls.__name__} option {key}={value!r}: not Stable Diffusion's")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
-
-
-def unet_config(d):
-    """Our UNetConfig from a diffusers unet/config.json dict; ValueError on options SD does not use."""
-    return _config(UNetConfig, d, UNET_SD_VALUES)
-
-
-def vae_config(d):
-    """Our VAEConfig from a diffusers vae/config.json dict; ValueError on options SD does not use."""
-    return _config(VAEConfig, d, VAE_SD_VALUES)

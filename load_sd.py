@@ -2,8 +2,7 @@
 transformers' CLIP text encoder and tokenizer), and back to an official single file or a diffusers folder.
 
 Sources: official LDM single files (Rombach et al., arXiv 2112.10752; names and configs by convert.py),
-diffusers folders, hub ids.
-"""
+diffusers folders, hub ids."""
 import dataclasses
 import json
 import os
@@ -17,8 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import convert
 from convert import CLIP_MAX_LEN, IGNORED, VAE_ATTN_WEIGHT, LoadError, atomic_write, first_line
-from unet import UNet
-from vae import VAE
+from unet import UNet, UNetConfig
+from vae import VAE, VAEConfig
 
 DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"  # SD v1's FrozenCLIPEmbedder (v1-inference.yaml)
 FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}  # cross_attention_dim: CLIP ViT-L/14 (v1), OpenCLIP ViT-H (v2)
@@ -89,11 +88,10 @@ def _single_file(path):
 
 def _stated_size(path):
     """The image side a .safetensors file's model-spec metadata states ("512x512" -> 512), else None."""
-    if not path.endswith(".safetensors"):
-        return None
-    with safe_open(path, "pt") as f:
-        size = re.fullmatch(r"(\d+)x\d+", (f.metadata() or {}).get(RESOLUTION, ""))
-    return int(size[1]) if size else None
+    if path.endswith(".safetensors"):
+        with safe_open(path, "pt") as f:
+            size = re.fullmatch(r"(\d+)x\d+", (f.metadata() or {}).get(RESOLUTION, ""))
+        return int(size[1]) if size else None
 
 
 def _folder(folder, variant=None):
@@ -102,8 +100,8 @@ def _folder(folder, variant=None):
         with open(os.path.join(folder, part, name)) as f:
             return json.load(f)
     try:
-        configs = (convert.unet_config(read_json("unet")), convert.vae_config(read_json("vae")),
-                   CLIPTextConfig.from_dict(read_json("text_encoder")))
+        configs = (convert.config_from_json(UNetConfig, read_json("unet")),
+                   convert.config_from_json(VAEConfig, read_json("vae")), CLIPTextConfig.from_dict(read_json("text_encoder")))
         scheduler = read_json("scheduler", "scheduler_config.json") if os.path.isdir(f"{folder}/scheduler") else {}
     except (OSError, ValueError) as e:
         raise LoadError(f"{folder} is not a diffusers SD folder we can load: {first_line(e)}") from None
@@ -117,7 +115,7 @@ def _folder(folder, variant=None):
         parts[part] = {re.sub(r"^text_model\.", "", k): t for k, t in tensors.items() if not IGNORED.fullmatch(k)}
     unet, vae = configs[:2]  # linear projections: SD v2's hallmark where the context width is no real one (tests)
     family = FAMILY_BY_CONTEXT.get(unet.cross_attention_dim, "sd2" if unet.use_linear_projection else "sd1")
-    size = unet.sample_size * 2 ** (len(vae.block_out_channels) - 1)
+    size = unet.sample_size * 2 ** (len(vae.block_out_channels) - 1)  # latent side x the VAE's downsampling
     return configs, parts, family, scheduler.get("prediction_type", "epsilon"), size
 
 
@@ -152,9 +150,10 @@ def _fill(model, tensors, device, dtype):
 
 
 def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32, revision=None, variant=None):
-    """A StableDiffusion from a single file (.safetensors, .ckpt), a diffusers folder, a hub id or "toy".
-    The tokenizer: a folder's own tokenizer/, else `tokenizer` (folder or hub id), else SD v1's.
-    revision: a hub branch, tag or commit; variant: weight files named *.VARIANT.* (e.g. "fp16")."""
+    """A StableDiffusion from a single file (.safetensors, .ckpt), a diffusers folder, a hub id or "toy". Tokenizer:
+    a folder's own, else `tokenizer`, else SD v1's. revision: a hub branch, tag or commit; variant: *.VARIANT.* files."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise LoadError(f"--device {device}, but no CUDA GPU is here (use --device cpu)")
     source = str(source)
     path, tokenizer = (f"{TOY_DIR}/toy.safetensors", tokenizer or f"{TOY_DIR}/tokenizer") if source == "toy" else (source, tokenizer)
     if not os.path.exists(path):
@@ -197,8 +196,7 @@ def ldm_state_dict(sd):
 
 
 def save_single_file(sd, path, metadata=None):
-    """Write `sd` as an official single .safetensors file (A1111, ComfyUI), its image size as model-spec
-    metadata, atomically."""
+    """Write `sd` as an official single .safetensors file (A1111, ComfyUI), its image size in the metadata; atomic."""
     tensors = {k: t.cpu().contiguous() for k, t in ldm_state_dict(sd).items()}
     metadata = {RESOLUTION: f"{sd.image_size}x{sd.image_size}", **(metadata or {})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))

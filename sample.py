@@ -4,8 +4,7 @@
     python sample.py --model sd-v1-4.safetensors --prompt "a car" --num-images 4 --seed 1
     python sample.py --model toy --prompt "a red circle" --prompt "a circle" --delta esd.safetensors --compare
 
-Image i of --num-images has seed --seed + i, and for a seed the same model, prompt, steps and guidance
-give the image diffusers' StableDiffusionPipeline with DDIMScheduler gives (the noise is DESIGN.md's).
+Image i of --num-images has seed --seed + i: the image diffusers' StableDiffusionPipeline (DDIM) draws for it.
 """
 import argparse
 import json
@@ -13,10 +12,8 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
-from tqdm import tqdm
 
 import delta
 import load_sd
@@ -28,8 +25,8 @@ MIN_CELL = 96  # grid cells are at least this many pixels wide: small images are
 
 def to_pil(images):
     """Images [N, 3, H, W] in [-1, 1] -> 8-bit PIL images, clamped and rounded as diffusers' numpy_to_pil."""
-    arrays = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
+    arrays = ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu() * 255).round().to(torch.uint8)
+    return [Image.fromarray(a.numpy()) for a in arrays]
 
 
 def grid(rows, titles=()):
@@ -64,16 +61,9 @@ def save_png(image, path, parameters):
     load_sd.atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
-def output_paths(output, n):
-    """`out.png` for one image; `out-0.png`, `out-1.png`, ... for several."""
-    stem, ext = os.path.splitext(output)
-    return [output] if n == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate images with Stable Diffusion (DDIM + CFG).")
-    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
-                   help="single file (.safetensors/.ckpt), diffusers folder, hub repo id, or 'toy'")
+    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="single file, diffusers folder, hub id, or 'toy'")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
     p.add_argument("--revision", default=None, help="hub models: branch, tag or commit")
     p.add_argument("--variant", default=None, help="diffusers folders and hub models: weight files *.VARIANT.*, e.g. fp16")
@@ -89,15 +79,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=load_sd.DTYPES)
     p.add_argument("--delta", action="append", default=[], help="ESD delta file to apply (repeatable)")
-    p.add_argument("--compare", action="store_true",
-                   help="write one grid: original model's images (top row) above the edited model's (bottom)")
+    p.add_argument("--compare", action="store_true", help="one grid: the original's images (top row) above the edited")
     return p.parse_args(argv)
 
 
 def check_args(args, scale_factor=1):
     """Raise LoadError (-> one line, exit 2) for values no run could succeed with."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise load_sd.LoadError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
     if args.steps < 1 or args.num_images < 1:
         raise load_sd.LoadError("--steps and --num-images must be at least 1")
     if args.compare and not args.delta:
@@ -116,22 +103,20 @@ def main(argv=None):
                           revision=args.revision, variant=args.variant)
         check_args(args, sd.vae.scale_factor)
         args.height, args.width = args.height or sd.image_size, args.width or sd.image_size
-        seeds = range(args.seed, args.seed + args.num_images)
+        seeds = list(range(args.seed, args.seed + args.num_images))
         settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                         height=args.height, width=args.width, progress=True)
         with delta.applied(sd.unet, *args.delta):
             images = to_pil(sampler.generate(sd, args.prompt, seeds, **settings))
-        common = {k: v for k, v in vars(args).items() if k not in ("output", "device", "prompt", "seed", "num_images")}
-        if args.compare:  # the same prompts and noise through the original weights: the top row
-            original = to_pil(sampler.generate(sd, args.prompt, seeds, **settings))
-            save_png(grid([original, images]), args.output, dict(common, prompt=args.prompt[0], seed=args.seed,
-                                                                 prompts=args.prompt, seeds=list(seeds)))
-            tqdm.write(f"wrote {args.output} (top: original, bottom: with {', '.join(args.delta)})")
-            return 0
-        pairs = [(seed, prompt) for seed in seeds for prompt in args.prompt]  # generate's order: seed-major
-        for image, path, (seed, prompt) in zip(images, output_paths(args.output, len(images)), pairs):
-            save_png(image, path, dict(common, prompt=prompt, seed=seed))
-            tqdm.write(f"wrote {path}")
+        parameters = [dict(vars(args), prompts=args.prompt, prompt=prompt, seed=seed)
+                      for seed in seeds for prompt in args.prompt]  # generate's order: seed-major
+        if args.compare:  # top row: the same prompts and noise through the original weights; the first's settings
+            images = [grid([to_pil(sampler.generate(sd, args.prompt, seeds, **settings)), images])]
+        stem, ext = os.path.splitext(args.output)  # out.png for one image; out-0.png, out-1.png, ... for several
+        paths = [args.output] if len(images) == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(len(images))]
+        for image, path, image_parameters in zip(images, paths, parameters):
+            save_png(image, path, image_parameters)
+            print(f"wrote {path}")
     except load_sd.LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -84,8 +84,7 @@ def check(config):
          "--iterations, --batch-size, --lr, --steps out of range"),
         (config.resolution % 8 or config.resolution <= 0, "--resolution must be a positive multiple of 8"),
         (not abs(config.negative_guidance) < float("inf"), "--negative-guidance must be a finite number"),
-        (config.trajectory_pool < 0 or config.pool_refresh < 0 or config.save_every < 0, "negative counts are not allowed"),
-        (config.device.startswith("cuda") and not torch.cuda.is_available(), "--device cuda, but no CUDA GPU is here"),
+        (min(config.trajectory_pool, config.pool_refresh, config.save_every) < 0, "negative counts are not allowed"),
     ]
     for bad, message in problems:
         if bad:
@@ -161,9 +160,8 @@ def train(config, sd, concepts):
 
 def kept(config):
     """What an interrupted run leaves, for its error line."""
-    if config.output and os.path.exists(config.output):
-        return f"the last checkpoint {config.output} is kept: continue it with --resume"
-    return "nothing saved"
+    saved = config.output and os.path.exists(config.output)
+    return f"the last checkpoint {config.output} is kept: continue it with --resume" if saved else "nothing saved"
 
 
 def main(argv=None):

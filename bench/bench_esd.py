@@ -28,7 +28,7 @@ import esd  # noqa: E402
 import load_sd  # noqa: E402
 import sampler  # noqa: E402
 import convert  # noqa: E402
-from unet import UNet  # noqa: E402
+from unet import UNet, UNetConfig  # noqa: E402
 
 CONTEXT_LEN = 77  # CLIP text tokens
 # SD v1 layout (runwayml/stable-diffusion-v1-5 unet/config.json) with every width / 5, the text width
@@ -88,7 +88,7 @@ def run(variant, method, initial, plan, args):
         trainer = TwoCopies(model.to(device), method, args.steps, dtype)
         x_t, held = trainer.x_t, trainer.held
     else:
-        model = UNet(convert.unet_config(args.config))
+        model = UNet(convert.config_from_json(UNetConfig, args.config))
         model.load_state_dict(initial)
         trainer = esd.ESD(model.to(device), method, steps=args.steps, dtype=dtype)
         x_t = lambda *a: trainer.sample(*a, xt_from="trained")  # noqa: E731

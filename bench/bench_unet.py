@@ -25,7 +25,7 @@ from diffusers.utils import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import convert  # noqa: E402
-from unet import UNet  # noqa: E402
+from unet import UNet, UNetConfig  # noqa: E402
 
 CONTEXT_LEN = 77  # CLIP text tokens
 TIMESTEP = 981    # first of SD's 50 DDIM steps
@@ -46,7 +46,7 @@ def build(config, device, dtype, names=("ours", "diffusers")):
         ref = UNet2DConditionModel(**config).to(device, dtype)
         built["diffusers"] = ref, lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample
     if "ours" in names:
-        ours = UNet(convert.unet_config(config)).to(device, dtype)
+        ours = UNet(convert.config_from_json(UNetConfig, config)).to(device, dtype)
         if "diffusers" in names:
             ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # same tensors, no copy
         built["ours"] = ours, ours

@@ -56,7 +56,7 @@ def test_ours_to_ldm_inverts_diffusers_converters(unet_config):
     exactly the original keys and tensors (v2: linear projections, 1 resnet per level)."""
     unet = tiny.randomize(UNet2DConditionModel(**unet_config))
     vae = tiny.randomize(AutoencoderKL(**tiny.VAE), seed=1)
-    ucfg, vcfg = convert.unet_config(unet_config), convert.vae_config(tiny.VAE)
+    ucfg, vcfg = convert.config_from_json(UNetConfig, unet_config), convert.config_from_json(VAEConfig, tiny.VAE)
     for part, module, oracle, config in (("unet", unet, convert_ldm_unet_checkpoint, unet_config),
                                           ("vae", vae, convert_ldm_vae_checkpoint, tiny.VAE)):
         ours = {f"{part}.{k}": t for k, t in module.state_dict().items()}
