@@ -35,7 +35,7 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     concept: str = opt(None, "what to erase; 'a, b' erases both (one drawn per iteration)")
     method: str = opt("esd-x", "which weights train (esd.py FILTERS)", choices=list(esd.FILTERS))
     target: str = opt("esd", "what the trained prediction is pulled toward (esd.py TARGETS)")
-    negative_guidance: float = opt(1.0, "the paper's eta in e_0 - eta (e_c - e_0)")
+    negative_guidance: float = opt(1.0, "the paper's η in e_0 - η (e_c - e_0)")
     erase_from: str = opt(None, "anchor concept a: erase the concept from a's images (target base e_a)")
     xt_from: str = opt("trained", "weights that sample x_t: the model being trained (paper) or the frozen one",
                        choices=list(esd.XT_FROM))
@@ -122,9 +122,9 @@ def resume(config, trainer, optimizer):
     return state["iteration"]
 
 
-def train(config, sd, concepts):
-    """ESD (the paper's Algorithm 1) on `sd`'s UNet; its trainer. Every iteration's concept, t_enc and
-    noise come from (seed, iteration) alone, so a resumed run repeats what an uninterrupted one does."""
+def train(config, sd, concepts, on_step=None):
+    """ESD (the paper's Algorithm 1) on `sd`'s UNet; its trainer. on_step(iteration, loss), if given, runs
+    after every step (the demo's progress); when it returns True the run stops there, saved as it is."""
     trainer = esd.ESD(sd.unet, config.method, negative_guidance=config.negative_guidance, target=config.target,
                       steps=config.steps, guidance=config.guidance, prediction=sd.prediction_type,
                       dtype=load_sd.DTYPES[config.dtype])
@@ -142,7 +142,7 @@ def train(config, sd, concepts):
     for it in bar:
         # Draw the iteration's concepts and DDIM step t_enc; x_t after t_enc steps (sampled now, or a pool's).
         concept, t_enc, x_t = xt_source.draw(it)
-        # Frozen e_0, e_c (one batch) -> target e_0 - eta (e_c - e_0); loss: the trained prediction's MSE to it.
+        # Frozen e_0, e_c (one batch) -> target e_0 - η (e_c - e_0); loss: the trained prediction's MSE to it.
         loss = trainer.loss(x_t, t_enc, torch.cat([conds[c] for c in concept]), uncond, anchor)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; {kept(config)}. Try a lower --lr.")
@@ -150,11 +150,13 @@ def train(config, sd, concepts):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # Log; checkpoint every --save-every iterations and at the end.
+        # Log; checkpoint every --save-every iterations, at the end, and where on_step stops the run.
         bar.set_postfix(loss=f"{loss.item():.4f}", concept=concepts[concept[0]])
-        if config.save_every and (it + 1) % config.save_every == 0 and it + 1 < config.iterations:
-            save(config, trainer, optimizer, it + 1)
-    save(config, trainer, optimizer, config.iterations)
+        done, stop = it + 1, on_step is not None and on_step(it + 1, loss.item())
+        if stop or done == config.iterations or (config.save_every and done % config.save_every == 0):
+            save(config, trainer, optimizer, done)
+        if stop:
+            break
     return trainer
 
 
@@ -184,12 +186,9 @@ def main(argv=None):
             tqdm.write(f"wrote {config.export_diffusers}")
         if config.model == "toy" and not config.no_eval:  # the toy's measurement: erased-concept rate before and after
             print(evaluate.format_report(evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])))
-    except load_sd.LoadError as e:
+    except (load_sd.LoadError, FloatingPointError) as e:  # bad input: 2; a NaN loss: 1
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, load_sd.LoadError) else 1
     except KeyboardInterrupt:
         print(f"error: interrupted; {kept(config)}", file=sys.stderr)
         return 130

@@ -89,7 +89,8 @@ def test_bad_input_is_one_line_exit_2(reference, tmp_path, capsys):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(reference[1].read_bytes()[:1000])
     cases = [("--model", tmp_path / "missing.safetensors"), ("--model", truncated),
-             ("--model", folder, "--height", 13), ("--model", folder, "--output", tmp_path / "no" / "x.png")]
+             ("--model", folder, "--height", 13), ("--model", folder, "--output", tmp_path / "no" / "x.png"),
+             ("--model", folder, "--variant", "fp16"), ("--model", reference[1], "--variant", "fp16")]
     for i, case in enumerate(cases):  # the first case in a real process: exit code and stderr as users see them
         r = (run if i == 0 else functools.partial(run_inline, capsys))(*case, "--prompt", PROMPT, "--steps", 1,
                                                                         "--device", "cpu")

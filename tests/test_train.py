@@ -87,8 +87,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(model, tmp_path, capsys):
 
 
 def test_bad_input_is_one_line_exit_2(model, tmp_path, capsys):
-    cases = [["--concept", " , "], ["--output", tmp_path / "missing" / "d.safetensors"],
-             ["--target", "nope"], ["--steps", "1000"], ["--resolution", "12"], ["--batch-size", "0"], ["--model", tmp_path / "none.safetensors"]]
+    cases = [["--concept", " , "], ["--output", tmp_path / "missing" / "d.safetensors"], ["--target", "nope"],
+             ["--steps", "1000"], ["--variant", "fp16"], ["--resolution", "12"], ["--batch-size", "0"],
+             ["--model", tmp_path / "none.safetensors"]]
     for case in cases:
         assert train.main(["--model", model, "--concept", "car", *FAST, *map(str, case)]) == 2, case
         err = capsys.readouterr().err.strip()
@@ -172,3 +173,16 @@ def test_a_target_variant_is_one_function_and_one_dict_entry(model, tmp_path, mo
     assert meta["target"] == "no-guidance"
     assert all(torch.equal(variant[k], reference[0][k]) for k in variant)  # the same target, the same weights
     assert not all(torch.equal(variant[k], eta1[0][k]) for k in variant)  # and the default is another target
+
+
+def test_on_step_sees_every_step_and_can_stop_the_run_saved(model, tmp_path):
+    """The demo's hook: on_step(iteration, loss) after each step; True stops there, saved like --iterations 3."""
+    three, stopped = tmp_path / "three.safetensors", tmp_path / "stopped.safetensors"
+    assert run_train(model, three, "--iterations", 3) == 0
+    config = train.parse_args(["--model", model, "--concept", "car", "--output", str(stopped), "--iterations", "5",
+                               *FAST])
+    seen = []
+    train.train(config, load_sd.load(model), ["car"], on_step=lambda it, loss: seen.append((it, loss)) or it == 3)
+    assert [it for it, _ in seen] == [1, 2, 3] and all(loss > 0 for _, loss in seen)
+    (a, meta), (b, _) = delta.load(stopped), delta.load(three)
+    assert meta["iterations"] == "3" and all(torch.equal(a[k], b[k]) for k in a)
