@@ -1,15 +1,12 @@
-"""convert.py: official checkpoint formats <-> ours (= diffusers' names): files read safely and written
-atomically; LDM names by a short rule table plus one index function (the UNet's numbered blocks); configs
-from tensor shapes plus SD v1's constants, or from diffusers' config.json. LDM names as in
+"""convert.py: official checkpoint names and shapes <-> ours (= diffusers'), pure functions: LDM names by a
+short rule table plus one index function (the UNet's numbered blocks); configs from tensor shapes plus SD v1's
+constants, or from diffusers' config.json; LDM's schedule buffers. LDM names as in
 https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py"""
 import dataclasses
 import functools
-import os
 import re
-import shutil
 
 import torch
-from safetensors.torch import load_file
 from transformers import CLIPTextConfig
 
 import sampler
@@ -23,45 +20,6 @@ CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
 # sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids.
 IGNORED = re.compile(r"betas|\w*alphas_cumprod\w*|posterior_\w+|logvar|model_ema\..+|.+\.position_ids")
 VAE_ATTN_WEIGHT = re.compile(r"vae\..*\.attentions\.0\.(to_[qkv]|to_out\.0)\.weight")  # 1x1 convs in LDM
-UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
-os.umask(UMASK)
-
-
-class LoadError(Exception):
-    """A one-line, user-facing problem with an input or output file (CLIs print it and exit 2)."""
-
-
-def first_line(e):
-    """`Type: first line of the message` of an exception, for one-line errors."""
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
-
-
-def read_tensors(path):
-    """The tensors of a .safetensors file, or of a .ckpt/.pt/.bin read with weights_only (no pickled code)."""
-    try:
-        obj = load_file(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
-    except Exception as e:  # any file we cannot read is bad input, whatever the library raises
-        raise LoadError(f"cannot read {path}: {first_line(e)}") from None
-    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj  # LDM .ckpt: {"state_dict": ...}
-    if not isinstance(obj, dict):
-        raise LoadError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return obj
-
-
-def atomic_write(path, write):
-    """write(tmp) into a temporary name beside `path`, then rename: a crash never leaves half a file
-    (or half a folder) where a good one was. Files get the usual mode (safetensors would make them 0600)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        if os.path.isfile(tmp):
-            os.chmod(tmp, 0o666 & ~UMASK)
-        os.replace(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _rules(pairs):

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import convert
-from convert import LoadError
+import files
+from files import LoadError
 
 FORMAT = "esd-delta/1"  # metadata "format" of our delta files
 LDM_UNET = "model.diffusion_model."  # the UNet's prefix in an LDM state dict
@@ -24,13 +25,13 @@ LDM_UNET = "model.diffusion_model."  # the UNet's prefix in an LDM state dict
 def save(path, tensors, metadata):
     """A delta ({name: tensor}) as .safetensors with string metadata, atomically."""
     metadata = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
-    convert.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+    files.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
 
 
 def load(path, config=None):
     """(tensors, metadata) of a delta file, ours or official. `config`: the UNet's, for the block numbers
     of an LDM state dict (default SD v1's, the model the official ESD weights edit)."""
-    tensors = convert.read_tensors(str(path))
+    tensors = files.read_tensors(str(path))
     if any(k.startswith(LDM_UNET) for k in tensors):  # train-esd.py's whole model: keep its UNet
         tensors = {convert.ldm_to_ours(k, config).removeprefix("unet."): t
                    for k, t in tensors.items() if k.startswith(LDM_UNET)}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import delta
+import files
 import load_sd
 import sample
 import sampler
@@ -89,7 +90,7 @@ def save_grid(images, titles, path, seeds_shown=2):
     rows = [sample.to_pil(images[run][i * n:(i + 1) * n])
             for run in images for i in range(min(seeds_shown, len(images[run]) // n))]
     image = sample.grid(rows, titles)
-    load_sd.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    files.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def format_report(result):
@@ -125,8 +126,8 @@ def main(argv=None):
                           variant=args.variant)
         result = evaluate(sd, args.delta, args.concept, prompts=args.prompts, seeds=range(args.seeds), steps=args.steps,
                           guidance=args.guidance, labels=[args.concept, *args.labels], grid=f"{args.output}.png")
-        load_sd.atomic_write(f"{args.output}.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
-    except (load_sd.LoadError, ValueError, OSError) as e:
+        files.atomic_write(f"{args.output}.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    except (files.LoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(result) + f"\nwrote {args.output}.json and {args.output}.png")

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import convert
-from convert import CLIP_MAX_LEN, IGNORED, VAE_ATTN_WEIGHT, LoadError, atomic_write, first_line
+from files import LoadError, atomic_write, first_line, read_tensors
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
@@ -49,7 +49,7 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_prompts(self, prompts):
         """Prompts -> CLIP's last hidden states [B, 77, D]."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=CLIP_MAX_LEN, truncation=True,
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=convert.CLIP_MAX_LEN, truncation=True,
                              return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state
 
@@ -64,7 +64,7 @@ class StableDiffusion:
 
 def _single_file(path):
     """(configs, our-named tensors per part, family, prediction type, image size) of an LDM single file."""
-    sd = convert.read_tensors(path)
+    sd = read_tensors(path)
     if any(k.startswith("cond_stage_model.model.") for k in sd):
         raise LoadError("SD v2 single-file checkpoints are not supported yet (use its diffusers folder)")
     if not any(k.startswith("cond_stage_model.transformer.") for k in sd):
@@ -76,13 +76,13 @@ def _single_file(path):
     except (KeyError, IndexError) as e:
         raise LoadError(f"{path} is an incomplete SD v1 checkpoint: {first_line(e)}") from None
     parts = {part: {} for part in WEIGHTS}
-    names = {k: convert.ldm_to_ours(k, unet, vae) for k in sd if not IGNORED.fullmatch(k)}
+    names = {k: convert.ldm_to_ours(k, unet, vae) for k in sd if not convert.IGNORED.fullmatch(k)}
     leftover = [k for k, name in names.items() if name.partition(".")[0] not in parts]
     if leftover:
         raise LoadError(f"{path}: {len(leftover)} tensors of no SD v1 part, e.g. {', '.join(leftover[:3])}")
     for key, name in names.items():
         part, _, rest = name.partition(".")
-        parts[part][rest] = sd[key].flatten(1) if VAE_ATTN_WEIGHT.fullmatch(name) else sd[key]  # 1x1 conv -> linear
+        parts[part][rest] = sd[key].flatten(1) if convert.VAE_ATTN_WEIGHT.fullmatch(name) else sd[key]  # conv -> linear
     return configs, parts, "sd1", "epsilon", _stated_size(path) or SD1_SIZE
 
 
@@ -100,8 +100,8 @@ def _folder(folder, variant=None):
         with open(os.path.join(folder, part, name)) as f:
             return json.load(f)
     try:
-        configs = (convert.config_from_json(UNetConfig, read_json("unet")),
-                   convert.config_from_json(VAEConfig, read_json("vae")), CLIPTextConfig.from_dict(read_json("text_encoder")))
+        unet, vae = (convert.config_from_json(cls, read_json(part)) for cls, part in ((UNetConfig, "unet"), (VAEConfig, "vae")))
+        configs = unet, vae, CLIPTextConfig.from_dict(read_json("text_encoder"))
         scheduler = read_json("scheduler", "scheduler_config.json") if os.path.isdir(f"{folder}/scheduler") else {}
     except (OSError, ValueError) as e:
         raise LoadError(f"{folder} is not a diffusers SD folder we can load: {first_line(e)}") from None
@@ -111,9 +111,9 @@ def _folder(folder, variant=None):
         found = [f for f in files if os.path.exists(f)]
         if not found:
             raise LoadError(f"no weights in {folder}/{part} (expected {' or '.join(map(os.path.basename, files))})")
-        tensors = convert.read_tensors(found[0])
-        parts[part] = {re.sub(r"^text_model\.", "", k): t for k, t in tensors.items() if not IGNORED.fullmatch(k)}
-    unet, vae = configs[:2]  # linear projections: SD v2's hallmark where the context width is no real one (tests)
+        tensors = read_tensors(found[0])
+        parts[part] = {re.sub(r"^text_model\.", "", k): t for k, t in tensors.items() if not convert.IGNORED.fullmatch(k)}
+    # linear projections: SD v2's hallmark where the context width is no real one (tests)
     family = FAMILY_BY_CONTEXT.get(unet.cross_attention_dim, "sd2" if unet.use_linear_projection else "sd1")
     size = unet.sample_size * 2 ** (len(vae.block_out_channels) - 1)  # latent side x the VAE's downsampling
     return configs, parts, family, scheduler.get("prediction_type", "epsilon"), size
@@ -190,7 +190,7 @@ def ldm_state_dict(sd):
     for part, model in (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder)):
         for key, t in model.state_dict().items():
             name = f"{part}.{key}"
-            t = t[:, :, None, None] if VAE_ATTN_WEIGHT.fullmatch(name) else t  # linear -> LDM's 1x1 conv
+            t = t[:, :, None, None] if convert.VAE_ATTN_WEIGHT.fullmatch(name) else t  # linear -> LDM's 1x1 conv
             tensors[convert.ours_to_ldm(name, sd.unet.config, sd.vae.config)] = t.detach()
     return tensors
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
 import delta
+import files
 import load_sd
 import sampler
 
@@ -58,7 +59,7 @@ def save_png(image, path, parameters):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext(parameters))
     info.add_text("esd", json.dumps(parameters))
-    load_sd.atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    files.atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def parse_args(argv=None):
@@ -86,13 +87,13 @@ def parse_args(argv=None):
 def check_args(args, scale_factor=1):
     """Raise LoadError (-> one line, exit 2) for values no run could succeed with."""
     if args.steps < 1 or args.num_images < 1:
-        raise load_sd.LoadError("--steps and --num-images must be at least 1")
+        raise files.LoadError("--steps and --num-images must be at least 1")
     if args.compare and not args.delta:
-        raise load_sd.LoadError("--compare needs at least one --delta to compare against")
+        raise files.LoadError("--compare needs at least one --delta to compare against")
     if any(s is not None and (s <= 0 or s % scale_factor) for s in (args.height, args.width)):
-        raise load_sd.LoadError(f"--height and --width must be positive multiples of {scale_factor}")
+        raise files.LoadError(f"--height and --width must be positive multiples of {scale_factor}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise load_sd.LoadError(f"output folder does not exist: {os.path.dirname(args.output)}")
+        raise files.LoadError(f"output folder does not exist: {os.path.dirname(args.output)}")
 
 
 def main(argv=None):
@@ -117,7 +118,7 @@ def main(argv=None):
         for image, path, image_parameters in zip(images, paths, parameters):
             save_png(image, path, image_parameters)
             print(f"wrote {path}")
-    except load_sd.LoadError as e:
+    except files.LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import delta
+import files
 import esd
 import evaluate
 import load_sd
@@ -88,7 +89,7 @@ def check(config):
     ]
     for bad, message in problems:
         if bad:
-            raise load_sd.LoadError(message)
+            raise files.LoadError(message)
     return concepts
 
 
@@ -99,7 +100,7 @@ def save(config, trainer, optimizer, iteration):
                 seed=config.seed, base_model=config.model)
     delta.save(config.output, trainer.delta(), meta)
     state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(config)}
-    load_sd.atomic_write(config.output + ".resume.pt", lambda tmp: torch.save(state, tmp))
+    files.atomic_write(config.output + ".resume.pt", lambda tmp: torch.save(state, tmp))
 
 
 def resume(config, trainer, optimizer):
@@ -107,18 +108,18 @@ def resume(config, trainer, optimizer):
     try:
         state = torch.load(config.output + ".resume.pt", weights_only=True)
         tensors, _ = delta.load(config.output)
-    except (OSError, RuntimeError, load_sd.LoadError) as e:
-        raise load_sd.LoadError(f"cannot resume from {config.output}: {str(e).splitlines()[0]}") from None
+    except (OSError, RuntimeError, files.LoadError) as e:
+        raise files.LoadError(f"cannot resume from {config.output}: {str(e).splitlines()[0]}") from None
     changed = [k for k in RESUME_SAME if state["config"].get(k) != getattr(config, k)]
     if changed:
-        raise load_sd.LoadError(f"--resume with other settings than the checkpoint: {', '.join(changed)}")
+        raise files.LoadError(f"--resume with other settings than the checkpoint: {', '.join(changed)}")
     if state["iteration"] > config.iterations:
-        raise load_sd.LoadError(f"--iterations {config.iterations}: the checkpoint is at {state['iteration']} already")
+        raise files.LoadError(f"--iterations {config.iterations}: the checkpoint is at {state['iteration']} already")
     try:
         delta.apply(trainer.unet, tensors)
         optimizer.load_state_dict(state["optimizer"])
-    except (load_sd.LoadError, ValueError) as e:  # a delta of other tensors, an optimizer of other shapes
-        raise load_sd.LoadError(f"cannot resume from {config.output}: {e}") from None
+    except (files.LoadError, ValueError) as e:  # a delta of other tensors, an optimizer of other shapes
+        raise files.LoadError(f"cannot resume from {config.output}: {e}") from None
     return state["iteration"]
 
 
@@ -173,7 +174,7 @@ def main(argv=None):
         slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in concepts)
         config.output = config.output or f"{config.method}-{slug}.safetensors"
         if not os.access(os.path.dirname(os.path.abspath(config.output)), os.W_OK):
-            raise load_sd.LoadError(f"cannot write {config.output}: its folder is missing or read-only")
+            raise files.LoadError(f"cannot write {config.output}: its folder is missing or read-only")
         sd = load_sd.load(config.model, tokenizer=config.tokenizer, device=config.device, revision=config.revision,
                           variant=config.variant)
         train(config, sd, concepts)
@@ -186,9 +187,9 @@ def main(argv=None):
             tqdm.write(f"wrote {config.export_diffusers}")
         if config.model == "toy" and not config.no_eval:  # the toy's measurement: erased-concept rate before and after
             print(evaluate.format_report(evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])))
-    except (load_sd.LoadError, FloatingPointError) as e:  # bad input: 2; a NaN loss: 1
+    except (files.LoadError, FloatingPointError) as e:  # bad input: 2; a NaN loss: 1
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, load_sd.LoadError) else 1
+        return 2 if isinstance(e, files.LoadError) else 1
     except KeyboardInterrupt:
         print(f"error: interrupted; {kept(config)}", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 import convert
 import delta
 import esd
+import files
 import sampler
 import tiny
 import unet as unet_lib
@@ -173,7 +174,7 @@ def test_delta_round_trip_into_ours_and_diffusers(tmp_path):
     path = str(tmp_path / "esd-car.safetensors")
     delta.save(path, tensors, meta)
     assert os.listdir(tmp_path) == ["esd-car.safetensors"]  # the temporary file was renamed away
-    assert os.stat(path).st_mode & 0o777 == 0o666 & ~convert.UMASK  # not safetensors' 0600
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~files.UMASK  # not safetensors' 0600
     loaded, metadata = delta.load(path)
     assert metadata == {"format": delta.FORMAT, **{k: str(v) for k, v in meta.items()}}
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)

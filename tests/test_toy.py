@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import convert
 import delta
 import evaluate
+import files
 import load_sd
 import sampler
 import sample
@@ -102,7 +102,7 @@ def test_shipped_model_is_an_official_single_file(sd):
     assert sd.vae.config.block_out_channels == toy.VAE_CONFIG["block_out_channels"]
     assert sd.text_encoder.config.hidden_size == toy.TEXT["hidden_size"]
     assert sd.image_size == toy.IMAGE_SIZE  # its model-spec metadata: sample.py's default size
-    keys = convert.read_tensors(f"{toy.ASSETS}/{toy.CHECKPOINT}").keys()  # LDM names: what official tools read
+    keys = files.read_tensors(f"{toy.ASSETS}/{toy.CHECKPOINT}").keys()  # LDM names: what official tools read
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
     assert {"betas", "alphas_cumprod", "posterior_mean_coef2"} <= set(keys)  # the official key set
