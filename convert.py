@@ -176,3 +176,24 @@ def config_from_json(cls, d):
         if any(v not in (allowed if isinstance(allowed, tuple) else (allowed,)) for v in values):
             raise ValueError(f"unsupported {cls.__name__} option {key}={value!r}: not Stable Diffusion's")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+# SD v1.5's scheduler/scheduler_config.json: the DDIM that sampler.py implements.
+DDIM_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=sampler.NUM_TRAIN_TIMESTEPS,
+                      beta_start=sampler.BETA_START, beta_end=sampler.BETA_END, beta_schedule="scaled_linear",
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def diffusers_configs(unet, vae, prediction_type):
+    """{file name: dict} of the config files a diffusers StableDiffusionPipeline folder holds, for our configs."""
+    levels = len(vae.block_out_channels)
+    return {"unet/config.json": dict(dataclasses.asdict(unet), _class_name="UNet2DConditionModel"),
+            "vae/config.json": dict(dataclasses.asdict(vae), _class_name="AutoencoderKL",
+                                    down_block_types=["DownEncoderBlock2D"] * levels,
+                                    up_block_types=["UpDecoderBlock2D"] * levels),
+            "scheduler/scheduler_config.json": dict(DDIM_SCHEDULER, prediction_type=prediction_type),
+            "model_index.json": {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+                                 "safety_checker": [None, None], "feature_extractor": [None, None],
+                                 "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+                                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                                 "tokenizer": ["transformers", "CLIPTokenizer"]}}

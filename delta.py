@@ -19,6 +19,7 @@ import files
 from files import LoadError
 
 FORMAT = "esd-delta/1"  # metadata "format" of our delta files
+RESUME = ".resume.pt"  # beside a delta: what continues its training
 LDM_UNET = "model.diffusion_model."  # the UNet's prefix in an LDM state dict
 
 
@@ -26,6 +27,22 @@ def save(path, tensors, metadata):
     """A delta ({name: tensor}) as .safetensors with string metadata, atomically."""
     metadata = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
     files.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+
+def save_checkpoint(path, tensors, metadata, state):
+    """A delta and beside it `path`.resume.pt: `state` (e.g. Adam's) and the tensors, written first. Both atomic:
+    a run killed between the two writes leaves a .resume.pt newer than its delta, never a mixed pair."""
+    files.atomic_write(path + RESUME, lambda tmp: torch.save(dict(state, tensors=tensors), tmp))
+    save(path, tensors, metadata)
+
+
+def load_checkpoint(path, mmap=False):
+    """The state save_checkpoint wrote beside delta `path` (tensors included), read with weights_only."""
+    try:
+        state = torch.load(path + RESUME, weights_only=True, mmap=mmap)
+        return dict(state, tensors=state["tensors"])  # a dict with tensors, or KeyError / TypeError
+    except Exception as e:  # missing, empty, truncated, pickled code, another kind of file: whatever torch raises
+        raise LoadError(f"cannot resume from {path}{RESUME}: {files.first_line(e)}") from None
 
 
 def load(path, config=None):

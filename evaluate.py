@@ -9,6 +9,7 @@ ESD-u, plus the other shapes' and colors' accuracy. Real models: the user's prom
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def format_report(result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = files.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="'toy', a single file, a diffusers folder or a hub id")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
     p.add_argument("--revision", default=None, help="hub models: branch, tag or commit")
@@ -119,19 +120,25 @@ def main(argv=None):
     p.add_argument("--output", default="evaluation", help="writes OUTPUT.json (the report) and OUTPUT.png (the grid)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    try:
-        if args.model != "toy" and not args.prompts:
-            raise ValueError("--prompts is needed for models other than the toy")
+
+    def work():
+        files.refuse([
+            (args.model != "toy" and not args.prompts, "--prompts is needed for models other than the toy"),
+            (args.model == "toy" and args.concept not in toy.SHAPES,
+             f"the toy concept must be one of {', '.join(toy.SHAPES)}, got {args.concept!r}"),
+            (not 1 <= args.seeds <= 10_000, "--seeds must be in 1..10000"),
+            (args.steps is not None and not 1 <= args.steps < 1000, "--steps must be in 1..999"),
+            (args.guidance is not None and not abs(args.guidance) < float("inf"), "--guidance must be a finite number"),
+            (args.delta is not None and not os.path.isfile(args.delta), f"no such --delta file: {args.delta}")])
+        inputs = (args.model, args.tokenizer, args.delta)
+        report, image = (files.check_output(f"{args.output}.{ext}", inputs=inputs) for ext in ("json", "png"))
         sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, revision=args.revision,
                           variant=args.variant)
         result = evaluate(sd, args.delta, args.concept, prompts=args.prompts, seeds=range(args.seeds), steps=args.steps,
-                          guidance=args.guidance, labels=[args.concept, *args.labels], grid=f"{args.output}.png")
-        files.atomic_write(f"{args.output}.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
-    except (files.LoadError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(result) + f"\nwrote {args.output}.json and {args.output}.png")
-    return 0
+                          guidance=args.guidance, labels=[args.concept, *args.labels], grid=image)
+        files.atomic_write(report, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        print(format_report(result) + f"\nwrote {report} and {image}")
+    return files.run_cli(work, smaller="--seeds or --steps")
 
 
 if __name__ == "__main__":

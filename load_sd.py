@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 
 import torch
 from huggingface_hub import snapshot_download
@@ -27,9 +28,6 @@ RESOLUTION = "modelspec.resolution"  # safetensors metadata "WxH" (Stability's m
 WEIGHTS = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
            "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
            "text_encoder": ("model.safetensors", "pytorch_model.bin")}
-# SD v1.5's scheduler/scheduler_config.json: the DDIM that sampler.py implements.
-DDIM_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # CLI names
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
 
@@ -45,10 +43,17 @@ class StableDiffusion:
     prediction_type: str  # "epsilon" | "v_prediction"
     source: str
     image_size: int = 512  # the side it was trained at: sample.py's default
+    warned: set = dataclasses.field(default_factory=set, repr=False)  # prompts said to be too long
 
     @torch.no_grad()
     def encode_prompts(self, prompts):
-        """Prompts -> CLIP's last hidden states [B, 77, D]."""
+        """Prompts -> CLIP's last hidden states [B, 77, D]. A prompt past 77 tokens is cut: the first time, say so."""
+        for prompt in set(prompts) - self.warned:
+            self.warned.add(prompt)
+            ids = self.tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=10 ** 6).input_ids
+            if len(ids) > convert.CLIP_MAX_LEN - 2:  # 75 fit between the start and end tokens
+                print(f"warning: {prompt[:40]!r}... is longer than CLIP's {convert.CLIP_MAX_LEN} tokens and cut; the "
+                      f"first dropped word: {self.tokenizer.decode(ids[convert.CLIP_MAX_LEN - 2:][:1])!r}", file=sys.stderr)
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=convert.CLIP_MAX_LEN, truncation=True,
                              return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state
@@ -206,21 +211,11 @@ def save_diffusers(sd, folder):
     """Write `sd` as a diffusers StableDiffusionPipeline folder (loads with from_pretrained)."""
     if os.path.exists(folder):
         raise LoadError(f"{folder} exists: choose a new folder (nothing is overwritten)")
-    levels = len(sd.vae.config.block_out_channels)
-    configs = {"unet": dict(dataclasses.asdict(sd.unet.config), _class_name="UNet2DConditionModel"),
-               "vae": dict(dataclasses.asdict(sd.vae.config), _class_name="AutoencoderKL",
-                           down_block_types=["DownEncoderBlock2D"] * levels,
-                           up_block_types=["UpDecoderBlock2D"] * levels),
-               "scheduler": dict(DDIM_SCHEDULER, prediction_type=sd.prediction_type)}
-    index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-             "safety_checker": [None, None], "feature_extractor": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
 
     def write(tmp):
-        for part, config in dict(configs, **{"": index}).items():
-            os.makedirs(f"{tmp}/{part}", exist_ok=True)
-            with open(f"{tmp}/{part}/{'scheduler_config' if part == 'scheduler' else 'config' if part else 'model_index'}.json", "w") as f:
+        for name, config in convert.diffusers_configs(sd.unet.config, sd.vae.config, sd.prediction_type).items():
+            os.makedirs(os.path.dirname(f"{tmp}/{name}"), exist_ok=True)
+            with open(f"{tmp}/{name}", "w") as f:
                 json.dump(config, f, indent=2)
         for part in ("unet", "vae"):
             weights = {k: t.detach().cpu().contiguous() for k, t in getattr(sd, part).state_dict().items()}

@@ -1,19 +1,18 @@
 """sample.py: text -> PNG with our Stable Diffusion (DDIM sampling, classifier-free guidance).
 
-    python sample.py --model CompVis/stable-diffusion-v1-4 --prompt "a photo of a car"
-    python sample.py --model sd-v1-4.safetensors --prompt "a car" --num-images 4 --seed 1
+    python sample.py --model sd-v1-4.safetensors --prompt "a photo of a car" --num-images 4 --seed 1
     python sample.py --model toy --prompt "a red circle" --prompt "a circle" --delta esd.safetensors --compare
 
 Image i of --num-images has seed --seed + i: the image diffusers' StableDiffusionPipeline (DDIM) draws for it.
 """
-import argparse
 import json
 import math
 import os
 import sys
 
 import torch
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import delta
 import files
@@ -21,7 +20,7 @@ import load_sd
 import sampler
 
 DDIM_STEPS, GUIDANCE = 50, 7.5  # SD's usual sampling, diffusers' pipeline defaults
-MIN_CELL = 96  # grid cells are at least this many pixels wide: small images are enlarged
+MIN_CELL, MAX_GRID = 96, 64  # grid cells are at least 96 px wide (small images enlarged); 64 images at most
 
 
 def to_pil(images):
@@ -54,28 +53,21 @@ def infotext(p):
     return "\n".join([p["prompt"], *negative, settings])
 
 
-def save_png(image, path, parameters):
-    """A PNG, atomically: A1111's text under `parameters` (A1111, ComfyUI, civitai read it), all as JSON under `esd`."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext(parameters))
-    info.add_text("esd", json.dumps(parameters))
-    files.atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate images with Stable Diffusion (DDIM + CFG).")
-    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="single file, diffusers folder, hub id, or 'toy'")
+    p = files.ArgumentParser(description="Generate images with Stable Diffusion (DDIM + CFG).")
+    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="file, diffusers folder, hub id or 'toy'")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
     p.add_argument("--revision", default=None, help="hub models: branch, tag or commit")
-    p.add_argument("--variant", default=None, help="diffusers folders and hub models: weight files *.VARIANT.*, e.g. fp16")
+    p.add_argument("--variant", default=None, help="weight files *.VARIANT.* (folders, hub), e.g. fp16")
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch of CFG")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i has seed + i")
     p.add_argument("--steps", type=int, default=DDIM_STEPS, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's size, e.g. 512; the toy's 32)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's size, e.g. 512; the toy's 32)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's size; the toy's 32)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's size; the toy's 32)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt, seeds --seed, --seed + 1, ...")
+    p.add_argument("--batch-size", type=int, default=8, help="images generated at once (then written)")
     p.add_argument("--output", default="sample.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=load_sd.DTYPES)
@@ -84,47 +76,54 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args, scale_factor=1):
-    """Raise LoadError (-> one line, exit 2) for values no run could succeed with."""
-    if args.steps < 1 or args.num_images < 1:
-        raise files.LoadError("--steps and --num-images must be at least 1")
-    if args.compare and not args.delta:
-        raise files.LoadError("--compare needs at least one --delta to compare against")
-    if any(s is not None and (s <= 0 or s % scale_factor) for s in (args.height, args.width)):
-        raise files.LoadError(f"--height and --width must be positive multiples of {scale_factor}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise files.LoadError(f"output folder does not exist: {os.path.dirname(args.output)}")
+def check_args(args):
+    """The output paths, after refusing (LoadError: one line, exit 2) any value or path no run could succeed with."""
+    images = len(args.prompt) * args.num_images
+    problems = [
+        (not 1 <= args.steps < 1000, "--steps must be in 1..999"),
+        (not abs(args.guidance) < float("inf"), "--guidance must be a finite number"),
+        (not 0 <= args.seed <= 2 ** 63 - args.num_images, "--seed must be in 0..2**63-1 (image i has seed + i)"),
+        (min(args.num_images, args.batch_size) < 1, "--num-images and --batch-size must be at least 1"),
+        (any(s is not None and (s % 8 or not 8 <= s <= files.MAX_SIDE) for s in (args.height, args.width)),
+         f"--height and --width must be multiples of 8 in 8..{files.MAX_SIDE}"),
+        (args.compare and not args.delta, "--compare needs at least one --delta to compare against"),
+        (args.compare and images > MAX_GRID, f"--compare draws one grid of at most {MAX_GRID} images"),
+        (any(not os.path.isfile(d) for d in args.delta), "no such --delta file: " + ", ".join(args.delta)),
+    ]
+    files.refuse(problems)
+    stem, ext = os.path.splitext(args.output)  # out.png for one image; out-0.png, out-1.png, ... for several
+    paths = [args.output] if images == 1 or args.compare else [f"{stem}-{i}{ext or '.png'}" for i in range(images)]
+    return [files.check_output(p, inputs=(args.model, args.tokenizer, *args.delta)) for p in paths]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        check_args(args)
+
+    def work():
+        paths = check_args(args)  # (a multiple of 8 fits every SD VAE: 8x, and the toy's 4x)
         sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=load_sd.DTYPES[args.dtype],
                           revision=args.revision, variant=args.variant)
-        check_args(args, sd.vae.scale_factor)
         args.height, args.width = args.height or sd.image_size, args.width or sd.image_size
-        seeds = list(range(args.seed, args.seed + args.num_images))
         settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                        height=args.height, width=args.width, progress=True)
-        with delta.applied(sd.unet, *args.delta):
-            images = to_pil(sampler.generate(sd, args.prompt, seeds, **settings))
-        parameters = [dict(vars(args), prompts=args.prompt, prompt=prompt, seed=seed)
-                      for seed in seeds for prompt in args.prompt]  # generate's order: seed-major
-        if args.compare:  # top row: the same prompts and noise through the original weights; the first's settings
-            images = [grid([to_pil(sampler.generate(sd, args.prompt, seeds, **settings)), images])]
-        stem, ext = os.path.splitext(args.output)  # out.png for one image; out-0.png, out-1.png, ... for several
-        paths = [args.output] if len(images) == 1 else [f"{stem}-{i}{ext or '.png'}" for i in range(len(images))]
-        for image, path, image_parameters in zip(images, paths, parameters):
-            save_png(image, path, image_parameters)
-            print(f"wrote {path}")
-    except files.LoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+                        height=args.height, width=args.width, batch_size=args.batch_size)
+        seeds = list(range(args.seed, args.seed + args.num_images))
+        per_batch = max(1, args.batch_size // len(args.prompt))  # seeds per batch, each with every prompt
+        outputs = zip(paths, [dict(vars(args), prompts=args.prompt, prompt=prompt, seed=seed)
+                              for seed in seeds for prompt in args.prompt])  # generate's order: seed-major
+
+        def write(images):  # each image to its own path, with its own prompt and seed, as it comes
+            for image, (path, parameters) in zip(images, outputs):
+                files.save_png(image, path, {"parameters": infotext(parameters), "esd": json.dumps(parameters)})
+                tqdm.write(f"wrote {path}")
+        with delta.applied(sd.unet, *args.delta):  # without --delta: the model as it is
+            batches = [seeds] if args.compare else [seeds[i:i + per_batch] for i in range(0, len(seeds), per_batch)]
+            for batch in tqdm(batches, desc="batches", disable=len(batches) == 1):
+                images = to_pil(sampler.generate(sd, args.prompt, batch, **settings))
+                if not args.compare:
+                    write(images)
+        if args.compare:  # one grid: the same prompts and noise through the original weights, above the edited
+            write([grid([to_pil(sampler.generate(sd, args.prompt, seeds, **settings)), images])])
+    return files.run_cli(work, smaller="--height, --width or --batch-size")
 
 
 if __name__ == "__main__":

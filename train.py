@@ -9,16 +9,15 @@ Writes a delta (.safetensors holding only the trained tensors, diffusers UNet na
 """
 import argparse
 import dataclasses
-import os
 import sys
 
 import torch
 from tqdm import tqdm
 
 import delta
-import files
 import esd
 import evaluate
+import files
 import load_sd
 import toy
 
@@ -56,17 +55,17 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     resume: bool = opt(False, "continue from --output and its .resume.pt checkpoint", action="store_true")
     export_full: str = opt(None, "also write the edited model as an official single file (.safetensors)")
     export_diffusers: str = opt(None, "also write the edited model as a diffusers folder")
+    overwrite: bool = opt(False, "replace an existing --output (and --export-full)", action="store_true")
     no_eval: bool = opt(False, "toy model: skip the erasure measurement at the end", action="store_true")
 
 
-# Settings a --resume must share with its checkpoint: they decide what every iteration does.
 RESUME_SAME = ("model", "concept", "method", "target", "negative_guidance", "erase_from", "xt_from", "trajectory_pool",
-               "pool_refresh", "batch_size", "lr", "seed", "steps", "resolution", "guidance")
+               "pool_refresh", "batch_size", "lr", "seed", "steps", "resolution", "guidance")  # decide every iteration
 
 
 def parse_args(argv=None):
     """TrainConfig from the command line: typed flags, the toy's defaults (toy.ESD) under flags the user gave."""
-    p = argparse.ArgumentParser(description="Erase a concept from Stable Diffusion with ESD.")
+    p = files.ArgumentParser(description="Erase a concept from Stable Diffusion with ESD.")
     for f in dataclasses.fields(TrainConfig):
         kind = {} if "action" in f.metadata else {"type": f.type}  # typed: "--lr 1e-5" is a float
         p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
@@ -76,50 +75,58 @@ def parse_args(argv=None):
 
 
 def check(config):
-    """The concept list; LoadError (one line, exit 2) for settings no run could succeed with."""
+    """The concept list, after refusing (LoadError: one line, exit 2) every setting and output path no run could
+    succeed with, before the model loads; sets the default --output."""
     concepts = [c.strip() for c in (config.concept or "").split(",") if c.strip()]
     problems = [
         (not concepts, "--concept is required, e.g. --concept \"car\""),
         (config.target not in esd.TARGETS, f"--target must be one of: {', '.join(esd.TARGETS)}"),
-        (min(config.iterations, config.batch_size) < 1 or config.lr <= 0 or not 1 <= config.steps < 1000,
-         "--iterations, --batch-size, --lr, --steps out of range"),
-        (config.resolution % 8 or config.resolution <= 0, "--resolution must be a positive multiple of 8"),
-        (not abs(config.negative_guidance) < float("inf"), "--negative-guidance must be a finite number"),
-        (min(config.trajectory_pool, config.pool_refresh, config.save_every) < 0, "negative counts are not allowed"),
+        (not 0 < config.lr < float("inf"), "--lr must be a positive number"),  # NaN compares false: refused
+        (not abs(config.negative_guidance) < float("inf") or not abs(config.guidance) < float("inf"),
+         "--negative-guidance and --guidance must be finite numbers"),
+        (min(config.iterations, config.batch_size) < 1 or not 1 <= config.steps < 1000,
+         "--iterations and --batch-size must be at least 1, --steps in 1..999"),
+        (not 0 <= config.seed < 2 ** 63, "--seed must be in 0..2**63-1"),
+        (config.resolution % 8 or not 8 <= config.resolution <= files.MAX_SIDE,
+         f"--resolution must be a multiple of 8 in 8..{files.MAX_SIDE}"),
+        (min(config.trajectory_pool, config.pool_refresh, config.save_every) < 0,
+         "--trajectory-pool, --pool-refresh and --save-every cannot be negative"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise files.LoadError(message)
+    files.refuse(problems)
+    slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in concepts)[:64]  # a short file name
+    config.output = config.output or f"{config.method}-{slug}.safetensors"
+    inputs = (config.model, config.tokenizer, load_sd.TOY_DIR if config.model == "toy" else None)
+    files.check_output(config.output, inputs=inputs, overwrite=config.overwrite or config.resume)
+    files.check_output(config.output + ".resume.pt", inputs=inputs)
+    if config.export_full:
+        files.check_output(config.export_full, inputs=inputs, overwrite=config.overwrite)
+    if config.export_diffusers:
+        files.check_output(config.export_diffusers, inputs=inputs, folder=True)
     return concepts
 
 
 def save(config, trainer, optimizer, iteration):
-    """The delta (only trained tensors) and, beside it, what --resume needs; both atomic."""
+    """The delta and, written first, what --resume needs: the trained tensors, Adam's state, the settings."""
     meta = dict(concept=config.concept, method=config.method, target=config.target, iterations=iteration,
                 negative_guidance=config.negative_guidance, erase_from=config.erase_from or "", lr=config.lr,
                 seed=config.seed, base_model=config.model)
-    delta.save(config.output, trainer.delta(), meta)
     state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(config)}
-    files.atomic_write(config.output + ".resume.pt", lambda tmp: torch.save(state, tmp))
+    delta.save_checkpoint(config.output, trainer.delta(), meta, state)
 
 
 def resume(config, trainer, optimizer):
-    """The iteration to continue from, after restoring the trained tensors and Adam's state."""
-    try:
-        state = torch.load(config.output + ".resume.pt", weights_only=True)
-        tensors, _ = delta.load(config.output)
-    except (OSError, RuntimeError, files.LoadError) as e:
-        raise files.LoadError(f"cannot resume from {config.output}: {str(e).splitlines()[0]}") from None
-    changed = [k for k in RESUME_SAME if state["config"].get(k) != getattr(config, k)]
+    """The iteration to continue from, after restoring the trained tensors and Adam's state from .resume.pt."""
+    state = delta.load_checkpoint(config.output)
+    changed = [k for k in RESUME_SAME if state.get("config", {}).get(k) != getattr(config, k)]
     if changed:
         raise files.LoadError(f"--resume with other settings than the checkpoint: {', '.join(changed)}")
     if state["iteration"] > config.iterations:
-        raise files.LoadError(f"--iterations {config.iterations}: the checkpoint is at {state['iteration']} already")
+        raise files.LoadError(f"--iterations {config.iterations}: the checkpoint is at iteration {state['iteration']}")
     try:
-        delta.apply(trainer.unet, tensors)
+        delta.apply(trainer.unet, state["tensors"])
         optimizer.load_state_dict(state["optimizer"])
-    except (files.LoadError, ValueError) as e:  # a delta of other tensors, an optimizer of other shapes
-        raise files.LoadError(f"cannot resume from {config.output}: {e}") from None
+    except (files.LoadError, ValueError, KeyError) as e:  # tensors of another model, an optimizer of other shapes
+        raise files.LoadError(f"cannot resume from {config.output}{delta.RESUME}: {files.first_line(e)}") from None
     return state["iteration"]
 
 
@@ -133,11 +140,11 @@ def train(config, sd, concepts, on_step=None):
                f"{sum(p.numel() for p in trainer.params.values()):,} parameters")
     optimizer = torch.optim.Adam(trainer.params.values(), lr=config.lr)
     uncond, *conds = sd.encode_prompts(["", *concepts]).split(1)  # text contexts, computed once
-    anchor = sd.encode_prompts([config.erase_from]) if config.erase_from else None
-    xt_prompts = conds if anchor is None else [anchor] * len(conds)  # with an anchor x_t shows its images
-    xt_source = esd.XtSource(trainer, xt_prompts, uncond, sd.latent_shape(config.resolution, config.resolution),
-                             seed=config.seed, batch_size=config.batch_size, pool=config.trajectory_pool,
-                             refresh=config.pool_refresh, xt_from=config.xt_from)
+    anchor = sd.encode_prompts([config.erase_from]) if config.erase_from else None  # x_t shows the anchor's images
+    shape = sd.latent_shape(config.resolution, config.resolution)
+    xt_source = esd.XtSource(trainer, conds if anchor is None else [anchor] * len(conds), uncond, shape, seed=config.seed,
+                             batch_size=config.batch_size, pool=config.trajectory_pool, refresh=config.pool_refresh,
+                             xt_from=config.xt_from)
     start = resume(config, trainer, optimizer) if config.resume else 0
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="ESD")
     for it in bar:
@@ -146,7 +153,7 @@ def train(config, sd, concepts, on_step=None):
         # Frozen e_0, e_c (one batch) -> target e_0 - η (e_c - e_0); loss: the trained prediction's MSE to it.
         loss = trainer.loss(x_t, t_enc, torch.cat([conds[c] for c in concept]), uncond, anchor)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; {kept(config)}. Try a lower --lr.")
+            raise FloatingPointError(f"loss is {loss.item()} at iteration {it}: try a lower --lr")
         # Step the selected weights.
         loss.backward()
         optimizer.step()
@@ -162,38 +169,32 @@ def train(config, sd, concepts, on_step=None):
 
 
 def kept(config):
-    """What an interrupted run leaves, for its error line."""
-    saved = config.output and os.path.exists(config.output)
-    return f"the last checkpoint {config.output} is kept: continue it with --resume" if saved else "nothing saved"
+    """What a failed or stopped run leaves for --resume: its last checkpoint, if any."""
+    try:
+        state = delta.load_checkpoint(config.output, mmap=True)
+    except files.LoadError:  # none yet
+        return None
+    if all(state["config"].get(k) == getattr(config, k) for k in RESUME_SAME):  # this run's, not another's
+        return f"the checkpoint of iteration {state['iteration']} is kept: continue it with --resume"
 
 
 def main(argv=None):
     config = parse_args(argv)
-    try:
+
+    def work():
         concepts = check(config)
-        slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in concepts)
-        config.output = config.output or f"{config.method}-{slug}.safetensors"
-        if not os.access(os.path.dirname(os.path.abspath(config.output)), os.W_OK):
-            raise files.LoadError(f"cannot write {config.output}: its folder is missing or read-only")
-        sd = load_sd.load(config.model, tokenizer=config.tokenizer, device=config.device, revision=config.revision,
-                          variant=config.variant)
-        train(config, sd, concepts)
-        tqdm.write(f"wrote {config.output}")
-        if config.export_full:
-            load_sd.save_single_file(sd, config.export_full, {"esd": f"{config.method} {config.concept}"})
-            tqdm.write(f"wrote {config.export_full}")
-        if config.export_diffusers:
-            load_sd.save_diffusers(sd, config.export_diffusers)
-            tqdm.write(f"wrote {config.export_diffusers}")
+        with files.locked(config.output):
+            sd = load_sd.load(config.model, tokenizer=config.tokenizer, device=config.device,
+                              revision=config.revision, variant=config.variant)
+            train(config, sd, concepts)
+            if config.export_full:
+                load_sd.save_single_file(sd, config.export_full, {"esd": f"{config.method} {config.concept}"})
+            if config.export_diffusers:
+                load_sd.save_diffusers(sd, config.export_diffusers)
+        tqdm.write("wrote " + ", ".join(filter(None, (config.output, config.export_full, config.export_diffusers))))
         if config.model == "toy" and not config.no_eval:  # the toy's measurement: erased-concept rate before and after
             print(evaluate.format_report(evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])))
-    except (files.LoadError, FloatingPointError) as e:  # bad input: 2; a NaN loss: 1
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, files.LoadError) else 1
-    except KeyboardInterrupt:
-        print(f"error: interrupted; {kept(config)}", file=sys.stderr)
-        return 130
-    return 0
+    return files.run_cli(work, leftover=lambda: kept(config), smaller="--resolution or --batch-size")
 
 
 if __name__ == "__main__":

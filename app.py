@@ -1,0 +1,318 @@
+"""app.py: the ESD demo in the browser: erase a concept and watch it go, compare, measure, download.
+
+    pip install -r requirements-app.txt && python app.py   # the shipped toy, offline, at http://127.0.0.1:7860
+    python app.py --model CompVis/stable-diffusion-v1-4    # a real SD (a GPU); --host, --port as usual
+
+UI only: training is train.train, sampling sampler.generate, scores evaluate.evaluate, deltas delta.py.
+"""
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import sys
+import threading
+import time
+
+import pandas as pd  # gradio's own dependency: its plots take DataFrames
+from PIL import Image
+
+import delta
+import esd
+import evaluate
+import load_sd
+import sample
+import sampler
+import toy
+import train
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported: it calls nothing outside
+import gradio as gr  # noqa: E402
+
+OUTPUTS = "outputs"  # what the demo writes, in the working directory: deltas and Measure's grids
+UPDATE_S = 0.5  # the Erase tab's update interval while training (target: at most 2 s)
+PREVIEW_S, PREVIEW_SHARE = 3.0, 0.05  # a preview at most every 3 s, and at most 5% of the training time on them
+PREVIEW_SEED, CELL = 0, 192  # the previews' noise; images are shown at least CELL pixels wide (the toy's enlarged)
+MAX_PROMPTS, MAX_SEEDS, MAX_STEPS = 8, 16, 999  # per request
+UPLOAD_MARGIN = 1.5  # an upload may be 1.5x the whole fp32 model (the 2023 compvis .pt is the whole model)
+METHODS = {  # esd.FILTERS, a line each: which weights train
+    "esd-x": "cross-attention (attn2): erases the word",
+    "esd-x-strict": "cross-attention keys and values only (attn2.to_k, to_v), as the 2024 code",
+    "esd-u": "all but cross-attention, time embedding and output layers: erases the concept in any context",
+    "selfattn": "self-attention (attn1)",
+    "esd-all": "every UNet weight",
+}
+XT_FROM = {"trained": "the model being trained (the paper)", "frozen": "the original model (the 2024 code)"}
+NO_CLIP = (f"No scores: they come from the CLIP model {evaluate.CLIP_MODEL}, which is not in this machine's "
+           "Hugging Face cache, and the demo downloads nothing. The grid shows the images.")
+
+
+def replica(sd):
+    """`sd` with a UNet of its own: deltas and training change only the UNet; the VAE and text encoder are shared."""
+    return dataclasses.replace(sd, unet=copy.deepcopy(sd.unet))
+
+
+def row(images, titles):
+    """PIL images in one row, each enlarged by a whole factor (nearest neighbour) to at least CELL pixels wide."""
+    k = math.ceil(CELL / images[0].width)
+    return sample.grid([[im.resize((im.width * k, im.height * k), Image.NEAREST) for im in images]], titles)
+
+
+def lines(text):
+    return [p.strip() for p in (text or "").splitlines() if p.strip()]
+
+
+def number(value, name, kind=float, low=-math.inf, high=math.inf):
+    """`value` as an int or a finite float in [low, high], else a message in the page."""
+    try:
+        x = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        x = math.nan
+    if not low <= x <= high:  # NaN never is
+        raise gr.Error(f"{name} must be a {'whole' if kind is int else 'finite'} number from {low} to {high}")
+    return x
+
+
+class Run:
+    """One training: train.train in a thread of its own, on a UNet of its own, and what the page shows of it."""
+
+    def __init__(self, config, concepts, sd, session, sampling):
+        self.config, self.concepts, self.sd, self.session, self.sampling = config, concepts, sd, session, sampling
+        self.losses, self.stop, self.thread = [], threading.Event(), threading.Thread(target=self._train, daemon=True)
+        self.error = self.image = self.before = None
+        self.started = self.next_preview = 0.0
+
+    def _train(self):
+        self.started = time.time()
+        try:
+            self.image = self._preview(0)
+            train.train(self.config, self.sd, self.concepts, on_step=self._on_step)
+        except Exception as e:  # a NaN loss, or anything else: a message in the page, and the server goes on
+            self.error = str(e) if isinstance(e, (FloatingPointError, load_sd.LoadError)) else load_sd.first_line(e)
+
+    def _on_step(self, iteration, loss):  # train.train's hook, between two steps: the weights hold still
+        self.losses.append(loss)
+        if time.time() >= self.next_preview:
+            self.image = self._preview(iteration)
+        return self.stop.is_set()
+
+    def _preview(self, iteration):
+        """The concept's prompt through the current weights at a fixed seed, beside the original's."""
+        t0 = time.time()
+        image = sample.to_pil(sampler.generate(self.sd, self.concepts[:1], [PREVIEW_SEED], **self.sampling))[0]
+        self.before = self.before or image
+        self.next_preview = time.time() + max(PREVIEW_S, (time.time() - t0) / PREVIEW_SHARE)
+        return row([self.before, image], (f"{self.concepts[0]}: before", f"iteration {iteration}"))
+
+    def status(self):
+        done, total = len(self.losses), self.config.iterations
+        left = (time.time() - self.started) / max(done, 1) * (total - done)
+        return f"Iteration **{done}/{total}** · loss {self.losses[-1]:.4f} · {left:.0f} s left" if done else "Starting…"
+
+    def curve(self):
+        return pd.DataFrame({"iteration": range(1, len(self.losses) + 1), "loss": self.losses})
+
+
+class Demo:
+    """The model in copies that never meet (Compare's, Measure's, one per training), and what all sessions share."""
+
+    def __init__(self, source):
+        self.defaults = train.parse_args(["--model", source, "--no-eval"])  # train.py's (the toy's for the toy)
+        self.view = load_sd.load(source, device=self.defaults.device)
+        self.measured, self.is_toy, size = replica(self.view), source == "toy", self.view.image_size
+        self.sampling = toy.SAMPLING if self.is_toy else dict(steps=sample.DDIM_STEPS, guidance=sample.GUIDANCE,
+                                                              height=size, width=size)
+        self.locks, self.runs, self.count = {"view": threading.Lock(), "measure": threading.Lock()}, [], 0
+        size = sum(p.numel() * 4 for m in (self.view.unet, self.view.vae, self.view.text_encoder) for p in m.parameters())
+        self.upload_limit = int(UPLOAD_MARGIN * size) + 2 ** 20
+
+    def output(self, name):
+        self.count += 1
+        return os.path.join(OUTPUTS, f"{time.strftime('%Y%m%d-%H%M%S')}-{self.count}-{name}")
+
+    def erase(self, concept, method, eta, iterations, lr, xt_from, seed, deltas, request: gr.Request):
+        """Train with train.py's code, streaming its progress; the delta saved under OUTPUTS. One run at a time:
+        the queue holds the others (concurrency_limit=1), and their pages show their place in it."""
+        if method not in esd.FILTERS or xt_from not in esd.XT_FROM:
+            raise gr.Error(f"method is one of {', '.join(esd.FILTERS)}; x_t source one of {', '.join(esd.XT_FROM)}")
+        config = dataclasses.replace(self.defaults, concept=concept, method=method, xt_from=xt_from,
+                                     negative_guidance=number(eta, "η"), iterations=number(iterations, "iterations", int),
+                                     lr=number(lr, "learning rate", float, 0), seed=number(seed, "seed", int))
+        try:
+            concepts = train.check(config)
+        except load_sd.LoadError as e:
+            raise gr.Error(str(e)) from None
+        config.output = self.output(f"{method}-{'-'.join(c.replace(' ', '_') for c in concepts)}.safetensors")
+        with self.locks["view"]:  # Compare's weights are the original's whenever its lock is free
+            run = Run(config, concepts, replica(self.view), request.session_hash, self.sampling)
+        self.runs.append(run)
+        run.thread.start()
+        try:
+            while run.thread.is_alive():
+                run.thread.join(UPDATE_S)
+                yield run.status(), run.curve(), run.image, *[gr.skip()] * 4
+        finally:
+            run.stop.set()  # also when the page goes away: the run stops, saved as it is
+            run.thread.join()
+            self.runs.remove(run)
+        if run.error:
+            raise gr.Error(run.error)
+        done, name = len(run.losses), os.path.basename(config.output)
+        how = "Done" if done == config.iterations else f"Stopped at iteration {done}/{config.iterations}"
+        deltas = {**deltas, name: config.output}
+        pick = gr.update(choices=list(deltas), value=name)
+        yield f"{how} in {time.time() - run.started:.0f} s; saved **{name}**.", run.curve(), run.image, config.output, \
+            pick, pick, deltas
+
+    def stop(self, request: gr.Request):
+        """Stop this session's training; what was trained is saved."""
+        for run in list(self.runs):
+            if run.session == request.session_hash:
+                run.stop.set()
+
+    def pick(self, picked, upload, deltas):
+        """(path, name) of the uploaded delta, else of the one picked from this session's, else (None, None)."""
+        if upload:
+            return upload, os.path.basename(upload)
+        if picked and picked not in deltas:
+            raise gr.Error(f"no delta {picked!r} was trained in this session: train one, or upload it")
+        return (deltas[picked], picked) if picked else (None, None)
+
+    def compare(self, prompts, seed, steps, guidance, picked, upload, deltas):
+        """The original above the erased model: the same prompts and noise, without and with the delta."""
+        prompts, seeds = lines(prompts), [number(seed, "seed", int, 0, 2 ** 63 - 1)]
+        settings = dict(self.sampling, steps=number(steps, "steps", int, 1, MAX_STEPS), guidance=number(guidance, "guidance"))
+        if not 0 < len(prompts) <= MAX_PROMPTS:
+            raise gr.Error(f"type 1 to {MAX_PROMPTS} prompts, one a line")
+        (path, name), images = self.pick(picked, upload, deltas), []
+        with self.locks["view"]:
+            for edit in ([], [path]) if path else ([],):
+                try:
+                    with delta.applied(self.view.unet, *edit):  # the original weights back afterwards, always
+                        images.append(row(sample.to_pil(sampler.generate(self.view, prompts, seeds, **settings)), prompts))
+                except load_sd.LoadError as e:
+                    raise gr.Error(str(e).replace(path, name)) from None
+        if not path:
+            return images[0], gr.update(value=None, label="erased: pick or upload a delta")
+        return images[0], gr.update(value=images[1], label=f"erased: {name}")
+
+    def measure(self, picked, upload, concept, prompts, seeds, deltas):
+        """evaluate.py's protocol, base against erased: a table, a bar chart and its grid."""
+        (path, name), seeds = self.pick(picked, upload, deltas), number(seeds, "seeds", int, 1, MAX_SEEDS)
+        prompts = None if self.is_toy else lines(prompts)
+        if path is None or prompts == []:
+            raise gr.Error("pick or upload a delta to measure" if path is None else "type prompts, one a line")
+        try:
+            concept = ((concept or "").strip() or delta.load(path)[1].get("concept", "")).split(",")[0].strip()
+            if not concept:
+                raise ValueError("type the erased concept: this delta does not name it")
+            with self.locks["measure"]:
+                grid = self.output(f"measure-{concept.replace(' ', '_')}.png")
+                result = evaluate.evaluate(self.measured, path, concept, prompts=prompts, seeds=range(seeds), grid=grid)
+        except (load_sd.LoadError, ValueError) as e:  # a file that is no delta; a concept the toy does not know
+            raise gr.Error(str(e).replace(path, name)) from None
+        about = (f"**{name}**, concept {concept!r}: {len(result['prompts'])} prompts × {seeds} seeds, "
+                 f"{result['steps']} DDIM steps, guidance {result['guidance']}")
+        if not result["base"]:
+            return f"{about}\n\n{NO_CLIP}", None, None, grid
+        label = {k: k.replace(concept, "concept").replace("_", " ") for k in result["base"]}
+        table = pd.DataFrame([(label[k], f"{result['base'][k]:.1%}", f"{result['edited'][k]:.1%}",
+                               f"{result['edited/base'][k]:.2f}") for k in label], columns=["score", "base", "erased", "ratio"])
+        bars = pd.DataFrame([{"score": f"{label[k]}: {run}", "model": run, "share": result[key][k]}
+                             for k in label for run, key in (("base", "base"), ("erased", "edited"))])
+        return about, table, bars, grid
+
+
+def delta_picker():
+    return [gr.Dropdown([], label="a delta trained here", allow_custom_value=True),
+            gr.File(label="or upload one (.safetensors, official ESD .pt)", type="filepath", file_types=[".safetensors", ".pt"])]
+
+
+def ui(demo):
+    """The page: three tabs over the Demo's handlers, their components listed in the handlers' argument order."""
+    d, image, is_toy = demo.defaults, dict(type="pil", format="png"), demo.is_toy
+    with gr.Blocks(title="ESD: erasing concepts", analytics_enabled=False) as blocks:
+        gr.Markdown(f"## ESD: erasing concepts from diffusion models\nModel `{demo.view.source}`. **Erase** a concept "
+                    "and watch it go, **Compare** original and erased images, **Measure** what the erasure did.")
+        deltas = gr.State({})  # this session's trained deltas: name -> path
+        with gr.Tab("Erase"), gr.Row():
+            with gr.Column():
+                erase_in = [gr.Textbox(label="concept to erase ('a, b' erases both)", elem_id="concept",
+                                       placeholder="circle" if is_toy else "Van Gogh"),
+                            gr.Dropdown([(f"{m}: {METHODS.get(m, '')}", m) for m in esd.FILTERS], value=d.method,
+                                        label="method: which weights train"),
+                            gr.Number(d.negative_guidance, label="η, negative guidance: the target is e₀ − η (e_c − e₀)"),
+                            gr.Number(d.iterations, label="iterations", precision=0, elem_id="iterations"),
+                            gr.Number(d.lr, label="learning rate (Adam)"),
+                            gr.Radio([(f"{k}: {XT_FROM[k]}", k) for k in esd.XT_FROM], value=d.xt_from,
+                                     label="x_t source: which weights sample it"),
+                            gr.Number(d.seed, label="seed", precision=0)]
+                with gr.Row():
+                    train_button = gr.Button("Train", variant="primary", elem_id="train")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                gr.Markdown("One training runs at a time; the others wait in the queue.")
+            with gr.Column():
+                erase_out = [gr.Markdown("Type a concept and press Train.", elem_id="status"),
+                             gr.LinePlot(x="iteration", y="loss", label="loss", height=220),
+                             gr.Image(label=f"preview: the concept's prompt, seed {PREVIEW_SEED}", **image),
+                             gr.File(label="the trained delta", interactive=False, elem_id="download")]
+        with gr.Tab("Compare"), gr.Row():
+            with gr.Column():
+                compare_in = [gr.Textbox("a circle\na red circle\na blue square" if is_toy else "a photo of a car",
+                                         lines=3, label="prompts, one a line"),
+                              gr.Number(0, label="seed", precision=0),
+                              gr.Number(demo.sampling["steps"], label="DDIM steps", precision=0),
+                              gr.Number(demo.sampling["guidance"], label="guidance (CFG scale)"), *delta_picker()]
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                compare_out = [gr.Image(label="original", elem_id="original", **image),
+                               gr.Image(label="erased", elem_id="erased", **image)]
+        with gr.Tab("Measure"):
+            with gr.Row():
+                with gr.Column():
+                    measure_in = [*delta_picker(), gr.Textbox(label="erased concept", placeholder="blank: the delta's own"),
+                                  gr.Textbox("a photo of a car\na photo of a house", lines=3, visible=not is_toy,
+                                             label="prompts, one a line (scored by CLIP, if cached)"),
+                                  gr.Slider(1, MAX_SEEDS, 8, step=1, label="seeds per prompt")]
+                    measure = gr.Button("Measure", variant="primary", elem_id="measure")
+                with gr.Column(scale=2):
+                    measure_out = [gr.Markdown("The toy's protocol (evaluate.py): a classifier judges every image."
+                                               if is_toy else "CLIP zero-shot scores, when a CLIP model is cached here."),
+                                   gr.Dataframe(label="scores", interactive=False),
+                                   gr.BarPlot(x="score", y="share", color="model", y_lim=[0, 1], x_label_angle=-30,
+                                              label="share of images", height=260)]
+            measure_out.append(gr.Image(label="grid: base (top rows) and erased, the same seeds", type="filepath"))
+        pickers = [compare_in[4], measure_in[0]]  # each finished training adds its delta to both
+        train_button.click(demo.erase, [*erase_in, deltas], [*erase_out, *pickers, deltas], api_name="erase",
+                           concurrency_limit=1)
+        stop_button.click(demo.stop, None, None, api_name="stop", queue=False)
+        generate.click(demo.compare, [*compare_in, deltas], compare_out, api_name="compare", concurrency_limit=1)
+        measure.click(demo.measure, [*measure_in, deltas], measure_out, api_name="measure", concurrency_limit=1)
+    return blocks
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The ESD demo in the browser: erase, compare, measure, download.")
+    p.add_argument("--model", default="toy", help="'toy' (offline), a single file, a diffusers folder or a hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0: anyone who reaches it (README)")
+    p.add_argument("--port", type=int, default=7860)
+    p.error = fail  # one line and exit 2 for every bad flag, as for the values checked below
+    args = p.parse_args(argv)
+    if not 0 < args.port < 2 ** 16:
+        fail(f"--port {args.port}: must be 1 to 65535")
+    try:
+        os.makedirs(OUTPUTS, exist_ok=True)
+        demo = Demo(args.model)
+        ui(demo).queue().launch(server_name=args.host, server_port=args.port, max_file_size=demo.upload_limit,
+                                ssr_mode=False)
+    except (load_sd.LoadError, OSError) as e:  # a missing model, a port in use, an address not ours
+        fail(e if isinstance(e, load_sd.LoadError) else load_sd.first_line(e))
+
+
+if __name__ == "__main__":
+    main()
