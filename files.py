@@ -78,6 +78,8 @@ def check_output(path, *, inputs=(), overwrite=True, folder=False):
     regular file or absent (no link, device or folder), none of the run's inputs (a file, or inside a folder),
     and absent unless `overwrite` (a `folder` to write: always absent). Writability is tried (root ignores mode
     bits); a killed run's leftover temporary files of this path are removed."""
+    if path is None:  # no such output asked for
+        return None
     path = os.fspath(path)
     if folder and os.path.lexists(path):
         raise LoadError(f"{path} exists: choose a new folder (nothing is overwritten)")

@@ -123,7 +123,7 @@ def main(argv=None):
                     write(images)
         if args.compare:  # one grid: the same prompts and noise through the original weights, above the edited
             write([grid([to_pil(sampler.generate(sd, args.prompt, seeds, **settings)), images])])
-    return files.run_cli(work, smaller="--height, --width or --batch-size")
+    return files.run_cli(work, smaller="--height and --width, or --batch-size")
 
 
 if __name__ == "__main__":

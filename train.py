@@ -98,10 +98,8 @@ def check(config):
     inputs = (config.model, config.tokenizer, load_sd.TOY_DIR if config.model == "toy" else None)
     files.check_output(config.output, inputs=inputs, overwrite=config.overwrite or config.resume)
     files.check_output(config.output + ".resume.pt", inputs=inputs)
-    if config.export_full:
-        files.check_output(config.export_full, inputs=inputs, overwrite=config.overwrite)
-    if config.export_diffusers:
-        files.check_output(config.export_diffusers, inputs=inputs, folder=True)
+    files.check_output(config.export_full, inputs=inputs, overwrite=config.overwrite)  # (None: not asked for)
+    files.check_output(config.export_diffusers, inputs=inputs, folder=True)
     return concepts
 
 
@@ -175,7 +173,7 @@ def kept(config):
     except files.LoadError:  # none yet
         return None
     if all(state["config"].get(k) == getattr(config, k) for k in RESUME_SAME):  # this run's, not another's
-        return f"the checkpoint of iteration {state['iteration']} is kept: continue it with --resume"
+        return f"the checkpoint of iteration {state['iteration']} is kept ({config.output}): continue it with --resume"
 
 
 def main(argv=None):
@@ -194,7 +192,8 @@ def main(argv=None):
         tqdm.write("wrote " + ", ".join(filter(None, (config.output, config.export_full, config.export_diffusers))))
         if config.model == "toy" and not config.no_eval:  # the toy's measurement: erased-concept rate before and after
             print(evaluate.format_report(evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])))
-    return files.run_cli(work, leftover=lambda: kept(config), smaller="--resolution or --batch-size")
+    smaller = f"--resolution (now {config.resolution}) or --batch-size (now {config.batch_size})"
+    return files.run_cli(work, leftover=lambda: kept(config), smaller=smaller)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,24 @@ def test_on_step_sees_every_step_and_can_stop_the_run_saved(model, tmp_path):
     assert [it for it, _ in seen] == [1, 2, 3] and all(loss > 0 for _, loss in seen)
     (a, meta), (b, _) = delta.load(stopped), delta.load(three)
     assert meta["iterations"] == "3" and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_between_the_two_writes_resumes_exactly(model, tmp_path, monkeypatch):
+    """A kill after .resume.pt is written and before its delta is: --resume continues from the newer .resume.pt
+    and ends with the weights of an uninterrupted run (the pair is never mixed)."""
+    whole, parts = tmp_path / "whole.safetensors", tmp_path / "parts.safetensors"
+    assert run_train(model, whole, "--iterations", 6) == 0
+    write_delta, calls = delta.save, []
+
+    def killed_on_the_second_delta(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # iteration 4's .resume.pt is on disk, its delta not yet
+            raise KeyboardInterrupt
+        return write_delta(*args, **kwargs)
+    monkeypatch.setattr(delta, "save", killed_on_the_second_delta)
+    assert run_train(model, parts, "--iterations", 6, "--save-every", 2) == 130
+    monkeypatch.undo()
+    assert delta.load(parts)[1]["iterations"] == "2" and delta.load_checkpoint(str(parts))["iteration"] == 4
+    assert run_train(model, parts, "--iterations", 6, "--save-every", 2, "--resume") == 0
+    a, b = delta.load(whole)[0], delta.load(parts)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
