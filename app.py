@@ -5,12 +5,12 @@
 
 UI only: training is train.train, sampling sampler.generate, scores evaluate.evaluate, deltas delta.py.
 """
-import argparse
 import copy
 import dataclasses
+import itertools
 import math
 import os
-import sys
+import socket
 import threading
 import time
 
@@ -20,6 +20,7 @@ from PIL import Image
 import delta
 import esd
 import evaluate
+import files
 import load_sd
 import sample
 import sampler
@@ -30,10 +31,13 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 import gradio as gr  # noqa: E402
 
 OUTPUTS = "outputs"  # what the demo writes, in the working directory: deltas and Measure's grids
-UPDATE_S = 0.5  # the Erase tab's update interval while training (target: at most 2 s)
+UPDATE_S = 1.0  # the Erase tab's update interval while training (target: at most 2 s)
 PREVIEW_S, PREVIEW_SHARE = 3.0, 0.05  # a preview at most every 3 s, and at most 5% of the training time on them
 PREVIEW_SEED, CELL = 0, 192  # the previews' noise; images are shown at least CELL pixels wide (the toy's enlarged)
 MAX_PROMPTS, MAX_SEEDS, MAX_STEPS = 8, 16, 999  # per request
+# gradio's queue wakes every 1 ms and 10 ms on Linux: 8% of a core, and the GIL, taken from training on a small
+# CPU (the toy's UNet is small enough for Python to matter). Its Windows intervals cost at most 50 ms per request.
+QUEUE_POLL_S = (0.05, 0.1)
 UPLOAD_MARGIN = 1.5  # an upload may be 1.5x the whole fp32 model (the 2023 compvis .pt is the whole model)
 METHODS = {  # esd.FILTERS, a line each: which weights train
     "esd-x": "cross-attention (attn2): erases the word",
@@ -66,10 +70,11 @@ def number(value, name, kind=float, low=-math.inf, high=math.inf):
     """`value` as an int or a finite float in [low, high], else a message in the page."""
     try:
         x = kind(value)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError):  # None (an empty field), NaN or infinity for an int
         x = math.nan
-    if not low <= x <= high:  # NaN never is
-        raise gr.Error(f"{name} must be a {'whole' if kind is int else 'finite'} number from {low} to {high}")
+    if not (math.isfinite(x) and low <= x <= high):
+        within = f" in {low}..{high}" if math.isfinite(low) else ""
+        raise gr.Error(f"{name} must be a {'whole' if kind is int else 'finite'} number{within}")
     return x
 
 
@@ -87,8 +92,9 @@ class Run:
         try:
             self.image = self._preview(0)
             train.train(self.config, self.sd, self.concepts, on_step=self._on_step)
+            self.image = self._preview(len(self.losses))  # the weights as saved
         except Exception as e:  # a NaN loss, or anything else: a message in the page, and the server goes on
-            self.error = str(e) if isinstance(e, (FloatingPointError, load_sd.LoadError)) else load_sd.first_line(e)
+            self.error = str(e) if isinstance(e, (FloatingPointError, files.LoadError)) else files.first_line(e)
 
     def _on_step(self, iteration, loss):  # train.train's hook, between two steps: the weights hold still
         self.losses.append(loss)
@@ -102,7 +108,7 @@ class Run:
         image = sample.to_pil(sampler.generate(self.sd, self.concepts[:1], [PREVIEW_SEED], **self.sampling))[0]
         self.before = self.before or image
         self.next_preview = time.time() + max(PREVIEW_S, (time.time() - t0) / PREVIEW_SHARE)
-        return row([self.before, image], (f"{self.concepts[0]}: before", f"iteration {iteration}"))
+        return row([self.before, image], (f"{self.concepts[0]!r}, seed {PREVIEW_SEED}: before", f"iteration {iteration}"))
 
     def status(self):
         done, total = len(self.losses), self.config.iterations
@@ -117,40 +123,42 @@ class Demo:
     """The model in copies that never meet (Compare's, Measure's, one per training), and what all sessions share."""
 
     def __init__(self, source):
-        self.defaults = train.parse_args(["--model", source, "--no-eval"])  # train.py's (the toy's for the toy)
+        self.defaults = train.parse_args([f"--model={source}", "--no-eval"])  # train.py's (the toy's for the toy)
         self.view = load_sd.load(source, device=self.defaults.device)
         self.measured, self.is_toy, size = replica(self.view), source == "toy", self.view.image_size
         self.sampling = toy.SAMPLING if self.is_toy else dict(steps=sample.DDIM_STEPS, guidance=sample.GUIDANCE,
                                                               height=size, width=size)
-        self.locks, self.runs, self.count = {"view": threading.Lock(), "measure": threading.Lock()}, [], 0
-        size = sum(p.numel() * 4 for m in (self.view.unet, self.view.vae, self.view.text_encoder) for p in m.parameters())
-        self.upload_limit = int(UPLOAD_MARGIN * size) + 2 ** 20
+        self.locks, self.runs = {"view": threading.Lock(), "measure": threading.Lock()}, []  # runs: the one training
+        self.count = itertools.count(1)  # files written: unique names
+        fp32 = sum(p.numel() * 4 for m in (self.view.unet, self.view.vae, self.view.text_encoder) for p in m.parameters())
+        self.upload_limit = int(UPLOAD_MARGIN * fp32) + 2 ** 20
 
     def output(self, name):
-        self.count += 1
-        return os.path.join(OUTPUTS, f"{time.strftime('%Y%m%d-%H%M%S')}-{self.count}-{name}")
+        return os.path.join(OUTPUTS, f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self.count)}-{name}")
 
     def erase(self, concept, method, eta, iterations, lr, xt_from, seed, deltas, request: gr.Request):
         """Train with train.py's code, streaming its progress; the delta saved under OUTPUTS. One run at a time:
         the queue holds the others (concurrency_limit=1), and their pages show their place in it."""
-        if method not in esd.FILTERS or xt_from not in esd.XT_FROM:
-            raise gr.Error(f"method is one of {', '.join(esd.FILTERS)}; x_t source one of {', '.join(esd.XT_FROM)}")
+        slug = "".join(ch if ch.isalnum() else "_" for ch in str(concept))[:64]
         config = dataclasses.replace(self.defaults, concept=concept, method=method, xt_from=xt_from,
                                      negative_guidance=number(eta, "η"), iterations=number(iterations, "iterations", int),
-                                     lr=number(lr, "learning rate", float, 0), seed=number(seed, "seed", int))
+                                     lr=number(lr, "learning rate"), seed=number(seed, "seed", int),
+                                     output=self.output(f"{method}-{slug}.safetensors"))
         try:
-            concepts = train.check(config)
-        except load_sd.LoadError as e:
+            concepts = train.check(config)  # train.py's checks, the output path's included
+        except files.LoadError as e:
             raise gr.Error(str(e)) from None
-        config.output = self.output(f"{method}-{'-'.join(c.replace(' ', '_') for c in concepts)}.safetensors")
         with self.locks["view"]:  # Compare's weights are the original's whenever its lock is free
             run = Run(config, concepts, replica(self.view), request.session_hash, self.sampling)
         self.runs.append(run)
         run.thread.start()
         try:
+            shown, sent = None, time.monotonic()
             while run.thread.is_alive():
-                run.thread.join(UPDATE_S)
-                yield run.status(), run.curve(), run.image, *[gr.skip()] * 4
+                run.thread.join(max(0.0, sent + UPDATE_S - time.monotonic()))  # the time sending took counts
+                image = run.image if run.image is not shown else gr.skip()  # a new preview only
+                shown, sent = run.image, time.monotonic()
+                yield run.status(), run.curve(), image, *[gr.skip()] * 4
         finally:
             run.stop.set()  # also when the page goes away: the run stops, saved as it is
             run.thread.join()
@@ -160,9 +168,9 @@ class Demo:
         done, name = len(run.losses), os.path.basename(config.output)
         how = "Done" if done == config.iterations else f"Stopped at iteration {done}/{config.iterations}"
         deltas = {**deltas, name: config.output}
-        pick = gr.update(choices=list(deltas), value=name)
+        picks = [gr.update(choices=list(deltas), value=name) for _ in range(2)]  # one each: gradio consumes them
         yield f"{how} in {time.time() - run.started:.0f} s; saved **{name}**.", run.curve(), run.image, config.output, \
-            pick, pick, deltas
+            *picks, deltas
 
     def stop(self, request: gr.Request):
         """Stop this session's training; what was trained is saved."""
@@ -186,15 +194,14 @@ class Demo:
             raise gr.Error(f"type 1 to {MAX_PROMPTS} prompts, one a line")
         (path, name), images = self.pick(picked, upload, deltas), []
         with self.locks["view"]:
-            for edit in ([], [path]) if path else ([],):
+            for edit in ([], [path]) if path else ([],):  # the original weights, then (given a delta) the erased
                 try:
                     with delta.applied(self.view.unet, *edit):  # the original weights back afterwards, always
                         images.append(row(sample.to_pil(sampler.generate(self.view, prompts, seeds, **settings)), prompts))
-                except load_sd.LoadError as e:
+                except files.LoadError as e:
                     raise gr.Error(str(e).replace(path, name)) from None
-        if not path:
-            return images[0], gr.update(value=None, label="erased: pick or upload a delta")
-        return images[0], gr.update(value=images[1], label=f"erased: {name}")
+        erased = dict(value=images[1], label="erased") if path else dict(value=None, label="erased: pick or upload a delta")
+        return images[0], gr.update(**erased)  # short labels: they lie over the image
 
     def measure(self, picked, upload, concept, prompts, seeds, deltas):
         """evaluate.py's protocol, base against erased: a table, a bar chart and its grid."""
@@ -209,7 +216,7 @@ class Demo:
             with self.locks["measure"]:
                 grid = self.output(f"measure-{concept.replace(' ', '_')}.png")
                 result = evaluate.evaluate(self.measured, path, concept, prompts=prompts, seeds=range(seeds), grid=grid)
-        except (load_sd.LoadError, ValueError) as e:  # a file that is no delta; a concept the toy does not know
+        except (files.LoadError, ValueError) as e:  # a file that is no delta; a concept the toy does not know
             raise gr.Error(str(e).replace(path, name)) from None
         about = (f"**{name}**, concept {concept!r}: {len(result['prompts'])} prompts × {seeds} seeds, "
                  f"{result['steps']} DDIM steps, guidance {result['guidance']}")
@@ -220,7 +227,7 @@ class Demo:
                                f"{result['edited/base'][k]:.2f}") for k in label], columns=["score", "base", "erased", "ratio"])
         bars = pd.DataFrame([{"score": f"{label[k]}: {run}", "model": run, "share": result[key][k]}
                              for k in label for run, key in (("base", "base"), ("erased", "edited"))])
-        return about, table, bars, grid
+        return about, table, gr.update(value=bars, sort=list(bars["score"])), grid  # in the table's order
 
 
 def delta_picker():
@@ -254,7 +261,7 @@ def ui(demo):
             with gr.Column():
                 erase_out = [gr.Markdown("Type a concept and press Train.", elem_id="status"),
                              gr.LinePlot(x="iteration", y="loss", label="loss", height=220),
-                             gr.Image(label=f"preview: the concept's prompt, seed {PREVIEW_SEED}", **image),
+                             gr.Image(label="preview", **image),
                              gr.File(label="the trained delta", interactive=False, elem_id="download")]
         with gr.Tab("Compare"), gr.Row():
             with gr.Column():
@@ -291,27 +298,30 @@ def ui(demo):
     return blocks
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The ESD demo in the browser: erase, compare, measure, download.")
+    p = files.ArgumentParser(description="The ESD demo in the browser: erase, compare, measure, download.")
     p.add_argument("--model", default="toy", help="'toy' (offline), a single file, a diffusers folder or a hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0: anyone who reaches it (README)")
     p.add_argument("--port", type=int, default=7860)
-    p.error = fail  # one line and exit 2 for every bad flag, as for the values checked below
     args = p.parse_args(argv)
     if not 0 < args.port < 2 ** 16:
-        fail(f"--port {args.port}: must be 1 to 65535")
+        p.exit(2, f"error: --port must be in 1..65535, got {args.port}\n")
+    if ":" in args.host:  # gradio 6.31 writes its own address as http://::1:7860, which it then cannot read
+        p.exit(2, f"error: --host takes a name or an IPv4 address, not {args.host} (IPv6)\n")
+    try:  # the address, before the model loads: a name that does not resolve, an address not ours, a port in use
+        with socket.socket(socket.getaddrinfo(args.host, args.port)[0][0]) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((args.host, args.port))
+    except OSError as e:
+        p.exit(2, f"error: cannot serve on {args.host}:{args.port}: {e.strerror or e}\n")
     try:
         os.makedirs(OUTPUTS, exist_ok=True)
         demo = Demo(args.model)
-        ui(demo).queue().launch(server_name=args.host, server_port=args.port, max_file_size=demo.upload_limit,
-                                ssr_mode=False)
-    except (load_sd.LoadError, OSError) as e:  # a missing model, a port in use, an address not ours
-        fail(e if isinstance(e, load_sd.LoadError) else load_sd.first_line(e))
+        blocks = ui(demo).queue()
+        blocks._queue.sleep_when_free, blocks._queue.progress_update_sleep_when_free = QUEUE_POLL_S  # gradio 6.31
+        blocks.launch(server_name=args.host, server_port=args.port, max_file_size=demo.upload_limit, ssr_mode=False)
+    except (files.LoadError, OSError) as e:  # a missing model; the port taken since, an unwritable folder
+        p.exit(2, f"error: {e if isinstance(e, files.LoadError) else files.first_line(e)}\n")
 
 
 if __name__ == "__main__":
