@@ -260,7 +260,7 @@ def ui(demo):
                 gr.Markdown("One training runs at a time; the others wait in the queue.")
             with gr.Column():
                 erase_out = [gr.Markdown("Type a concept and press Train.", elem_id="status"),
-                             gr.LinePlot(x="iteration", y="loss", label="loss", height=220),
+                             gr.LinePlot(x="iteration", y="loss", label="loss", height=220, elem_id="curve"),
                              gr.Image(label="preview", **image),
                              gr.File(label="the trained delta", interactive=False, elem_id="download")]
         with gr.Tab("Compare"), gr.Row():
