@@ -11,7 +11,6 @@ import contextlib
 import os
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import convert
@@ -52,10 +51,7 @@ def load(path, config=None):
     if any(k.startswith(LDM_UNET) for k in tensors):  # train-esd.py's whole model: keep its UNet
         tensors = {convert.ldm_to_ours(k, config).removeprefix("unet."): t
                    for k, t in tensors.items() if k.startswith(LDM_UNET)}
-    if not str(path).endswith(".safetensors"):
-        return tensors, {}
-    with safe_open(str(path), framework="pt") as f:
-        return tensors, f.metadata() or {}
+    return tensors, files.read_metadata(path)
 
 
 @torch.no_grad()

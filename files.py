@@ -13,6 +13,7 @@ import sys
 
 import torch
 from PIL import PngImagePlugin
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
@@ -45,6 +46,14 @@ def read_tensors(path):
     if not isinstance(obj, dict):
         raise LoadError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def read_metadata(path):
+    """The string metadata of a .safetensors file ({} for files of other kinds)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def atomic_write(path, write):

@@ -11,11 +11,11 @@ import sys
 
 import torch
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import convert
+import files
 from files import LoadError, atomic_write, first_line, read_tensors
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
@@ -93,10 +93,8 @@ def _single_file(path):
 
 def _stated_size(path):
     """The image side a .safetensors file's model-spec metadata states ("512x512" -> 512), else None."""
-    if path.endswith(".safetensors"):
-        with safe_open(path, "pt") as f:
-            size = re.fullmatch(r"(\d+)x\d+", (f.metadata() or {}).get(RESOLUTION, ""))
-        return int(size[1]) if size else None
+    size = re.fullmatch(r"(\d+)x\d+", files.read_metadata(path).get(RESOLUTION, ""))
+    return int(size[1]) if size else None
 
 
 def _folder(folder, variant=None):
