@@ -15,7 +15,6 @@ import threading
 import time
 
 import pandas as pd  # gradio's own dependency: its plots take DataFrames
-from PIL import Image
 
 import delta
 import esd
@@ -39,14 +38,6 @@ MAX_PROMPTS, MAX_SEEDS, MAX_STEPS = 8, 16, 999  # per request
 # CPU (the toy's UNet is small enough for Python to matter). Its Windows intervals cost at most 50 ms per request.
 QUEUE_POLL_S = (0.05, 0.1)
 UPLOAD_MARGIN = 1.5  # an upload may be 1.5x the whole fp32 model (the 2023 compvis .pt is the whole model)
-METHODS = {  # esd.FILTERS, a line each: which weights train
-    "esd-x": "cross-attention (attn2): erases the word",
-    "esd-x-strict": "cross-attention keys and values only (attn2.to_k, to_v), as the 2024 code",
-    "esd-u": "all but cross-attention, time embedding and output layers: erases the concept in any context",
-    "selfattn": "self-attention (attn1)",
-    "esd-all": "every UNet weight",
-}
-XT_FROM = {"trained": "the model being trained (the paper)", "frozen": "the original model (the 2024 code)"}
 NO_CLIP = (f"No scores: they come from the CLIP model {evaluate.CLIP_MODEL}, which is not in this machine's "
            "Hugging Face cache, and the demo downloads nothing. The grid shows the images.")
 
@@ -54,12 +45,6 @@ NO_CLIP = (f"No scores: they come from the CLIP model {evaluate.CLIP_MODEL}, whi
 def replica(sd):
     """`sd` with a UNet of its own: deltas and training change only the UNet; the VAE and text encoder are shared."""
     return dataclasses.replace(sd, unet=copy.deepcopy(sd.unet))
-
-
-def row(images, titles):
-    """PIL images in one row, each enlarged by a whole factor (nearest neighbour) to at least CELL pixels wide."""
-    k = math.ceil(CELL / images[0].width)
-    return sample.grid([[im.resize((im.width * k, im.height * k), Image.NEAREST) for im in images]], titles)
 
 
 def lines(text):
@@ -108,7 +93,8 @@ class Run:
         image = sample.to_pil(sampler.generate(self.sd, self.concepts[:1], [PREVIEW_SEED], **self.sampling))[0]
         self.before = self.before or image
         self.next_preview = time.time() + max(PREVIEW_S, (time.time() - t0) / PREVIEW_SHARE)
-        return row([self.before, image], (f"{self.concepts[0]!r}, seed {PREVIEW_SEED}: before", f"iteration {iteration}"))
+        titles = (f"{self.concepts[0]!r}, seed {PREVIEW_SEED}: before", f"iteration {iteration}")
+        return sample.grid([[self.before, image]], titles, cell=CELL)
 
     def status(self):
         done, total = len(self.losses), self.config.iterations
@@ -120,7 +106,8 @@ class Run:
 
 
 class Demo:
-    """The model in copies that never meet (Compare's, Measure's, one per training), and what all sessions share."""
+    """The model in copies that never meet (Compare's, Measure's, one per training), and what all sessions share.
+    A delta reaches Compare and Measure as a file of the person's own page: the one trained there, or an upload."""
 
     def __init__(self, source):
         self.defaults = train.parse_args([f"--model={source}", "--no-eval"])  # train.py's (the toy's for the toy)
@@ -136,7 +123,7 @@ class Demo:
     def output(self, name):
         return os.path.join(OUTPUTS, f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self.count)}-{name}")
 
-    def erase(self, concept, method, eta, iterations, lr, xt_from, seed, deltas, request: gr.Request):
+    def erase(self, concept, method, eta, iterations, lr, xt_from, seed, request: gr.Request):
         """Train with train.py's code, streaming its progress; the delta saved under OUTPUTS. One run at a time:
         the queue holds the others (concurrency_limit=1), and their pages show their place in it."""
         slug = "".join(ch if ch.isalnum() else "_" for ch in str(concept))[:64]
@@ -158,7 +145,7 @@ class Demo:
                 run.thread.join(max(0.0, sent + UPDATE_S - time.monotonic()))  # the time sending took counts
                 image = run.image if run.image is not shown else gr.skip()  # a new preview only
                 shown, sent = run.image, time.monotonic()
-                yield run.status(), run.curve(), image, *[gr.skip()] * 4
+                yield run.status(), run.curve(), image, *[gr.skip()] * 3
         finally:
             run.stop.set()  # also when the page goes away: the run stops, saved as it is
             run.thread.join()
@@ -167,10 +154,8 @@ class Demo:
             raise gr.Error(run.error)
         done, name = len(run.losses), os.path.basename(config.output)
         how = "Done" if done == config.iterations else f"Stopped at iteration {done}/{config.iterations}"
-        deltas = {**deltas, name: config.output}
-        picks = [gr.update(choices=list(deltas), value=name) for _ in range(2)]  # one each: gradio consumes them
-        yield f"{how} in {time.time() - run.started:.0f} s; saved **{name}**.", run.curve(), run.image, config.output, \
-            *picks, deltas
+        yield (f"{how} in {time.time() - run.started:.0f} s; saved **{name}**.", run.curve(), run.image,
+               *[config.output] * 3)  # to download, and to Compare's and Measure's delta
 
     def stop(self, request: gr.Request):
         """Stop this session's training; what was trained is saved."""
@@ -178,81 +163,66 @@ class Demo:
             if run.session == request.session_hash:
                 run.stop.set()
 
-    def pick(self, picked, upload, deltas):
-        """(path, name) of the uploaded delta, else of the one picked from this session's, else (None, None)."""
-        if upload:
-            return upload, os.path.basename(upload)
-        if picked and picked not in deltas:
-            raise gr.Error(f"no delta {picked!r} was trained in this session: train one, or upload it")
-        return (deltas[picked], picked) if picked else (None, None)
-
-    def compare(self, prompts, seed, steps, guidance, picked, upload, deltas):
-        """The original above the erased model: the same prompts and noise, without and with the delta."""
+    def compare(self, prompts, seed, steps, guidance, edit):
+        """The original above the erased model: the same prompts and noise, without and with the delta `edit`."""
         prompts, seeds = lines(prompts), [number(seed, "seed", int, 0, 2 ** 63 - 1)]
         settings = dict(self.sampling, steps=number(steps, "steps", int, 1, MAX_STEPS), guidance=number(guidance, "guidance"))
         if not 0 < len(prompts) <= MAX_PROMPTS:
             raise gr.Error(f"type 1 to {MAX_PROMPTS} prompts, one a line")
-        (path, name), images = self.pick(picked, upload, deltas), []
+        images = []
         with self.locks["view"]:
-            for edit in ([], [path]) if path else ([],):  # the original weights, then (given a delta) the erased
+            for edits in ([], [edit]) if edit else ([],):  # the original weights, then (given a delta) the erased
                 try:
-                    with delta.applied(self.view.unet, *edit):  # the original weights back afterwards, always
-                        images.append(row(sample.to_pil(sampler.generate(self.view, prompts, seeds, **settings)), prompts))
+                    with delta.applied(self.view.unet, *edits):  # the original weights back afterwards, always
+                        generated = sampler.generate(self.view, prompts, seeds, **settings)
                 except files.LoadError as e:
-                    raise gr.Error(str(e).replace(path, name)) from None
-        erased = dict(value=images[1], label="erased") if path else dict(value=None, label="erased: pick or upload a delta")
+                    raise gr.Error(str(e).replace(edit, os.path.basename(edit))) from None
+                images.append(sample.grid([sample.to_pil(generated)], prompts, cell=CELL))
+        erased = dict(value=images[1], label="erased") if edit else dict(value=None, label="erased: give a delta")
         return images[0], gr.update(**erased)  # short labels: they lie over the image
 
-    def measure(self, picked, upload, concept, prompts, seeds, deltas):
-        """evaluate.py's protocol, base against erased: a table, a bar chart and its grid."""
-        (path, name), seeds = self.pick(picked, upload, deltas), number(seeds, "seeds", int, 1, MAX_SEEDS)
-        prompts = None if self.is_toy else lines(prompts)
-        if path is None or prompts == []:
-            raise gr.Error("pick or upload a delta to measure" if path is None else "type prompts, one a line")
+    def measure(self, edit, concept, prompts, seeds):
+        """evaluate.py's protocol, base against erased: its report, a bar chart and its grid."""
+        prompts, seeds = None if self.is_toy else lines(prompts), number(seeds, "seeds", int, 1, MAX_SEEDS)
+        if edit is None or prompts == []:
+            raise gr.Error("train or upload a delta to measure" if edit is None else "type prompts, one a line")
         try:
-            concept = ((concept or "").strip() or delta.load(path)[1].get("concept", "")).split(",")[0].strip()
+            concept = ((concept or "").strip() or delta.load(edit)[1].get("concept", "")).split(",")[0].strip()
             if not concept:
                 raise ValueError("type the erased concept: this delta does not name it")
             with self.locks["measure"]:
                 grid = self.output(f"measure-{concept.replace(' ', '_')}.png")
-                result = evaluate.evaluate(self.measured, path, concept, prompts=prompts, seeds=range(seeds), grid=grid)
+                result = evaluate.evaluate(self.measured, edit, concept, prompts=prompts, seeds=range(seeds), grid=grid)
         except (files.LoadError, ValueError) as e:  # a file that is no delta; a concept the toy does not know
-            raise gr.Error(str(e).replace(path, name)) from None
-        about = (f"**{name}**, concept {concept!r}: {len(result['prompts'])} prompts × {seeds} seeds, "
-                 f"{result['steps']} DDIM steps, guidance {result['guidance']}")
+            raise gr.Error(str(e).replace(edit, os.path.basename(edit))) from None
+        report = f"**{os.path.basename(edit)}**\n```\n{evaluate.format_report(result)}\n```"
         if not result["base"]:
-            return f"{about}\n\n{NO_CLIP}", None, None, grid
+            return f"{report}\n\n{NO_CLIP}", None, grid
         label = {k: k.replace(concept, "concept").replace("_", " ") for k in result["base"]}
-        table = pd.DataFrame([(label[k], f"{result['base'][k]:.1%}", f"{result['edited'][k]:.1%}",
-                               f"{result['edited/base'][k]:.2f}") for k in label], columns=["score", "base", "erased", "ratio"])
         bars = pd.DataFrame([{"score": f"{label[k]}: {run}", "model": run, "share": result[key][k]}
                              for k in label for run, key in (("base", "base"), ("erased", "edited"))])
-        return about, table, gr.update(value=bars, sort=list(bars["score"])), grid  # in the table's order
-
-
-def delta_picker():
-    return [gr.Dropdown([], label="a delta trained here", allow_custom_value=True),
-            gr.File(label="or upload one (.safetensors, official ESD .pt)", type="filepath", file_types=[".safetensors", ".pt"])]
+        return report, gr.update(value=bars, sort=list(bars["score"])), grid  # in the report's order
 
 
 def ui(demo):
     """The page: three tabs over the Demo's handlers, their components listed in the handlers' argument order."""
     d, image, is_toy = demo.defaults, dict(type="pil", format="png"), demo.is_toy
+    delta_file = dict(label="delta: the one trained here, or upload one (.safetensors, official ESD .pt)",
+                      type="filepath", file_types=[".safetensors", ".pt"])
     with gr.Blocks(title="ESD: erasing concepts", analytics_enabled=False) as blocks:
         gr.Markdown(f"## ESD: erasing concepts from diffusion models\nModel `{demo.view.source}`. **Erase** a concept "
                     "and watch it go, **Compare** original and erased images, **Measure** what the erasure did.")
-        deltas = gr.State({})  # this session's trained deltas: name -> path
         with gr.Tab("Erase"), gr.Row():
             with gr.Column():
                 erase_in = [gr.Textbox(label="concept to erase ('a, b' erases both)", elem_id="concept",
                                        placeholder="circle" if is_toy else "Van Gogh"),
-                            gr.Dropdown([(f"{m}: {METHODS.get(m, '')}", m) for m in esd.FILTERS], value=d.method,
+                            gr.Dropdown([(f"{m}: {esd.METHODS.get(m, '')}", m) for m in esd.FILTERS], value=d.method,
                                         label="method: which weights train"),
                             gr.Number(d.negative_guidance, label="η, negative guidance: the target is e₀ − η (e_c − e₀)"),
                             gr.Number(d.iterations, label="iterations", precision=0, elem_id="iterations"),
                             gr.Number(d.lr, label="learning rate (Adam)"),
-                            gr.Radio([(f"{k}: {XT_FROM[k]}", k) for k in esd.XT_FROM], value=d.xt_from,
-                                     label="x_t source: which weights sample it"),
+                            gr.Radio(list(esd.XT_FROM), value=d.xt_from, label="x_t source: which weights sample it, "
+                                     "the model being trained (the paper) or the original (the 2024 code)"),
                             gr.Number(d.seed, label="seed", precision=0)]
                 with gr.Row():
                     train_button = gr.Button("Train", variant="primary", elem_id="train")
@@ -269,7 +239,7 @@ def ui(demo):
                                          lines=3, label="prompts, one a line"),
                               gr.Number(0, label="seed", precision=0),
                               gr.Number(demo.sampling["steps"], label="DDIM steps", precision=0),
-                              gr.Number(demo.sampling["guidance"], label="guidance (CFG scale)"), *delta_picker()]
+                              gr.Number(demo.sampling["guidance"], label="guidance (CFG scale)"), gr.File(**delta_file)]
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 compare_out = [gr.Image(label="original", elem_id="original", **image),
@@ -277,7 +247,7 @@ def ui(demo):
         with gr.Tab("Measure"):
             with gr.Row():
                 with gr.Column():
-                    measure_in = [*delta_picker(), gr.Textbox(label="erased concept", placeholder="blank: the delta's own"),
+                    measure_in = [gr.File(**delta_file), gr.Textbox(label="erased concept", placeholder="blank: the delta's own"),
                                   gr.Textbox("a photo of a car\na photo of a house", lines=3, visible=not is_toy,
                                              label="prompts, one a line (scored by CLIP, if cached)"),
                                   gr.Slider(1, MAX_SEEDS, 8, step=1, label="seeds per prompt")]
@@ -285,33 +255,29 @@ def ui(demo):
                 with gr.Column(scale=2):
                     measure_out = [gr.Markdown("The toy's protocol (evaluate.py): a classifier judges every image."
                                                if is_toy else "CLIP zero-shot scores, when a CLIP model is cached here."),
-                                   gr.Dataframe(label="scores", interactive=False),
                                    gr.BarPlot(x="score", y="share", color="model", y_lim=[0, 1], x_label_angle=-30,
                                               label="share of images", height=260)]
             measure_out.append(gr.Image(label="grid: base (top rows) and erased, the same seeds", type="filepath"))
-        pickers = [compare_in[4], measure_in[0]]  # each finished training adds its delta to both
-        train_button.click(demo.erase, [*erase_in, deltas], [*erase_out, *pickers, deltas], api_name="erase",
+        train_button.click(demo.erase, erase_in, [*erase_out, compare_in[-1], measure_in[0]], api_name="erase",
                            concurrency_limit=1)
         stop_button.click(demo.stop, None, None, api_name="stop", queue=False)
-        generate.click(demo.compare, [*compare_in, deltas], compare_out, api_name="compare", concurrency_limit=1)
-        measure.click(demo.measure, [*measure_in, deltas], measure_out, api_name="measure", concurrency_limit=1)
+        generate.click(demo.compare, compare_in, compare_out, api_name="compare", concurrency_limit=1)
+        measure.click(demo.measure, measure_in, measure_out, api_name="measure", concurrency_limit=1)
     return blocks
 
 
 def main(argv=None):
     p = files.ArgumentParser(description="The ESD demo in the browser: erase, compare, measure, download.")
     p.add_argument("--model", default="toy", help="'toy' (offline), a single file, a diffusers folder or a hub id")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0: anyone who reaches it (README)")
+    p.add_argument("--host", default="127.0.0.1", help="IPv4 address or name to serve on; 0.0.0.0: anyone (README)")
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args(argv)
     if not 0 < args.port < 2 ** 16:
         p.exit(2, f"error: --port must be in 1..65535, got {args.port}\n")
-    if ":" in args.host:  # gradio 6.31 writes its own address as http://::1:7860, which it then cannot read
-        p.exit(2, f"error: --host takes a name or an IPv4 address, not {args.host} (IPv6)\n")
-    try:  # the address, before the model loads: a name that does not resolve, an address not ours, a port in use
-        with socket.socket(socket.getaddrinfo(args.host, args.port)[0][0]) as s:
+    try:  # the address, before the model loads: not IPv4 (gradio 6.31 cannot serve IPv6), not ours, a port in use
+        with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            s.bind((args.host, args.port))
+            s.bind((socket.gethostbyname(args.host), args.port))
     except OSError as e:
         p.exit(2, f"error: cannot serve on {args.host}:{args.port}: {e.strerror or e}\n")
     try:

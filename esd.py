@@ -31,6 +31,13 @@ FILTERS = {  # method -> predicate on a diffusers parameter name
     "selfattn": lambda name: "attn1" in name,  # train-esd.py "selfattn"
     "esd-all": lambda name: True,  # train-esd.py "full"
 }
+METHODS = {  # a line each for --help and the demo: which weights each of FILTERS trains
+    "esd-x": "cross-attention (attn2): erases the word",
+    "esd-x-strict": "cross-attention keys and values only (attn2.to_k, to_v), as esd_sd.py",
+    "esd-u": "all but cross-attention, time embedding and output layers: erases the concept in any context",
+    "selfattn": "self-attention (attn1)",
+    "esd-all": "every UNet weight",
+}
 
 
 def select(unet, method):

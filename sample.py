@@ -29,11 +29,11 @@ def to_pil(images):
     return [Image.fromarray(a.numpy()) for a in arrays]
 
 
-def grid(rows, titles=()):
+def grid(rows, titles=(), cell=MIN_CELL):
     """One image of equally sized PIL images, rows[i][j] at row i, column j, each enlarged by a whole factor
-    (nearest neighbour) to at least MIN_CELL pixels; `titles` above the columns."""
+    (nearest neighbour) to at least `cell` pixels wide; `titles` above the columns."""
     w, h = rows[0][0].size
-    k = math.ceil(MIN_CELL / w)
+    k = math.ceil(cell / w)
     top = 16 if titles else 0
     canvas = Image.new("RGB", (k * w * len(rows[0]), top + k * h * len(rows)), "white")
     for j, title in enumerate(titles):

@@ -33,7 +33,8 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     revision: str = opt(None, "hub models: branch, tag or commit")
     variant: str = opt(None, "diffusers folders and hub models: weight files *.VARIANT.*, e.g. fp16")
     concept: str = opt(None, "what to erase; 'a, b' erases both (one drawn per iteration)")
-    method: str = opt("esd-x", "which weights train (esd.py FILTERS)", choices=list(esd.FILTERS))
+    method: str = opt("esd-x", "which weights train: " + "; ".join(f"{k}, {v}" for k, v in esd.METHODS.items()),
+                      choices=list(esd.FILTERS))
     target: str = opt("esd", "what the trained prediction is pulled toward (esd.py TARGETS)")
     negative_guidance: float = opt(1.0, "the paper's η in e_0 - η (e_c - e_0)")
     erase_from: str = opt(None, "anchor concept a: erase the concept from a's images (target base e_a)")

@@ -95,11 +95,11 @@ def expected_row(sd, prompts, edit=None):
     """What Compare must show: the prompts at seed 0 through `sd` (here, in this process) with delta `edit`."""
     with delta.applied(sd.unet, *[edit] if edit else []):
         images = sample.to_pil(sampler.generate(sd, prompts, [0], **toy.SAMPLING))
-    return np.asarray(app.row(images, prompts).convert("RGB"))
+    return np.asarray(sample.grid([images], prompts, cell=CELL).convert("RGB"))
 
 
 def test_erase_streams_progress_and_saves_the_delta(server, trained, toy_sd):
-    status, curve, preview, download, compare_pick, measure_pick = trained.final
+    status, curve, preview, download, compare_delta, measure_delta = trained.final
     assert status.startswith("Done") and "saved" in status, status
     assert any(out[0].startswith("Iteration") for out in trained.outputs[:-1]), "progress was streamed"
     gaps = np.diff(trained.arrivals)  # app.UPDATE_S is 1 s (target: at most 2); a loaded CI machine may stall
@@ -110,18 +110,19 @@ def test_erase_streams_progress_and_saves_the_delta(server, trained, toy_sd):
     tensors, meta = delta.load(download)  # what the page offers for download, loaded by the project's loader
     assert set(tensors) == {k for k, _ in toy_sd.unet.named_parameters() if "attn2" in k}
     assert (meta["concept"], meta["method"], meta["iterations"], meta["base_model"]) == ("circle", "esd-x", "20", "toy")
-    name = compare_pick["value"]
-    assert name == measure_pick["value"] == os.path.basename(download)
+    name = os.path.basename(download)
+    for given in (compare_delta, measure_delta):  # the Compare and Measure tabs get it too
+        assert open(given, "rb").read() == open(download, "rb").read()
     saved = os.listdir(server.work / "outputs")
     assert name in saved and not [f for f in saved if ".tmp-" in f or f.endswith(".lock")], saved
     assert all(torch.equal(tensors[k], t) for k, t in delta.load(server.work / "outputs" / name)[0].items())
 
 
 def test_compare_original_above_erased_from_the_same_noise(server, trained, toy_sd):
-    name, client = trained.final[4]["value"], trained.client
-    original, erased = client.predict(PROMPTS, 0, 20, 5.0, name, None, api_name="/compare")
+    name, client = os.path.basename(trained.final[3]), trained.client
+    original, erased = client.predict(PROMPTS, 0, 20, 5.0, handle_file(trained.final[4]), api_name="/compare")
     started = time.monotonic()
-    plain, no_delta = client.predict(PROMPTS, 0, 20, 5.0, None, None, api_name="/compare")
+    plain, no_delta = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
     assert time.monotonic() - started < 5, "Compare answers in at most 5 s"
     assert no_delta["value"] is None
     prompts, path = PROMPTS.splitlines(), str(server.work / "outputs" / name)
@@ -133,29 +134,25 @@ def test_compare_original_above_erased_from_the_same_noise(server, trained, toy_
 
 
 def test_compare_takes_uploads_ours_and_the_official_pt_formats(server, trained, toy_sd, tmp_path):
-    name, client = trained.final[4]["value"], trained.client
-    want = pixels(client.predict(PROMPTS, 0, 20, 5.0, name, None, api_name="/compare")[1]["value"])
+    client, path = trained.client, str(server.work / "outputs" / os.path.basename(trained.final[3]))
+    want = expected_row(toy_sd, PROMPTS.splitlines(), path)
     tensors = delta.load(trained.final[3])[0]
     torch.save(tensors, tmp_path / "diffusers-names.pt")  # the 2023 code's diffusers .pt
     torch.save({"state_dict": {convert.ours_to_ldm("unet." + k, toy_sd.unet.config): t for k, t in tensors.items()}},
                tmp_path / "compvis.pt")  # its compvis .pt: an LDM state dict (here only the edited tensors)
     for upload in (trained.final[3], tmp_path / "diffusers-names.pt", tmp_path / "compvis.pt"):
-        _, erased = client.predict(PROMPTS, 0, 20, 5.0, None, handle_file(upload), api_name="/compare")
+        _, erased = client.predict(PROMPTS, 0, 20, 5.0, handle_file(upload), api_name="/compare")
         assert np.array_equal(pixels(erased["value"]), want), upload
 
 
 def test_measure_is_evaluate_protocol(server, trained, toy_sd):
-    name = trained.final[4]["value"]
-    about, table, bars, grid = trained.client.predict(name, None, "", "", 2, api_name="/measure")
-    want = evaluate.evaluate(toy_sd, str(server.work / "outputs" / name), "circle", seeds=range(2))
-    rows = {r[0]: r[1:] for r in table["data"]}
-    for key, label in [("circle_alone", "concept alone"), ("circle_in_context", "concept in context"),
-                       ("other_shapes", "other shapes"), ("colors", "colors")]:
-        assert rows[label][:2] == [f"{want['base'][key]:.1%}", f"{want['edited'][key]:.1%}"], label
+    report, bars, grid = trained.client.predict(handle_file(trained.final[5]), "", "", 2, api_name="/measure")
+    want = evaluate.evaluate(toy_sd, trained.final[3], "circle", seeds=range(2))
+    assert evaluate.format_report(want) in report, "evaluate.py's own report, computed here from the same delta"
+    assert "21 prompts x 2 seeds" in report and "circle_in_context" in report
     assert [tuple(r[1:]) for r in bars["value"]["data"]] == [(run, pytest.approx(want[key][k])) for k in want["base"]
                                                              for run, key in (("base", "base"), ("erased", "edited"))]
-    assert bars["sort"] == [r[0] for r in bars["value"]["data"]], "bars in the table's order"
-    assert "21 prompts × 2 seeds" in about and "'circle'" in about
+    assert bars["sort"] == [r[0] for r in bars["value"]["data"]], "bars in the report's order"
     assert pixels(grid).shape[1] == 21 * 96, "the grid: a column per prompt"
 
 
@@ -177,12 +174,9 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
                                                                   api_name="/erase"),
         "not in the list of choices": lambda: client.predict("circle", "esd-q", 1.0, 5, 1e-3, "trained", 0,
                                                               api_name="/erase"),
-        "type 1 to 8 prompts": lambda: client.predict("", 0, 20, 5.0, None, None, api_name="/compare"),
-        "steps must be a whole number in 1..999": lambda: client.predict(PROMPTS, 0, 0, 5.0, None, None,
-                                                                         api_name="/compare"),
-        "no delta 'elsewhere.safetensors' was trained in this session": lambda: client.predict(
-            PROMPTS, 0, 20, 5.0, "elsewhere.safetensors", None, api_name="/compare"),
-        "pick or upload a delta to measure": lambda: client.predict(None, None, "", "", 2, api_name="/measure"),
+        "type 1 to 8 prompts": lambda: client.predict("", 0, 20, 5.0, None, api_name="/compare"),
+        "steps must be a whole number in 1..999": lambda: client.predict(PROMPTS, 0, 0, 5.0, None, api_name="/compare"),
+        "train or upload a delta to measure": lambda: client.predict(None, "", "", 2, api_name="/measure"),
     }
     garbage, text, code, shapes = (tmp_path / f for f in ("garbage.safetensors", "notes.txt", "code.pt", "other.pt"))
     garbage.write_bytes(b"\x00garbage" * 100)
@@ -190,13 +184,13 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
     torch.save({"weights": Pickled(str(tmp_path / "ran"))}, code)  # pickled code: refused (weights_only), never run
     torch.save({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(3, 3)}, shapes)
     bad["cannot read code.pt: UnpicklingError: Weights only load failed"] = lambda: client.predict(
-        PROMPTS, 0, 20, 5.0, None, handle_file(code), api_name="/compare")
-    bad["does not fit this UNet"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, None, handle_file(shapes),
+        PROMPTS, 0, 20, 5.0, handle_file(code), api_name="/compare")
+    bad["does not fit this UNet"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, handle_file(shapes),
                                                            api_name="/compare")
-    bad["cannot read garbage.safetensors"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, None, handle_file(garbage),
+    bad["cannot read garbage.safetensors"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, handle_file(garbage),
                                                                     api_name="/compare")
-    bad["Invalid file type"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, None, handle_file(text), api_name="/compare")
-    bad["the toy concept must be one of"] = lambda: client.predict(trained.final[4]["value"], None, "dog", "", 1,
+    bad["Invalid file type"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, handle_file(text), api_name="/compare")
+    bad["the toy concept must be one of"] = lambda: client.predict(handle_file(trained.final[3]), "dog", "", 1,
                                                                    api_name="/measure")
     for message, call in bad.items():
         with pytest.raises(AppError, match=message.replace("(", r"\(")):
@@ -207,7 +201,7 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
     big = b"\x00" * 20_000_000  # past the upload limit (1.5x the toy's whole fp32 model), refused by the server
     reply = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("big.safetensors", big)}, timeout=60)
     assert reply.status_code == 413 and "maximum allowed size" in reply.text, reply.text
-    original, _ = client.predict(PROMPTS, 0, 20, 5.0, None, None, api_name="/compare")  # still serving, and right
+    original, _ = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")  # still serving, and right
     assert np.array_equal(pixels(original), expected_row(toy_sd, PROMPTS.splitlines())), "no half-applied delta left"
     assert server.proc.poll() is None and not os.path.exists(tmp_path / "ran"), "the pickled code never ran"
 
@@ -243,7 +237,7 @@ def test_one_training_at_a_time_stop_keeps_it_and_compare_never_sees_it(server, 
     waiting = second.submit("square", "esd-x", 1.0, 3, 1e-3, "trained", 0, api_name="/erase")
     wait_for(lambda: waiting.status().code == Status.IN_QUEUE, what="the second run to be queued")
     assert waiting.status().rank is not None  # what its page shows: its place in the queue
-    original, _ = third.predict(PROMPTS, 0, 20, 5.0, None, None, api_name="/compare")  # during the training
+    original, _ = third.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")  # during the training
     assert np.array_equal(pixels(original), expected_row(toy_sd, PROMPTS.splitlines())), "never half-trained weights"
     third.predict(api_name="/stop")  # another person's Stop leaves this run alone
     time.sleep(1.5)
