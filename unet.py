@@ -298,8 +298,7 @@ class UNet(nn.Module):
                 attentions(i, lpb) if kind == CROSS_DOWN else [],
                 None if last else Downsample2D(ch[i])))
             skip_ch += [ch[i]] * (lpb + (not last))
-        self.mid_block = MidBlock2D([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])],
-                                    attentions(n - 1, 1))
+        self.mid_block = MidBlock2D([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], attentions(n - 1, 1))
         x_ch = ch[-1]
         for i, kind in enumerate(c.up_block_types):
             level, resnets = n - 1 - i, []
