@@ -15,6 +15,7 @@ from vae import VAEConfig
 
 CLIP_MAX_LEN = 77  # CLIP's context length: prompts are padded/truncated to 77 tokens
 CLIP_HEAD_DIM = 64  # CLIP text heads are 64 wide (ViT-L/14: 768 = 12 x 64)
+UNET_HEAD_DIM = 64  # SD 2.x and SDXL UNet heads: num_head_channels 64 (v2-inference-v.yaml, sd_xl_base.yaml)
 CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
 # Known non-model tensors of LDM files: the 12 DDPM schedule buffers (betas, *alphas_cumprod*, posterior_*;
 # sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids.
@@ -38,6 +39,7 @@ PREFIXES, PREFIXES_BACK = _rules([
 ])
 RENAMES, RENAMES_BACK = _rules([
     ("unet.time_embed.0.", "unet.time_embedding.linear_1."), ("unet.time_embed.2.", "unet.time_embedding.linear_2."),
+    ("unet.label_emb.0.0.", "unet.add_embedding.linear_1."), ("unet.label_emb.0.2.", "unet.add_embedding.linear_2."),
     ("unet.out.0.", "unet.conv_norm_out."), ("unet.out.2.", "unet.conv_out."),
     ("unet.*resnets.#.in_layers.0.", "unet.*resnets.#.norm1."), ("unet.*resnets.#.in_layers.2.", "unet.*resnets.#.conv1."),
     ("unet.*resnets.#.emb_layers.1.", "unet.*resnets.#.time_emb_proj."),
@@ -96,27 +98,46 @@ def ours_to_ldm(key, unet=None, vae=None):
     return _rename(key, unet, vae, back=True)
 
 
-def infer_configs(sd):
-    """UNet, VAE and CLIP text configs of an LDM SD v1 state dict from its shapes; what shapes cannot
-    tell (8 heads, 32 groups, scaling 0.18215, sample sizes, 64-wide CLIP heads) is SD v1's."""
-    def shape(key):
-        return tuple(sd[key].shape)
+def _shape(sd, key):
+    return tuple(sd[key].shape)
 
-    def numbers(pattern):  # the distinct block numbers `pattern` captures
-        return sorted({int(m[1]) for k in sd if (m := re.match(pattern, k))})
-    u, v, t = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
-    t += "text_model." if t + "text_model.embeddings.token_embedding.weight" in sd else ""  # transformers 4 names
+
+def _numbers(sd, pattern):  # the distinct block numbers `pattern` captures in the keys of sd
+    return sorted({int(m[1]) for k in sd if (m := re.match(pattern, k))})
+
+
+def unet_config(sd):
+    """UNetConfig of an LDM state dict's model.diffusion_model.* (SD v1, 2.x, XL) from its shapes, else the family's:
+    SD v1's 8 heads for 1x1-conv projections, else 64-dim heads; with label_emb SDXL's size-number width and size."""
+    shape, numbers = functools.partial(_shape, sd), functools.partial(_numbers, sd)
+    u, label = "model.diffusion_model.", "model.diffusion_model.label_emb.0.0.weight"
     ops = numbers(re.escape(u) + r"input_blocks\.(\d+)\.0\.op\.")  # downsamplers: input_blocks.{n (i + 1)}
     n, levels = ops[0], len(ops) + 1
     attention = [[f"{u}{blocks}.{n * i + first}.1.proj_in.weight" in sd for i in range(levels)]
                  for blocks, first in (("input_blocks", 1), ("output_blocks", 0))]
-    unet = dataclasses.replace(
-        UNetConfig.sd1(), in_channels=shape(f"{u}input_blocks.0.0.weight")[1], out_channels=shape(f"{u}out.2.weight")[0],
-        block_out_channels=tuple(shape(f"{u}input_blocks.{n * i + 1}.0.in_layers.2.weight")[0] for i in range(levels)),
+    depth = [len(numbers(rf"{re.escape(u)}input_blocks\.{n * i + 1}\.1\.transformer_blocks\.(\d+)\.")) or 1
+             for i in range(levels)]  # 1 where a level has no attention, as diffusers' configs write it
+    widths = tuple(shape(f"{u}input_blocks.{n * i + 1}.0.in_layers.2.weight")[0] for i in range(levels))
+    linear = len(shape(f"{u}middle_block.1.proj_in.weight")) == 2
+    family = UNetConfig.sdxl() if label in sd else UNetConfig.sd1()  # label_emb: SDXL's added embedding
+    return dataclasses.replace(
+        family, in_channels=shape(f"{u}input_blocks.0.0.weight")[1], out_channels=shape(f"{u}out.2.weight")[0],
+        block_out_channels=widths, layers_per_block=n - 1, use_linear_projection=linear,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention[0]),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[1]), layers_per_block=n - 1,
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[1]),
         cross_attention_dim=shape(f"{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
-        use_linear_projection=len(shape(f"{u}middle_block.1.proj_in.weight")) == 2)
+        attention_head_dim=tuple(w // UNET_HEAD_DIM for w in widths) if linear else family.attention_head_dim,
+        transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else tuple(depth),  # one value: as configs say
+        projection_class_embeddings_input_dim=shape(label)[1] if label in sd else None)
+
+
+def infer_configs(sd):
+    """UNet, VAE and CLIP text configs of an LDM SD v1 state dict from its shapes; what shapes cannot
+    tell (8 heads, 32 groups, scaling 0.18215, sample sizes, 64-wide CLIP heads) is SD v1's."""
+    shape, numbers = functools.partial(_shape, sd), functools.partial(_numbers, sd)
+    v, t = "first_stage_model.", "cond_stage_model.transformer."
+    t += "text_model." if t + "text_model.embeddings.token_embedding.weight" in sd else ""  # transformers 4 names
+    unet = unet_config(sd)
     vae = dataclasses.replace(
         VAEConfig.sd(), in_channels=shape(f"{v}encoder.conv_in.weight")[1],
         out_channels=shape(f"{v}decoder.conv_out.weight")[0], latent_channels=shape(f"{v}post_quant_conv.weight")[0],
@@ -153,12 +174,12 @@ SD_VALUES = {
     UNetConfig: dict(
         center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", dropout=0.0, downsample_padding=1,
         mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, mid_block_scale_factor=1,
-        norm_eps=RESNET_EPS, transformer_layers_per_block=1, dual_cross_attention=False, resnet_skip_time_act=False,
+        norm_eps=RESNET_EPS, dual_cross_attention=False, resnet_skip_time_act=False,
         resnet_time_scale_shift="default", resnet_out_scale_factor=1.0, time_embedding_type="positional",
         conv_in_kernel=3, conv_out_kernel=3, attention_type="default", class_embeddings_concat=False,
         addition_embed_type_num_heads=64, down_block_types=(CROSS_DOWN, "DownBlock2D"),
-        up_block_types=(CROSS_UP, "UpBlock2D"),
-        upcast_attention=(False, True)),  # an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it
+        up_block_types=(CROSS_UP, "UpBlock2D"), addition_embed_type=(None, "text_time"),  # SDXL's
+        upcast_attention=(False, True, None)),  # an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it
     VAEConfig: dict(down_block_types="DownEncoderBlock2D", up_block_types="UpDecoderBlock2D", act_fn="silu",
                     use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
                     force_upcast=(False, True)),  # a pipeline hint: decode fp16 latents in fp32

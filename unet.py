@@ -1,9 +1,10 @@
-"""Stable Diffusion's denoising UNet eps_theta(x_t, t, c) in plain PyTorch, SD v1 and v2 layouts.
+"""Stable Diffusion's denoising UNet eps_theta(x_t, t, c) in plain PyTorch, SD v1, v2 and XL layouts.
 
 Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752:
 Sec. 3.3 (conditioning by cross-attention inside the UNet); attention and the sinusoidal timestep
-embedding are Vaswani et al. arXiv:1706.03762 eq. 1 and Sec. 3.5. Attribute names equal diffusers'
-UNet2DConditionModel, so its state dicts load with strict=True and no renaming:
+embedding are Vaswani et al. arXiv:1706.03762 eq. 1 and Sec. 3.5. SDXL (Podell et al., arXiv:2307.01952,
+Sec. 2.1-2.2): deeper transformers, no attention at the first level, image size and crop conditioning.
+Attribute names equal diffusers' UNet2DConditionModel, so its state dicts load with strict=True:
 https://github.com/huggingface/diffusers/blob/dbbfe89b9297c416ad1037e80f13e3fa7a7f8d34/src/diffusers/models/unets/unet_2d_condition.py
 """
 import math
@@ -35,8 +36,12 @@ class UNetConfig:
     cross_attention_dim: int = 768   # width of the text encoder's hidden states
     attention_head_dim: int | tuple = 8  # a head COUNT (diffusers' misnomer), shared or per level
     use_linear_projection: bool = False  # proj_in/proj_out: Linear (SD v2) instead of 1x1 conv (SD v1)
+    transformer_layers_per_block: int | tuple = 1  # transformer blocks per attention, shared or per level
     norm_num_groups: int = 32
     sample_size: int = 64            # latent side of the training resolution (512 px / 8)
+    addition_embed_type: str | None = None  # "text_time": SDXL's pooled text + size numbers (forward's `added`)
+    addition_time_embed_dim: int | None = None  # sinusoidal width of each size number
+    projection_class_embeddings_input_dim: int | None = None  # add_embedding's input: pooled + numbers x width
 
     @classmethod
     def sd1(cls):
@@ -50,6 +55,28 @@ class UNetConfig:
         context_dim 1024 (OpenCLIP ViT-H), use_linear_in_transformer; 768 px, so 96 latents."""
         return cls(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                    use_linear_projection=True, sample_size=96)
+
+    @classmethod
+    def sdxl(cls):
+        """SDXL base 1.0: Stability-AI/generative-models@45c443b configs/inference/sd_xl_base.yaml network_config
+        (model_channels 320, channel_mult [1, 2, 4], attention_resolutions [4, 2]: none at the first level,
+        transformer_depth [1, 2, 10] (the first unused), num_head_channels 64, context_dim 2048 = CLIP-L 768 +
+        bigG 1280, adm_in_channels 2816 = pooled bigG 1280 + 6 x 256) = the base model's unet/config.json; 1024 px."""
+        return cls(block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", CROSS_DOWN, CROSS_DOWN),
+                   up_block_types=(CROSS_UP, CROSS_UP, "UpBlock2D"), cross_attention_dim=2048,
+                   attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+                   sample_size=128, addition_embed_type="text_time", addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=2816)
+
+
+def per_level(value, levels):
+    """A config value given once for all levels, or per level, as a list per level."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+
+
+def mlp(dim_in, dim):
+    """diffusers' TimestepEmbedding (LDM's time_embed / label_emb Sequentials): Linear, SiLU, Linear."""
+    return nn.Sequential(OrderedDict(linear_1=nn.Linear(dim_in, dim), act=nn.SiLU(), linear_2=nn.Linear(dim, dim)))
 
 
 def timestep_embedding(t, dim):
@@ -119,14 +146,15 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """LDM's SpatialTransformer: feature map -> HW tokens -> transformer block -> back, plus residual."""
+    """LDM's SpatialTransformer: feature map -> HW tokens -> transformer blocks -> back, plus residual."""
 
-    def __init__(self, channels, heads, context_dim, linear, groups):
+    def __init__(self, channels, heads, context_dim, linear, groups, layers=1):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GN_EPS)
         proj = nn.Linear if linear else partial(nn.Conv2d, kernel_size=1)
         self.proj_in, self.proj_out = proj(channels, channels), proj(channels, channels)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)
+                                                 for _ in range(layers)])
 
     def forward(self, x, context):
         B, C, H, W = x.shape
@@ -235,33 +263,42 @@ class UpBlock2D(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps (or v) = UNet(x_t [B,4,h,w], t, context [B,77,D]). Set `gradient_checkpointing = True`
-    to recompute each down/mid/up block in the backward pass instead of storing its activations."""
+    """eps (or v) = UNet(x_t [B,4,h,w], t, context [B,77,D], added=None). Set `gradient_checkpointing = True`
+    to recompute each down/mid/up block in the backward pass instead of storing its activations.
+
+    SDXL (addition_embed_type "text_time") also needs `added` [B, P + 6]: the pooled text embedding [B, P], then
+    six numbers in pixels, original (height, width), crop (top, left), target (height, width) (sgm's conditioner
+    embedders 2-4, diffusers' time_ids). ONE tensor per prompt, batched like `context`: what combines contexts
+    (torch.cat of [uncond; cond], expand, chunk) combines `added` the same way, and a frozen call passes it on
+    as one more argument, functional_call(unet, originals, (x, t, context, added)). SD v1/v2: None."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config, self.gradient_checkpointing = config, False
         c, ch, lpb = config, list(config.block_out_channels), config.layers_per_block
-        n, heads = len(ch), config.attention_head_dim
-        heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * n
+        n = len(ch)
+        heads, depth = per_level(c.attention_head_dim, n), per_level(c.transformer_layers_per_block, n)
         temb = ch[0] * TIME_EMBED_MULT
         resnet = partial(ResnetBlock2D, temb_ch=temb, groups=c.norm_num_groups)
-        attention = partial(Transformer2DModel, context_dim=c.cross_attention_dim,
-                            linear=c.use_linear_projection, groups=c.norm_num_groups)
+
+        def attentions(level, count):  # a level's transformers: its channels, heads and depth
+            return [Transformer2DModel(ch[level], heads[level], c.cross_attention_dim, c.use_linear_projection,
+                                       c.norm_num_groups, depth[level]) for _ in range(count)]
+
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = nn.Sequential(OrderedDict(  # MLP on the sinusoidal embedding
-            linear_1=nn.Linear(ch[0], temb), act=nn.SiLU(), linear_2=nn.Linear(temb, temb)))
+        self.time_embedding = mlp(ch[0], temb)  # on the sinusoidal embedding of t
+        # SDXL: on [pooled text, the size numbers' sinusoidal embeddings] (LDM label_emb), added to the time's
+        self.add_embedding = mlp(c.projection_class_embeddings_input_dim, temb) if c.addition_embed_type else None
         self.down_blocks, self.up_blocks = nn.ModuleList(), nn.ModuleList()
         skip_ch = [ch[0]]  # channels of every tensor the down path stores for the up path
         for i, kind in enumerate(c.down_block_types):
             last = i == n - 1
             self.down_blocks.append(DownBlock2D(
                 [resnet(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(lpb)],
-                [attention(ch[i], heads[i]) for _ in range(lpb)] if kind == CROSS_DOWN else [],
+                attentions(i, lpb) if kind == CROSS_DOWN else [],
                 None if last else Downsample2D(ch[i])))
             skip_ch += [ch[i]] * (lpb + (not last))
-        self.mid_block = MidBlock2D([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])],
-                                    [attention(ch[-1], heads[-1])])
+        self.mid_block = MidBlock2D([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], attentions(n - 1, 1))
         x_ch = ch[-1]
         for i, kind in enumerate(c.up_block_types):
             level, resnets = n - 1 - i, []
@@ -269,14 +306,19 @@ class UNet(nn.Module):
                 resnets.append(resnet(x_ch + skip_ch.pop(), ch[level]))
                 x_ch = ch[level]
             self.up_blocks.append(UpBlock2D(
-                resnets, [attention(ch[level], heads[level]) for _ in resnets] if kind == CROSS_UP else [],
+                resnets, attentions(level, len(resnets)) if kind == CROSS_UP else [],
                 Upsample2D(ch[level]) if level > 0 else None))
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=RESNET_EPS)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, added=None):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # number, 0-dim or [B] -> [B]
         temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
+        if (added is None) != (self.add_embedding is None):
+            raise ValueError(f"this UNet (addition_embed_type {self.config.addition_embed_type}) "
+                             f"{'needs' if added is None else 'takes no'} `added` conditioning")
+        if added is not None:
+            temb = temb + self.add_embedding(self.added_features(added).to(x.dtype))
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         run = partial(checkpoint, use_reentrant=False) if checkpointing else nn.Module.__call__
         x = self.conv_in(x)
@@ -291,3 +333,11 @@ class UNet(nn.Module):
             size = skips[-1].shape[-2:] if skips else None  # upsample to the next level's skip size
             x = run(block, x, temb, context, used, size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def added_features(self, added):
+        """[B, P + n] pooled text and n numbers -> [B, P + n * d]: the pooled embedding, then each number's
+        sinusoidal embedding of width d (as a timestep's), add_embedding's input (sgm's vector `y`)."""
+        d = self.config.addition_time_embed_dim
+        n = (self.add_embedding.linear_1.in_features - added.shape[-1]) // (d - 1)  # (P + n d) - (P + n) = n (d - 1)
+        pooled, numbers = added[:, :-n], added[:, -n:]
+        return torch.cat([pooled, timestep_embedding(numbers.flatten(), d).view(len(added), n * d)], dim=-1)

@@ -1,6 +1,9 @@
 """unet.UNet against diffusers' UNet2DConditionModel with the same weights: forward (no grad, as in
 sampling) and forward+backward (as in ESD training) time, medians of interleaved repeats, and peak
-memory; prints ours/diffusers ratios (target <= 1.0).
+memory; prints ours/diffusers ratios (target <= 1.0). Layouts: SD v1, and SDXL (no attention at the first
+level, transformer depth 2 and 10, the added embedding of pooled text and size numbers). On the CPU both
+run at reduced widths and small latents, and SD v1 also at full size; full-size SDXL (fp32 weights and
+gradients alone are 20 GiB) runs only with --device cuda.
 
 Time: on the CPU, process CPU time with one thread (robust to other jobs sharing the machine);
 on a GPU, wall time between synchronizes. Peak memory: tensor bytes allocated during one call above
@@ -32,11 +35,20 @@ TIMESTEP = 981    # first of SD's 50 DDIM steps
 # SD v1's UNet (runwayml/stable-diffusion-v1-5 unet/config.json); cases are (config, batch, latent side).
 SD1 = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
            layers_per_block=2)
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json).
+SDXL = dict(block_out_channels=[320, 640, 1280], down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+            up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], transformer_layers_per_block=[1, 2, 10],
+            attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True, layers_per_block=2,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+SIZE_NUMBERS = 6  # SDXL's added numbers: original (h, w), crop (top, left), target (h, w), after the pooled text
 CASES = {
     "SD v1 layout, widths / 5, 32x32 latents, batch 2":
         (dict(SD1, block_out_channels=[64, 128, 256, 256]), 2, 32),
     "SD v1 full size, 8x8 latents, batch 1": (SD1, 1, 8),
+    "SDXL layout, widths / 5 (64-dim heads: 1, 2, 4), depths 2 and 10, text width 2048, 32x32 latents, batch 2":
+        (dict(SDXL, block_out_channels=[64, 128, 256], attention_head_dim=[1, 2, 4]), 2, 32),
 }
+GPU_CASES = {"SDXL full size, 128x128 latents (1024 px), batch 2": (SDXL, 2, 128)}  # with --device cuda
 
 
 def build(config, device, dtype, names=("ours", "diffusers")):
@@ -44,7 +56,8 @@ def build(config, device, dtype, names=("ours", "diffusers")):
     built = {}
     if "diffusers" in names:
         ref = UNet2DConditionModel(**config).to(device, dtype)
-        built["diffusers"] = ref, lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample
+        built["diffusers"] = ref, lambda x, t, c, *added: ref(x, t, encoder_hidden_states=c,
+                                                             added_cond_kwargs=diffusers_added(*added)).sample
     if "ours" in names:
         ours = UNet(convert.config_from_json(UNetConfig, config)).to(device, dtype)
         if "diffusers" in names:
@@ -53,11 +66,23 @@ def build(config, device, dtype, names=("ours", "diffusers")):
     return built
 
 
+def diffusers_added(added=None):
+    """Our `added` [B, pooled + 6] in diffusers' spelling: added_cond_kwargs text_embeds and time_ids."""
+    return None if added is None else {"text_embeds": added[:, :-SIZE_NUMBERS], "time_ids": added[:, -SIZE_NUMBERS:]}
+
+
 def inputs(config, batch, side, device, dtype):
+    """The UNet's arguments: x, t, context, and for SDXL `added` (random pooled text, the image's size numbers)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, side, side, generator=g)
     context = torch.randn(batch, CONTEXT_LEN, config["cross_attention_dim"], generator=g)
-    return x.to(device, dtype), torch.full((batch,), TIMESTEP, device=device), context.to(device, dtype)
+    args = x.to(device, dtype), torch.full((batch,), TIMESTEP, device=device), context.to(device, dtype)
+    if not config.get("addition_embed_type"):
+        return args
+    pooled = config["projection_class_embeddings_input_dim"] - SIZE_NUMBERS * config["addition_time_embed_dim"]
+    pixels = side * 8  # the VAE's 8x: uncropped, original = target size
+    numbers = torch.tensor([pixels, pixels, 0, 0, pixels, pixels], dtype=torch.float32).expand(batch, -1)
+    return *args, torch.cat([torch.randn(batch, pooled, generator=g), numbers], dim=-1).to(device, dtype)
 
 
 def run(model, args, train, device):
@@ -108,7 +133,7 @@ def main():
     dtype = getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, 1 thread, process time"
     print(f"torch {torch.__version__}, {where}, {args.dtype}, median of {args.repeats} interleaved repeats")
-    for case, (config, batch, side) in CASES.items():
+    for case, (config, batch, side) in (CASES | (GPU_CASES if args.device == "cuda" else {})).items():
         models, x = build(config, args.device, dtype), inputs(config, batch, side, args.device, dtype)
         times = {(name, train): [] for name in models for train in (False, True)}
         for r in range(args.repeats + 1):  # repeat 0 is a warm-up

@@ -20,6 +20,7 @@ from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sd_v1_ldm.json")
+XL_FIXTURE = os.path.join(os.path.dirname(FIXTURE), "sdxl_ldm.json")
 PROMPTS = ["a red circle", ""]
 
 
@@ -50,10 +51,11 @@ def assert_same_outputs(sd, pipe, context_dim=64):
         torch.testing.assert_close(sd.encode_prompts(PROMPTS), pipe.text_encoder(ids).last_hidden_state, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("unet_config", [tiny.UNET_V1, tiny.UNET_V2], ids=["v1", "v2"])
+@pytest.mark.parametrize("unet_config", [tiny.UNET_V1, tiny.UNET_V2, tiny.UNET_XL], ids=["v1", "v2", "xl"])
 def test_ours_to_ldm_inverts_diffusers_converters(unet_config):
     """ours_to_ldm on random diffusers weights, then diffusers' LDM -> diffusers converters, gives back
-    exactly the original keys and tensors (v2: linear projections, 1 resnet per level)."""
+    exactly the original keys and tensors (v2: linear projections, 1 resnet per level; xl: label_emb, several
+    transformer_blocks per attention, no attention at the first level)."""
     unet = tiny.randomize(UNet2DConditionModel(**unet_config))
     vae = tiny.randomize(AutoencoderKL(**tiny.VAE), seed=1)
     ucfg, vcfg = convert.config_from_json(UNetConfig, unet_config), convert.config_from_json(VAEConfig, tiny.VAE)
@@ -159,6 +161,48 @@ def test_full_size_key_coverage():
         linear = convert.VAE_ATTN_WEIGHT.fullmatch(k)  # LDM's VAE attention is 1x1 convs, ours linear
         assert (s[:2] if linear else s) == expected[k], k
     assert all(convert.ours_to_ldm(convert.ldm_to_ours(k)) == k for k in shapes if k not in ignored)
+
+
+def test_sdxl_unet_in_ldm_names_loads_like_diffusers():
+    """A tiny SDXL UNet written in the official names: its config from the shapes alone (depth per level, heads
+    from 64-dim heads, the added embedding from label_emb) is the tiny one, and it loads strict into ours with
+    diffusers' outputs (fp32, 1e-5)."""
+    ref = tiny.randomize(UNet2DConditionModel(**tiny.UNET_XL)).eval()
+    config = convert.config_from_json(UNetConfig, tiny.UNET_XL)
+    ldm = {convert.ours_to_ldm(f"unet.{k}", config): t for k, t in ref.state_dict().items()}
+    assert all(k.startswith("model.diffusion_model.") for k in ldm)
+    names = [k.removeprefix("model.diffusion_model.") for k in ldm]
+    assert "label_emb.0.2.weight" in names and "output_blocks.5.2.conv.weight" in names  # upsampler after attention
+    first_level = ("input_blocks.1.1.", "input_blocks.2.1.", "output_blocks.6.1.", "output_blocks.7.1.", "output_blocks.8.1.")
+    assert not any(k.startswith(first_level) for k in names)  # no attention at the first level
+    inferred = convert.unet_config(ldm)
+    assert inferred == preset_with(UNetConfig.sdxl(), tiny.UNET_XL)
+    ours = UNet(inferred).eval()
+    ours.load_state_dict({convert.ldm_to_ours(k, inferred).removeprefix("unet."): t for k, t in ldm.items()}, strict=True)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, tiny.UNET_XL["cross_attention_dim"], generator=g)
+    pooled, numbers = torch.randn(2, tiny.XL_POOLED, generator=g), torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2)
+    with torch.no_grad():
+        expected = ref(x, torch.tensor([10, 980]), context, added_cond_kwargs=dict(text_embeds=pooled, time_ids=numbers))
+        got = ours(x, torch.tensor([10, 980]), context, torch.cat([pooled, numbers], dim=-1))
+    torch.testing.assert_close(got, expected.sample, atol=1e-5, rtol=1e-5)
+
+
+def test_sdxl_full_size_unet_key_coverage():
+    """Every model.diffusion_model.* tensor of the official SDXL base 1.0 file maps onto our full-size UNet (meta
+    device) with its shape, and ours map back onto exactly those keys; the config from the shapes is SDXL base's."""
+    with open(XL_FIXTURE) as f:
+        shapes = {k: tuple(s) for k, s in json.load(f)["tensors"].items() if k.startswith("model.diffusion_model.")}
+    assert len(shapes) == 1680
+    config = convert.unet_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    assert config == UNetConfig.sdxl()
+    with torch.device("meta"):
+        unet = UNet(config)
+    expected = {f"unet.{k}": tuple(t.shape) for k, t in unet.state_dict().items()}
+    mapped = {convert.ldm_to_ours(k, config): s for k, s in shapes.items()}
+    assert mapped == expected
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert {convert.ours_to_ldm(k, config) for k in expected} == shapes.keys()
 
 
 class Payload:

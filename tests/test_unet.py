@@ -1,8 +1,9 @@
 """unet.py against diffusers' UNet2DConditionModel (the oracle), fp32 on CPU: same random weights
-loaded by identity give the same eps; key sets equal at tiny and at full SD v1/v2 size (meta device)."""
+loaded by identity give the same eps; key sets equal at tiny and at full SD v1/v2/XL size (meta device)."""
 import functools
 import json
 import math
+import os
 from dataclasses import fields
 
 import pytest
@@ -13,13 +14,17 @@ import convert
 import tiny
 from unet import Attention, UNet, UNetConfig
 
-SD1_PARAMS = 859_520_964  # ../shared/fixtures/README.md: model.diffusion_model.* scalars of SD v1
+PARAMS = {"sd1": 859_520_964, "sdxl": 2_567_463_684}  # fixtures/README.md: model.diffusion_model.* scalars
 # runwayml/stable-diffusion-v1-5 unet/config.json (diffusers' defaults give the SD v1 block types).
 SD1_DIFFUSERS = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
                      attention_head_dim=8, layers_per_block=2, sample_size=64)
 # stabilityai/stable-diffusion-2-1 unet/config.json
 SD2_DIFFUSERS = dict(SD1_DIFFUSERS, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
                      use_linear_projection=True, upcast_attention=True, sample_size=96)
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, as the fixture records it (the hub's file also
+# writes "upcast_attention": null, which the fixture leaves out)
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdxl_ldm.json")) as f:
+    SDXL_DIFFUSERS = dict(json.load(f)["model"]["diffusers_configs"]["unet"], upcast_attention=None)
 
 
 @functools.cache
@@ -35,7 +40,7 @@ def shapes(module):
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["UNET_V1", "UNET_V2"])
+@pytest.mark.parametrize("name", ["UNET_V1", "UNET_V2", "UNET_XL"])
 def test_state_dict_keys_and_shapes_equal_diffusers(name):
     config = getattr(tiny, name)
     assert shapes(UNet(convert.config_from_json(UNetConfig, config))) == shapes(UNet2DConditionModel(**config))
@@ -57,6 +62,50 @@ def test_forward_matches_diffusers(name, t, hw):
         got = ours(x, t, context)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert torch.equal(x, x_before)  # no in-place change to the caller's tensor
+
+
+def xl_inputs(hw, seed=1):
+    """x, context and SDXL's added conditioning for tiny.UNET_XL: pooled text embeddings and the six numbers
+    (original h, w, crop top, left, target h, w), different per sample; also as diffusers' added_cond_kwargs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, *hw, generator=g)
+    context = torch.randn(2, 77, tiny.UNET_XL["cross_attention_dim"], generator=g)
+    pooled = torch.randn(2, tiny.XL_POOLED, generator=g)
+    numbers = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 1344, 64, 32, 832, 1216]])
+    return x, context, torch.cat([pooled, numbers], dim=-1), dict(text_embeds=pooled, time_ids=numbers)
+
+
+@pytest.mark.parametrize("t, hw", [("per-sample", (8, 8)), (981, (10, 6))])
+def test_sdxl_forward_matches_diffusers(t, hw):
+    """No attention at the first level, transformer depth 2 and 3 (and 3 in the middle block), the added
+    embedding of pooled text and size numbers: diffusers' SDXL UNet at 1e-5."""
+    ref, ours = pair("UNET_XL")
+    x, context, added, added_cond_kwargs = xl_inputs(hw)
+    t = torch.tensor([1, 961]) if t == "per-sample" else t
+    inputs = [v.clone() for v in (x, context, added)]
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs).sample
+        got = ours(x, t, context, added)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip((x, context, added), inputs))  # no in-place change
+
+
+def test_sdxl_added_conditioning_matters_and_is_checked():
+    """Each sample's numbers and pooled embedding change that sample's eps only; a UNet with an added embedding
+    refuses a call without `added`, one without refuses `added`."""
+    _, ours = pair("UNET_XL")
+    x, context, added, _ = xl_inputs((8, 8))
+    with torch.no_grad():
+        base = ours(x, 500, context, added)
+        for column in (0, tiny.XL_POOLED + 1, tiny.XL_POOLED + 5):  # pooled; original width; target width
+            changed = added.clone()
+            changed[1, column] += 1
+            diff = (ours(x, 500, context, changed) - base).abs().amax(dim=(1, 2, 3))
+            assert diff[0] == 0 and diff[1] > 1e-4, column
+    with pytest.raises(ValueError, match="needs `added`"):
+        ours(x, 500, context)
+    with pytest.raises(ValueError, match="takes no `added`"):
+        pair("UNET_V2")[1](x, 500, torch.randn(2, 77, 128), added)
 
 
 def test_timestep_forms_agree_and_matter():
@@ -124,13 +173,14 @@ def test_config_json_with_non_sd_options_is_refused(override):
         convert.config_from_json(UNetConfig, {**tiny.UNET_V1, **override})
 
 
-@pytest.mark.parametrize("preset, diffusers_config", [("sd1", SD1_DIFFUSERS), ("sd2", SD2_DIFFUSERS)])
+@pytest.mark.parametrize("preset, diffusers_config", [("sd1", SD1_DIFFUSERS), ("sd2", SD2_DIFFUSERS),
+                                                      ("sdxl", SDXL_DIFFUSERS)])
 def test_full_size_presets_match_diffusers_on_meta(preset, diffusers_config):
     config = getattr(UNetConfig, preset)()
     with torch.device("meta"):
         ours, ref = UNet(config), UNet2DConditionModel(**diffusers_config)
-        from_config = UNet(convert.config_from_json(UNetConfig, dict(ref.config)))
-    assert shapes(ours) == shapes(ref) == shapes(from_config)
+    assert convert.config_from_json(UNetConfig, dict(ref.config)) == config  # every key diffusers writes, read
+    assert shapes(ours) == shapes(ref)
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     for f in fields(config):
         assert as_list(getattr(config, f.name)) == as_list(ref.config[f.name]), f.name
@@ -138,7 +188,8 @@ def test_full_size_presets_match_diffusers_on_meta(preset, diffusers_config):
     assert heads(ours) == heads(ref)  # head counts do not show in shapes
 
 
-def test_sd1_parameter_count():
+@pytest.mark.parametrize("preset", PARAMS)
+def test_parameter_count(preset):
     with torch.device("meta"):
-        ours = UNet(UNetConfig.sd1())
-    assert sum(p.numel() for p in ours.parameters()) == SD1_PARAMS
+        ours = UNet(getattr(UNetConfig, preset)())
+    assert sum(p.numel() for p in ours.parameters()) == PARAMS[preset]

@@ -21,6 +21,17 @@ UNET_V1 = dict(
 # (diffusers' `attention_head_dim` is a head *count*, as in SD v2's [5, 10, 20, 20]).
 UNET_V2 = dict(UNET_V1, attention_head_dim=[2, 4, 4], use_linear_projection=True,
                cross_attention_dim=128, layers_per_block=1)
+# SDXL layout in miniature: no attention at the first level, transformer depth per level (the first unused,
+# the middle block's is the last level's), linear projections and SDXL's 64-dim heads (1 and 2 heads here),
+# the added conditioning: pooled text (XL_POOLED wide) and 6 size numbers of SDXL's sinusoidal width 256.
+XL_POOLED = 32  # SDXL's: 1280 (OpenCLIP bigG's projection)
+UNET_XL = dict(
+    UNET_V1, block_out_channels=[64, 64, 128], cross_attention_dim=96, attention_head_dim=[1, 1, 2],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2, 3],
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=XL_POOLED + 6 * 256,
+)
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
     block_out_channels=[32, 64], norm_num_groups=32, sample_size=16,
