@@ -23,12 +23,10 @@ from vae import VAE, VAEConfig
 
 FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}  # cross_attention_dim: CLIP ViT-L/14 (v1), OpenCLIP ViT-H (v2)
 FAMILY_NAMES = {"sd1": "SD v1", "sd2": "SD 2.x"}
-# The prediction type and image size of a single file whose metadata does not state them (the official files' does
-# not): SD v1 and the SD 2.x "base" files are epsilon models of 512 px, other SD 2.x files (v2-1_768-ema-pruned)
-# v-models of 768 px, as diffusers takes a file without a global step; --prediction-type epsilon for a base file.
+# Where a single file's metadata is silent (the official files' is): SD v1 and the SD 2.x "base" files are epsilon
+# models of 512 px, other SD 2.x files (v2-1_768-ema-pruned) v-models of 768 px, as diffusers takes them.
 SD1_SIZE, SD2_V_SIZE = 512, 768
-PREDICTION_HELP = ("what the UNet predicts (default: a folder's scheduler config, a file's modelspec.prediction_type, "
-                   "else v_prediction for SD 2.x files, epsilon for SD v1)")  # every CLI's --prediction-type
+PREDICTION_HELP = "what the UNet predicts (default: a folder's scheduler, a file's metadata, else SD 2.x v, SD v1 epsilon)"
 RESOLUTION = "modelspec.resolution"  # safetensors metadata "WxH" (Stability's model spec), e.g. "1024x1024"
 PREDICTION = "modelspec.prediction_type"  # the same spec's "epsilon" or "v"
 SPEC_PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}  # -> PREDICTIONS
@@ -73,8 +71,7 @@ def _single_file(path, prediction_type=None):
     if family == "sd1" and not any(k.startswith("cond_stage_model.transformer.") for k in sd):
         found = "SDXL's conditioner.embedders.*" if any(k.startswith("conditioner.embedders.") for k in sd) else \
             "top-level names " + ", ".join(sorted({k.split(".")[0] for k in sd})[:6])
-        raise LoadError(f"{path} is not an SD v1 checkpoint (no cond_stage_model.transformer.*) nor SD 2.x "
-                        f"(no {convert.OPENCLIP}*): found {found}")
+        raise LoadError(f"{path} is not an SD v1 or 2.x checkpoint (no cond_stage_model.*): found {found}")
     try:
         configs = unet, vae, text = convert.infer_configs(sd, family)
     except (KeyError, IndexError) as e:
@@ -90,18 +87,17 @@ def _single_file(path, prediction_type=None):
         for ours, t in convert.split_in_proj(name, tensor).items():  # SD 2.x: q, k, v apart
             part, _, rest = ours.partition(".")
             parts[part][rest] = t
-    size, stated = _model_spec(path)
-    default = "v_prediction" if family == "sd2" else "epsilon"
-    prediction = prediction_type or SPEC_PREDICTIONS.get(stated, default)
-    return configs, parts, family, prediction, size or (SD2_V_SIZE if prediction != "epsilon" else SD1_SIZE)
+    return (configs, parts, family, *_stated(path, family, prediction_type))
 
 
-def _model_spec(path):
-    """The image side and prediction type a .safetensors file's model-spec metadata states ("512x512" -> 512, "v"),
-    else None."""
+def _stated(path, family, prediction_type):
+    """A single file's prediction type and image side: `prediction_type`, else what its model-spec metadata states
+    ("v", "512x512"), else the family's (see SD1_SIZE); an SD 2.x epsilon model is a 512 px base model."""
     metadata = files.read_metadata(path)
+    default = "v_prediction" if family == "sd2" else "epsilon"
+    prediction = prediction_type or SPEC_PREDICTIONS.get(metadata.get(PREDICTION), default)
     size = re.fullmatch(r"(\d+)x\d+", metadata.get(RESOLUTION, ""))
-    return int(size[1]) if size else None, metadata.get(PREDICTION)
+    return prediction, int(size[1]) if size else SD2_V_SIZE if family == "sd2" and prediction == "v_prediction" else SD1_SIZE
 
 
 def _folder(folder, variant=None, prediction_type=None):
@@ -163,7 +159,8 @@ def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32, revision=
          prediction_type=None):
     """A StableDiffusion from a single file (.safetensors, .ckpt), a diffusers folder, a hub id or "toy". Tokenizer:
     a folder's own, else `tokenizer`, else SD v1's. revision: a hub branch, tag or commit; variant: *.VARIANT.* files.
-    prediction_type: what the UNet outputs (PREDICTIONS), else a folder's scheduler config, else as told at SD1_SIZE."""
+    prediction_type: what the UNet outputs (PREDICTIONS); default: a folder's scheduler config, a file's metadata,
+    else the family's (see SD1_SIZE)."""
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise LoadError(f"--device {device}, but no CUDA GPU is here (use --device cpu)")
     if prediction_type not in (None, *PREDICTIONS):
@@ -195,8 +192,7 @@ def ldm_state_dict(sd):
     included; but for SD 2.x the tensors no SD 2.x model holds (convert.unused: OpenCLIP's last block and head)."""
     if sd.family not in FAMILY_NAMES:
         raise LoadError(f"only SD v1 and 2.x have a single-file layout we write (this model is {sd.family})")
-    models = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder}
-    ours = {f"{part}.{k}": t.detach() for part, model in models.items() for k, t in model.state_dict().items()}
+    ours = {f"{part}.{k}": t.detach() for part in WEIGHTS for k, t in getattr(sd, part).state_dict().items()}
     tensors = convert.schedule_buffers()
     if sd.family == "sd1":  # the official files carry it
         tensors[convert.ours_to_ldm("text_encoder.embeddings.position_ids")] = torch.arange(

@@ -179,9 +179,9 @@ def bad_inputs(single, tmp_path):
     return [
         ("missing.safetensors", None, "no such file or folder"),
         ("truncated.safetensors", None, "cannot read .*truncated.safetensors: SafetensorError"),
-        ("other.safetensors", None, "not an SD v1 checkpoint .* found top-level names weight"),
+        ("other.safetensors", None, "not an SD v1 or 2.x checkpoint .* found top-level names weight"),
         ("v2.safetensors", None, "incomplete SD 2.x checkpoint: KeyError"),  # v1 tensors, one of OpenCLIP's
-        ("xl.safetensors", None, "not an SD v1 checkpoint .* found SDXL"),
+        ("xl.safetensors", None, "not an SD v1 or 2.x checkpoint .* found SDXL"),
         ("partial.safetensors", None, "incomplete SD v1 checkpoint: KeyError"),
         ("hole.safetensors", None, "UNet: 1 missing tensors, e.g. up_blocks.0.resnets.0.conv_shortcut.bias"),
         ("code.ckpt", None, "cannot read .*code.ckpt: UnpicklingError"),

@@ -14,13 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 import convert
+import delta
+import esd
 import load_sd
 import sample
 import tiny
+import train
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
@@ -216,7 +220,6 @@ def test_sd2_sample_matches_diffusers_pipeline(sd2, tmp_path, capsys, prediction
                                          GUIDANCE, "--height", SIZE, "--width", SIZE, "--output", tmp_path / "x.png",
                                          "--device", "cpu"]])
     assert code == 0, capsys.readouterr().err
-    from PIL import Image
     diff = np.abs(np.asarray(Image.open(tmp_path / "x.png")).astype(int) - (expected * 255).round().astype(int))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}/255"
     print(f"{prediction}: max pixel difference {diff.max()}/255")
@@ -237,9 +240,30 @@ def test_prediction_type_rule(sd2, tiny_sd, tmp_path):
     assert got(tmp_path / "v.safetensors", prediction_type="epsilon") == ("epsilon", 512)  # the flag over metadata
     save_file(tensors, tmp_path / "sized.safetensors", {load_sd.PREDICTION: "epsilon", load_sd.RESOLUTION: "640x640"})
     assert got(tmp_path / "sized.safetensors") == ("epsilon", 640)
-    assert got(tiny_sd.single, tokenizer=tiny_sd.tokenizer) == ("epsilon", 512)  # SD v1 (and its metadata)
-    assert got(tiny_sd.single, tokenizer=tiny_sd.tokenizer, prediction_type="v_prediction")[0] == "v_prediction"
+    save_file(load_file(tiny_sd.single), tmp_path / "v1.safetensors")  # SD v1, no metadata
+    assert got(tmp_path / "v1.safetensors", tokenizer=tiny_sd.tokenizer) == ("epsilon", 512)
+    assert got(tmp_path / "v1.safetensors", tokenizer=tiny_sd.tokenizer, prediction_type="v_prediction") == \
+        ("v_prediction", 512)
     assert got(sd2.folder) == ("v_prediction", 16)  # the scheduler's; the folder's sample_size x 2
     assert got(sd2.folder, prediction_type="epsilon")[0] == "epsilon"
     with pytest.raises(load_sd.LoadError, match="--prediction-type must be one of epsilon, v_prediction, got 'v'"):
         load_sd.load(sd2.file, tokenizer=sd2.tokenizer, prediction_type="v")
+
+
+@pytest.mark.parametrize("flag", [[], ["--prediction-type", "epsilon"]], ids=["default", "flag"])
+def test_esd_x_on_an_sd2_file(sd2, tmp_path, monkeypatch, flag):
+    """train.py on the SD 2.x file: ESD gets the prediction type (the file's default v, or --prediction-type), only
+    attn2 tensors train, and --export-full writes an SD 2.x file diffusers reads into the edited UNet."""
+    seen, init = [], esd.ESD.__init__
+    monkeypatch.setattr(esd.ESD, "__init__", lambda self, *a, **kw: seen.append(kw["prediction"]) or init(self, *a, **kw))
+    out, full = tmp_path / "d.safetensors", tmp_path / "full.safetensors"
+    assert train.main([str(a) for a in ["--model", sd2.file, "--tokenizer", sd2.tokenizer, *flag, "--concept", "car",
+                                        "--iterations", 2, "--resolution", SIZE, "--steps", 4, "--lr", 1e-3, "--device",
+                                        "cpu", "--output", out, "--export-full", full]]) == 0
+    assert seen == [flag[1] if flag else "v_prediction"]
+    tensors = delta.load(str(out))[0]
+    base = from_single_file(sd2.file, sd2.folder).unet.state_dict()
+    assert set(tensors) == {k for k in base if "attn2" in k} and all(not torch.equal(tensors[k], base[k]) for k in tensors)
+    edited = from_single_file(full, sd2.folder).unet.state_dict()
+    assert edited.keys() == base.keys()
+    assert all(torch.equal(edited[k], tensors[k] if k in tensors else base[k]) for k in base)
