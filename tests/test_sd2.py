@@ -135,7 +135,7 @@ def test_sd2_single_file_loads_like_diffusers(sd2, tiny_sd):
     used = {k: t for k, t in tensors.items() if k not in unused and not convert.IGNORED.fullmatch(k)}
     assert len(tensors) - len(used) == len(unused) + 12 == 26  # 12 schedule buffers
     ours = [p for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.state_dict().values()]
-    assert sum(t.numel() for t in used.values()) == sum(p.numel() for p in ours)  # split q, k, v: more tensors
+    assert sum(t.numel() for t in used.values()) == sum(p.numel() for p in ours)  # (q, k, v split: more tensors)
     diffusers = from_single_file(sd2.file, sd2.folder)
     ids = assert_same_outputs(sd, diffusers)
     with torch.no_grad():
