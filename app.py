@@ -109,9 +109,10 @@ class Demo:
     """The model in copies that never meet (Compare's, Measure's, one per training), and what all sessions share.
     A delta reaches Compare and Measure as a file of the person's own page: the one trained there, or an upload."""
 
-    def __init__(self, source):
-        self.defaults = train.parse_args([f"--model={source}", "--no-eval"])  # train.py's (the toy's for the toy)
-        self.view = load_sd.load(source, device=self.defaults.device)
+    def __init__(self, source, prediction_type=None):
+        given = [f"--prediction-type={prediction_type}"] if prediction_type else []
+        self.defaults = train.parse_args([f"--model={source}", "--no-eval", *given])  # train.py's (the toy's for the toy)
+        self.view = load_sd.load(source, device=self.defaults.device, prediction_type=prediction_type)
         self.measured, self.is_toy, size = replica(self.view), source == "toy", self.view.image_size
         self.sampling = toy.SAMPLING if self.is_toy else dict(steps=sample.DDIM_STEPS, guidance=sample.GUIDANCE,
                                                               height=size, width=size)
@@ -271,6 +272,7 @@ def main(argv=None):
     p.add_argument("--model", default="toy", help="'toy' (offline), a single file, a diffusers folder or a hub id")
     p.add_argument("--host", default="127.0.0.1", help="IPv4 address or name to serve on; 0.0.0.0: anyone (README)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--prediction-type", default=None, choices=load_sd.PREDICTIONS, help=load_sd.PREDICTION_HELP)
     args = p.parse_args(argv)
     if not 0 < args.port < 2 ** 16:
         p.exit(2, f"error: --port must be in 1..65535, got {args.port}\n")
@@ -282,7 +284,7 @@ def main(argv=None):
         p.exit(2, f"error: cannot serve on {args.host}:{args.port}: {e.strerror or e}\n")
     try:
         os.makedirs(OUTPUTS, exist_ok=True)
-        demo = Demo(args.model)
+        demo = Demo(args.model, args.prediction_type)
         blocks = ui(demo).queue()
         blocks._queue.sleep_when_free, blocks._queue.progress_update_sleep_when_free = QUEUE_POLL_S  # gradio 6.31
         blocks.launch(server_name=args.host, server_port=args.port, max_file_size=demo.upload_limit, ssr_mode=False)

@@ -1,6 +1,6 @@
-"""convert.py: official checkpoint names and shapes <-> ours (= diffusers'), pure functions: LDM names by a
-short rule table plus one index function (the UNet's numbered blocks); configs from tensor shapes plus SD v1's
-constants, or from diffusers' config.json; LDM's schedule buffers. LDM names as in
+"""convert.py: official checkpoint names and shapes <-> ours (= diffusers'), pure functions: LDM and OpenCLIP names
+by a short rule table plus one index function (the UNet's numbered blocks); configs from tensor shapes plus the
+family's constants (SD v1, 2.x; SDXL's UNet), or from diffusers' config.json; LDM's schedule buffers. LDM names as in
 https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py"""
 import dataclasses
 import functools
@@ -17,10 +17,13 @@ CLIP_MAX_LEN = 77  # CLIP's context length: prompts are padded/truncated to 77 t
 CLIP_HEAD_DIM = 64  # CLIP text heads are 64 wide (ViT-L/14: 768 = 12 x 64)
 UNET_HEAD_DIM = 64  # SD 2.x and SDXL UNet heads: num_head_channels 64 (v2-inference-v.yaml, sd_xl_base.yaml)
 CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
+OPENCLIP = "cond_stage_model.model."  # SD 2.x's text encoder, OpenCLIP ViT-H/14's text tower
+OPENCLIP_ACT = "gelu"  # OpenCLIP ViT-H's activation: nn.GELU (erf), transformers' "gelu"
 # Known non-model tensors of LDM files: the 12 DDPM schedule buffers (betas, *alphas_cumprod*, posterior_*;
 # sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids.
 IGNORED = re.compile(r"betas|\w*alphas_cumprod\w*|posterior_\w+|logvar|model_ema\..+|.+\.position_ids")
 VAE_ATTN_WEIGHT = re.compile(r"vae\..*\.attentions\.0\.(to_[qkv]|to_out\.0)\.weight")  # 1x1 convs in LDM
+IN_PROJ = re.compile(r"(text_encoder\..+\.self_attn\.)in_proj\.(weight|bias)")  # OpenCLIP's q, k, v in one
 
 
 def _rules(pairs):
@@ -32,11 +35,21 @@ def _rules(pairs):
     return [compile_(a, b) for a, b in pairs], [compile_(b, a) for a, b in reversed(pairs)]
 
 
-PREFIXES, PREFIXES_BACK = _rules([
-    ("model.diffusion_model.", "unet."), ("first_stage_model.", "vae."),
-    ("cond_stage_model.transformer.", "text_encoder."),
-    ("text_encoder.text_model.", "text_encoder."),  # transformers 5 dropped this level: both are read
-])
+PREFIXES, PREFIXES_BACK = _rules([("model.diffusion_model.", "unet."), ("first_stage_model.", "vae.")])
+# The text encoder's names per family, onto transformers' CLIPTextModel (split_in_proj splits OpenCLIP's q, k, v).
+TEXT_RULES = {
+    "sd1": _rules([("cond_stage_model.transformer.", "text_encoder."),
+                   ("text_encoder.text_model.", "text_encoder.")]),  # transformers 5 dropped this level: both are read
+    "sd2": _rules([  # OpenCLIP's TextTransformer (open_clip/model.py, transformer.py ResidualAttentionBlock)
+        (OPENCLIP + "transformer.resblocks.", "text_encoder.encoder.layers."),
+        (OPENCLIP + "token_embedding.", "text_encoder.embeddings.token_embedding."),
+        (OPENCLIP + "positional_embedding", "text_encoder.embeddings.position_embedding.weight"),
+        (OPENCLIP + "ln_final.", "text_encoder.final_layer_norm."),
+        ("text_encoder.*.ln_1.", "text_encoder.*.layer_norm1."), ("text_encoder.*.ln_2.", "text_encoder.*.layer_norm2."),
+        ("text_encoder.*.mlp.c_fc.", "text_encoder.*.mlp.fc1."), ("text_encoder.*.mlp.c_proj.", "text_encoder.*.mlp.fc2."),
+        ("text_encoder.*.attn.out_proj.", "text_encoder.*.self_attn.out_proj."),
+        ("text_encoder.*.attn.in_proj_", "text_encoder.*.self_attn.in_proj.")]),
+}
 RENAMES, RENAMES_BACK = _rules([
     ("unet.time_embed.0.", "unet.time_embedding.linear_1."), ("unet.time_embed.2.", "unet.time_embedding.linear_2."),
     ("unet.label_emb.0.0.", "unet.add_embedding.linear_1."), ("unet.label_emb.0.2.", "unet.add_embedding.linear_2."),
@@ -78,24 +91,52 @@ def _blocks(n, up_attention, vae_levels):
         (f"vae.decoder.up.{i}.", f"vae.decoder.up_blocks.{vae_levels - 1 - i}.") for i in range(vae_levels)])
 
 
-def _rename(key, unet, vae, back):
+def _rename(key, unet, vae, back, family):
     """Prefixes, block indices (the configs' layout, default SD v1's), then leaf names; or all back."""
     unet, vae = unet or UNetConfig.sd1(), vae or VAEConfig.sd()
     attention = tuple("CrossAttn" in kind for kind in unet.up_block_types)
     blocks = _blocks(unet.layers_per_block + 1, attention, len(vae.block_out_channels))[back]
-    for regex, template in (RENAMES_BACK + blocks + PREFIXES_BACK) if back else (PREFIXES + blocks + RENAMES):
+    text = TEXT_RULES[family][back]
+    for regex, template in (RENAMES_BACK + blocks + text + PREFIXES_BACK) if back else (PREFIXES + text + blocks + RENAMES):
         key = regex.sub(template, key, count=1)
     return key
 
 
-def ldm_to_ours(key, unet=None, vae=None):
+def ldm_to_ours(key, unet=None, vae=None, family="sd1"):
     """Our name (unet./vae./text_encoder. + the module's key) of an LDM checkpoint key."""
-    return _rename(key, unet, vae, back=False)
+    return _rename(key, unet, vae, False, family)
 
 
-def ours_to_ldm(key, unet=None, vae=None):
+def ours_to_ldm(key, unet=None, vae=None, family="sd1"):
     """The official LDM name of one of ours (the inverse of ldm_to_ours)."""
-    return _rename(key, unet, vae, back=True)
+    return _rename(key, unet, vae, True, family)
+
+
+def split_in_proj(name, t):
+    """{our name: tensor} for one tensor under our name: OpenCLIP's fused attention input projection (torch's
+    MultiheadAttention in_proj, [3 D, ...]: q, k, v rows) as transformers' q_proj, k_proj, v_proj; others as they are."""
+    fused = IN_PROJ.fullmatch(name)
+    return {f"{fused[1]}{p}_proj.{fused[2]}": x.clone() for p, x in zip("qkv", t.chunk(3))} if fused else {name: t}
+
+
+def fuse_in_proj(tensors):
+    """The inverse, on a state dict under our names: each text layer's q, k, v projections as one in_proj."""
+    out = {}
+    for name, t in tensors.items():
+        qkv = re.fullmatch(r"(text_encoder\..+\.self_attn\.)([qkv])_proj\.(weight|bias)", name)
+        if not qkv:
+            out[name] = t
+        elif qkv[2] == "q":  # with its k and v
+            out[f"{qkv[1]}in_proj.{qkv[3]}"] = torch.cat([tensors[f"{qkv[1]}{p}_proj.{qkv[3]}"] for p in "qkv"])
+    return out
+
+
+def unused(key, text):
+    """Whether an LDM key is a known tensor the model does not use: SD 2.x conditions on the penultimate block of
+    OpenCLIP's text tower (FrozenOpenCLIPEmbedder(layer="penultimate")), so a file with the whole tower has a last
+    block past `text`'s (the CLIPTextConfig's) layers, and the tower's contrastive head (text_projection, logit_scale)."""
+    head = re.fullmatch(re.escape(OPENCLIP) + r"(text_projection|logit_scale|transformer\.resblocks\.(\d+)\..+)", key)
+    return bool(head) and (head[2] is None or int(head[2]) == text.num_hidden_layers)
 
 
 def _shape(sd, key):
@@ -131,12 +172,11 @@ def unet_config(sd):
         projection_class_embeddings_input_dim=shape(label)[1] if label in sd else None)
 
 
-def infer_configs(sd):
-    """UNet, VAE and CLIP text configs of an LDM SD v1 state dict from its shapes; what shapes cannot
-    tell (8 heads, 32 groups, scaling 0.18215, sample sizes, 64-wide CLIP heads) is SD v1's."""
+def infer_configs(sd, family="sd1"):
+    """UNet (unet_config), VAE and CLIP text configs of an LDM SD v1 or 2.x state dict from its shapes; what shapes
+    cannot tell (32 groups, scaling 0.18215, sample sizes, 64-wide CLIP heads, the activation) is the family's."""
     shape, numbers = functools.partial(_shape, sd), functools.partial(_numbers, sd)
-    v, t = "first_stage_model.", "cond_stage_model.transformer."
-    t += "text_model." if t + "text_model.embeddings.token_embedding.weight" in sd else ""  # transformers 4 names
+    v = "first_stage_model."
     unet = unet_config(sd)
     vae = dataclasses.replace(
         VAEConfig.sd(), in_channels=shape(f"{v}encoder.conv_in.weight")[1],
@@ -144,11 +184,16 @@ def infer_configs(sd):
         block_out_channels=tuple(shape(f"{v}encoder.down.{i}.block.0.conv2.weight")[0]
                                  for i in numbers(re.escape(v) + r"encoder\.down\.(\d+)\.")),
         layers_per_block=len(numbers(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")))
-    vocab, width = shape(f"{t}embeddings.token_embedding.weight")
+    # The text encoder's shapes under transformers' names (SD 2.x: q, k, v still fused); a file holding OpenCLIP's
+    # whole text tower (text_projection tells) has a last block SD 2.x does not use.
+    t = {ldm_to_ours(k, family=family): x.shape for k, x in sd.items() if k.startswith("cond_stage_model.")}
+    vocab, width = t["text_encoder.embeddings.token_embedding.weight"]
+    layers = len({k.split(".")[3] for k in t if k.startswith("text_encoder.encoder.layers.")})
     text = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=shape(f"{t}encoder.layers.0.mlp.fc1.weight")[0],
-        num_hidden_layers=len(numbers(re.escape(t) + r"encoder\.layers\.(\d+)\.")), hidden_act=CLIP_ACT,
-        num_attention_heads=width // CLIP_HEAD_DIM, max_position_embeddings=shape(f"{t}embeddings.position_embedding.weight")[0],
+        vocab_size=vocab, hidden_size=width, intermediate_size=t["text_encoder.encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=layers - (f"{OPENCLIP}text_projection" in sd), num_attention_heads=width // CLIP_HEAD_DIM,
+        hidden_act=OPENCLIP_ACT if family == "sd2" else CLIP_ACT,
+        max_position_embeddings=t["text_encoder.embeddings.position_embedding.weight"][0],
         bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the tokenizer's, set by load()
     return unet, vae, text
 

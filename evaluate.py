@@ -110,6 +110,7 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
     p.add_argument("--revision", default=None, help="hub models: branch, tag or commit")
     p.add_argument("--variant", default=None, help="diffusers folders and hub models: weight files *.VARIANT.*")
+    p.add_argument("--prediction-type", default=None, choices=load_sd.PREDICTIONS, help=load_sd.PREDICTION_HELP)
     p.add_argument("--delta", default=None, help="ESD delta .safetensors (without: the base model only)")
     p.add_argument("--concept", default="circle", help="the erased concept (toy: one of its shapes)")
     p.add_argument("--prompts", nargs="+", default=None, help="real models: the prompts to generate")
@@ -133,7 +134,7 @@ def main(argv=None):
         inputs = (args.model, args.tokenizer, args.delta)
         report, image = (files.check_output(f"{args.output}.{ext}", inputs=inputs) for ext in ("json", "png"))
         sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, revision=args.revision,
-                          variant=args.variant)
+                          variant=args.variant, prediction_type=args.prediction_type)
         result = evaluate(sd, args.delta, args.concept, prompts=args.prompts, seeds=range(args.seeds), steps=args.steps,
                           guidance=args.guidance, labels=[args.concept, *args.labels], grid=image)
         files.atomic_write(report, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))

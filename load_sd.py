@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 
 import torch
 from huggingface_hub import snapshot_download
@@ -16,14 +15,21 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import convert
 import files
+import text
 from files import LoadError, atomic_write, first_line, read_tensors
+from sampler import PREDICTIONS
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
-DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"  # SD v1's FrozenCLIPEmbedder (v1-inference.yaml)
 FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}  # cross_attention_dim: CLIP ViT-L/14 (v1), OpenCLIP ViT-H (v2)
-SD1_SIZE = 512  # SD v1's training resolution: the image size of a single file that does not state one
+FAMILY_NAMES = {"sd1": "SD v1", "sd2": "SD 2.x"}
+# Where a single file's metadata is silent (the official files' is): SD v1 and the SD 2.x "base" files are epsilon
+# models of 512 px, other SD 2.x files (v2-1_768-ema-pruned) v-models of 768 px, as diffusers takes them.
+SD1_SIZE, SD2_V_SIZE = 512, 768
+PREDICTION_HELP = "what the UNet predicts (default: a folder's scheduler, a file's metadata, else SD 2.x v, SD v1 epsilon)"
 RESOLUTION = "modelspec.resolution"  # safetensors metadata "WxH" (Stability's model spec), e.g. "1024x1024"
+PREDICTION = "modelspec.prediction_type"  # the same spec's "epsilon" or "v"
+SPEC_PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}  # -> PREDICTIONS
 # Weight file names per part, tried in order (.bin: older repos): diffusers' for models, transformers' for CLIP.
 WEIGHTS = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
            "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
@@ -45,18 +51,9 @@ class StableDiffusion:
     image_size: int = 512  # the side it was trained at: sample.py's default
     warned: set = dataclasses.field(default_factory=set, repr=False)  # prompts said to be too long
 
-    @torch.no_grad()
     def encode_prompts(self, prompts):
-        """Prompts -> CLIP's last hidden states [B, 77, D]. A prompt past 77 tokens is cut: the first time, say so."""
-        for prompt in set(prompts) - self.warned:
-            self.warned.add(prompt)
-            ids = self.tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=10 ** 6).input_ids
-            if len(ids) > convert.CLIP_MAX_LEN - 2:  # 75 fit between the start and end tokens
-                print(f"warning: {prompt[:40]!r}... is longer than CLIP's {convert.CLIP_MAX_LEN} tokens and cut; the "
-                      f"first dropped word: {self.tokenizer.decode(ids[convert.CLIP_MAX_LEN - 2:][:1])!r}", file=sys.stderr)
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=convert.CLIP_MAX_LEN, truncation=True,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state
+        """Prompts -> the text context [B, 77, D] (text.py); a prompt past 77 tokens is cut, said the first time."""
+        return text.encode(self.tokenizer, self.text_encoder, prompts, self.warned)
 
     @torch.no_grad()
     def decode_latents(self, latents):
@@ -67,37 +64,43 @@ class StableDiffusion:
         return (self.vae.config.latent_channels, height // self.vae.scale_factor, width // self.vae.scale_factor)
 
 
-def _single_file(path):
+def _single_file(path, prediction_type=None):
     """(configs, our-named tensors per part, family, prediction type, image size) of an LDM single file."""
     sd = read_tensors(path)
-    if any(k.startswith("cond_stage_model.model.") for k in sd):
-        raise LoadError("SD v2 single-file checkpoints are not supported yet (use its diffusers folder)")
-    if not any(k.startswith("cond_stage_model.transformer.") for k in sd):
+    family = "sd2" if any(k.startswith(convert.OPENCLIP) for k in sd) else "sd1"
+    if family == "sd1" and not any(k.startswith("cond_stage_model.transformer.") for k in sd):
         found = "SDXL's conditioner.embedders.*" if any(k.startswith("conditioner.embedders.") for k in sd) else \
             "top-level names " + ", ".join(sorted({k.split(".")[0] for k in sd})[:6])
-        raise LoadError(f"{path} is not an SD v1 checkpoint (no cond_stage_model.transformer.*): found {found}")
+        raise LoadError(f"{path} is not an SD v1 or 2.x checkpoint (no cond_stage_model.*): found {found}")
     try:
-        configs = unet, vae, _ = convert.infer_configs(sd)
+        configs = unet, vae, text = convert.infer_configs(sd, family)
     except (KeyError, IndexError) as e:
-        raise LoadError(f"{path} is an incomplete SD v1 checkpoint: {first_line(e)}") from None
+        raise LoadError(f"{path} is an incomplete {FAMILY_NAMES[family]} checkpoint: {first_line(e)}") from None
     parts = {part: {} for part in WEIGHTS}
-    names = {k: convert.ldm_to_ours(k, unet, vae) for k in sd if not convert.IGNORED.fullmatch(k)}
+    names = {k: convert.ldm_to_ours(k, unet, vae, family) for k in sd
+             if not convert.IGNORED.fullmatch(k) and not convert.unused(k, text)}
     leftover = [k for k, name in names.items() if name.partition(".")[0] not in parts]
     if leftover:
-        raise LoadError(f"{path}: {len(leftover)} tensors of no SD v1 part, e.g. {', '.join(leftover[:3])}")
+        raise LoadError(f"{path}: {len(leftover)} tensors of no {FAMILY_NAMES[family]} part, e.g. {', '.join(leftover[:3])}")
     for key, name in names.items():
-        part, _, rest = name.partition(".")
-        parts[part][rest] = sd[key].flatten(1) if convert.VAE_ATTN_WEIGHT.fullmatch(name) else sd[key]  # conv -> linear
-    return configs, parts, "sd1", "epsilon", _stated_size(path) or SD1_SIZE
+        tensor = sd[key].flatten(1) if convert.VAE_ATTN_WEIGHT.fullmatch(name) else sd[key]  # conv -> linear
+        for ours, t in convert.split_in_proj(name, tensor).items():  # SD 2.x: q, k, v apart
+            part, _, rest = ours.partition(".")
+            parts[part][rest] = t
+    return (configs, parts, family, *_stated(path, family, prediction_type))
 
 
-def _stated_size(path):
-    """The image side a .safetensors file's model-spec metadata states ("512x512" -> 512), else None."""
-    size = re.fullmatch(r"(\d+)x\d+", files.read_metadata(path).get(RESOLUTION, ""))
-    return int(size[1]) if size else None
+def _stated(path, family, prediction_type):
+    """A single file's prediction type and image side: `prediction_type`, else what its model-spec metadata states
+    ("v", "512x512"), else the family's (see SD1_SIZE); an SD 2.x epsilon model is a 512 px base model."""
+    metadata = files.read_metadata(path)
+    default = "v_prediction" if family == "sd2" else "epsilon"
+    prediction = prediction_type or SPEC_PREDICTIONS.get(metadata.get(PREDICTION), default)
+    size = re.fullmatch(r"(\d+)x\d+", metadata.get(RESOLUTION, ""))
+    return prediction, int(size[1]) if size else SD2_V_SIZE if family == "sd2" and prediction == "v_prediction" else SD1_SIZE
 
 
-def _folder(folder, variant=None):
+def _folder(folder, variant=None, prediction_type=None):
     """The same for a diffusers folder: configs from its config.json files, weights as they are."""
     def read_json(part, name="config.json"):
         with open(os.path.join(folder, part, name)) as f:
@@ -119,7 +122,7 @@ def _folder(folder, variant=None):
     # linear projections: SD v2's hallmark where the context width is no real one (tests)
     family = FAMILY_BY_CONTEXT.get(unet.cross_attention_dim, "sd2" if unet.use_linear_projection else "sd1")
     size = unet.sample_size * 2 ** (len(vae.block_out_channels) - 1)  # latent side x the VAE's downsampling
-    return configs, parts, family, scheduler.get("prediction_type", "epsilon"), size
+    return configs, parts, family, prediction_type or scheduler.get("prediction_type", "epsilon"), size
 
 
 def _variant(name, variant):
@@ -152,11 +155,16 @@ def _fill(model, tensors, device, dtype):
     return model.eval()
 
 
-def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32, revision=None, variant=None):
+def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32, revision=None, variant=None,
+         prediction_type=None):
     """A StableDiffusion from a single file (.safetensors, .ckpt), a diffusers folder, a hub id or "toy". Tokenizer:
-    a folder's own, else `tokenizer`, else SD v1's. revision: a hub branch, tag or commit; variant: *.VARIANT.* files."""
+    a folder's own, else `tokenizer`, else SD v1's. revision: a hub branch, tag or commit; variant: *.VARIANT.* files.
+    prediction_type: what the UNet outputs (PREDICTIONS); default: a folder's scheduler config, a file's metadata,
+    else the family's (see SD1_SIZE)."""
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise LoadError(f"--device {device}, but no CUDA GPU is here (use --device cpu)")
+    if prediction_type not in (None, *PREDICTIONS):
+        raise LoadError(f"--prediction-type must be one of {', '.join(PREDICTIONS)}, got {prediction_type!r}")
     source = str(source)
     path, tokenizer = (f"{TOY_DIR}/toy.safetensors", tokenizer or f"{TOY_DIR}/tokenizer") if source == "toy" else (source, tokenizer)
     if not os.path.exists(path):
@@ -165,15 +173,10 @@ def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32, revision=
         path = _download(path, revision, variant)
     if variant and not os.path.isdir(path):
         raise LoadError(f"--variant is for diffusers folders and hub ids; {path} is a single file")
-    configs, parts, family, prediction, size = _folder(path, variant) if os.path.isdir(path) else _single_file(path)
-    tokenizer = f"{path}/tokenizer" if os.path.isdir(f"{path}/tokenizer") else tokenizer or DEFAULT_TOKENIZER
-    try:  # transformers 5 quietly returns an empty tokenizer for a repo it cannot find: check the size too
-        tok = CLIPTokenizer.from_pretrained(tokenizer)
-        problem = f"{len(tok)} tokens for {configs[2].vocab_size} embeddings" if len(tok) != configs[2].vocab_size else ""
-    except Exception as e:  # offline hub, missing folder: whatever transformers raises
-        problem = first_line(e)
-    if problem:
-        raise LoadError(f"cannot load the CLIP tokenizer {tokenizer} (offline? pass a folder): {problem}")
+    configs, parts, family, prediction, size = (_folder(path, variant, prediction_type) if os.path.isdir(path)
+                                                else _single_file(path, prediction_type))
+    own = f"{path}/tokenizer" if os.path.isdir(f"{path}/tokenizer") else None  # a folder's: as it pads
+    tok = text.load_tokenizer(own or tokenizer or text.DEFAULT_TOKENIZER, configs[2].vocab_size, None if own else family)
     if not os.path.isdir(path):  # a single file has no text config: special tokens are the tokenizer's
         configs[2].update({f"{s}_token_id": getattr(tok, f"{s}_token_id") for s in ("bos", "eos", "pad")})
     with torch.device("meta"):  # no random init: every tensor is assigned from the file
@@ -185,23 +188,27 @@ def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32, revision=
 
 
 def ldm_state_dict(sd):
-    """`sd` (SD v1) as an official LDM-layout state dict: every key an official file has, schedule buffers included."""
-    if sd.family != "sd1":
-        raise LoadError(f"only SD v1 has a single-file layout we write (this model is {sd.family})")
-    tensors = {convert.ours_to_ldm("text_encoder.embeddings.position_ids"):  # the official files carry it
-               torch.arange(sd.text_encoder.config.max_position_embeddings)[None], **convert.schedule_buffers()}
-    for part, model in (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder)):
-        for key, t in model.state_dict().items():
-            name = f"{part}.{key}"
-            t = t[:, :, None, None] if convert.VAE_ATTN_WEIGHT.fullmatch(name) else t  # linear -> LDM's 1x1 conv
-            tensors[convert.ours_to_ldm(name, sd.unet.config, sd.vae.config)] = t.detach()
+    """`sd` (SD v1 or 2.x) as an official LDM-layout state dict: every key an official file has, schedule buffers
+    included; but for SD 2.x the tensors no SD 2.x model holds (convert.unused: OpenCLIP's last block and head)."""
+    if sd.family not in FAMILY_NAMES:
+        raise LoadError(f"only SD v1 and 2.x have a single-file layout we write (this model is {sd.family})")
+    ours = {f"{part}.{k}": t.detach() for part in WEIGHTS for k, t in getattr(sd, part).state_dict().items()}
+    tensors = convert.schedule_buffers()
+    if sd.family == "sd1":  # the official files carry it
+        tensors[convert.ours_to_ldm("text_encoder.embeddings.position_ids")] = torch.arange(
+            sd.text_encoder.config.max_position_embeddings)[None]
+    for name, t in (convert.fuse_in_proj(ours) if sd.family == "sd2" else ours).items():  # SD 2.x: q, k, v fused
+        t = t[:, :, None, None] if convert.VAE_ATTN_WEIGHT.fullmatch(name) else t  # linear -> LDM's 1x1 conv
+        tensors[convert.ours_to_ldm(name, sd.unet.config, sd.vae.config, sd.family)] = t
     return tensors
 
 
 def save_single_file(sd, path, metadata=None):
-    """Write `sd` as an official single .safetensors file (A1111, ComfyUI), its image size in the metadata; atomic."""
+    """Write `sd` as an official single .safetensors file (A1111, ComfyUI), its image size and prediction type in the
+    model-spec metadata; atomic."""
     tensors = {k: t.cpu().contiguous() for k, t in ldm_state_dict(sd).items()}
-    metadata = {RESOLUTION: f"{sd.image_size}x{sd.image_size}", **(metadata or {})}
+    metadata = {RESOLUTION: f"{sd.image_size}x{sd.image_size}", PREDICTION: sd.prediction_type.removesuffix("_prediction"),
+                **(metadata or {})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))
 
 

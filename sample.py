@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
     p.add_argument("--revision", default=None, help="hub models: branch, tag or commit")
     p.add_argument("--variant", default=None, help="weight files *.VARIANT.* (folders, hub), e.g. fp16")
+    p.add_argument("--prediction-type", default=None, choices=load_sd.PREDICTIONS, help=load_sd.PREDICTION_HELP)
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch of CFG")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i has seed + i")
@@ -102,7 +103,7 @@ def main(argv=None):
     def work():
         paths = check_args(args)  # (a multiple of 8 fits every SD VAE: 8x, and the toy's 4x)
         sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=load_sd.DTYPES[args.dtype],
-                          revision=args.revision, variant=args.variant)
+                          revision=args.revision, variant=args.variant, prediction_type=args.prediction_type)
         args.height, args.width = args.height or sd.image_size, args.width or sd.image_size
         settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                         height=args.height, width=args.width, batch_size=args.batch_size)

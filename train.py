@@ -32,6 +32,7 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     tokenizer: str = opt(None, "tokenizer folder or hub id, for single-file models")
     revision: str = opt(None, "hub models: branch, tag or commit")
     variant: str = opt(None, "diffusers folders and hub models: weight files *.VARIANT.*, e.g. fp16")
+    prediction_type: str = opt(None, load_sd.PREDICTION_HELP, choices=list(load_sd.PREDICTIONS))
     concept: str = opt(None, "what to erase; 'a, b' erases both (one drawn per iteration)")
     method: str = opt("esd-x", "which weights train: " + "; ".join(f"{k}, {v}" for k, v in esd.METHODS.items()),
                       choices=list(esd.FILTERS))
@@ -60,8 +61,8 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     no_eval: bool = opt(False, "toy model: skip the erasure measurement at the end", action="store_true")
 
 
-RESUME_SAME = ("model", "concept", "method", "target", "negative_guidance", "erase_from", "xt_from", "trajectory_pool",
-               "pool_refresh", "batch_size", "lr", "seed", "steps", "resolution", "guidance")  # decide every iteration
+RESUME_SAME = ("model", "prediction_type", "concept", "method", "target", "negative_guidance", "erase_from", "xt_from",
+               "trajectory_pool", "pool_refresh", "batch_size", "lr", "seed", "steps", "resolution", "guidance")  # per iteration
 
 
 def parse_args(argv=None):
@@ -184,7 +185,7 @@ def main(argv=None):
         concepts = check(config)
         with files.locked(config.output):
             sd = load_sd.load(config.model, tokenizer=config.tokenizer, device=config.device,
-                              revision=config.revision, variant=config.variant)
+                              revision=config.revision, variant=config.variant, prediction_type=config.prediction_type)
             train(config, sd, concepts)
             if config.export_full:
                 load_sd.save_single_file(sd, config.export_full, {"esd": f"{config.method} {config.concept}"})

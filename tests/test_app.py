@@ -253,7 +253,8 @@ def test_one_training_at_a_time_stop_keeps_it_and_compare_never_sees_it(server, 
 def test_bad_flags_are_one_line_and_exit_2(server, tmp_path):
     cases = {"--port must be in 1..65535": ["--port", "70000"], "invalid int value": ["--port", "http"],
              "no such file": ["--model", "missing.safetensors"], "Address already in use": ["--port", server.port],
-             "cannot serve on no.such.host.invalid": ["--host", "no.such.host.invalid"]}
+             "cannot serve on no.such.host.invalid": ["--host", "no.such.host.invalid"],
+             "--prediction-type: invalid choice": ["--prediction-type", "v"]}
     runs = {}
     for message, args in cases.items():  # at once: each spends its seconds importing torch and gradio
         command, kw = run_app(*args, cwd=tmp_path)

@@ -110,6 +110,9 @@ ROWS = [
     # 3. Resume
     Row("resume with another lr", "train", ["--output", "{ws}/existing.safetensors", "--resume", "--lr", "0.5",
                                             "--iterations", "4"], says="lr", unchanged=("{ws}/existing.safetensors",)),
+    Row("resume with another prediction type", "train", ["--output", "{ws}/existing.safetensors", "--resume",
+                                                          "--prediction-type", "v_prediction", "--iterations", "4"],
+        says="prediction_type", unchanged=("{ws}/existing.safetensors",)),
     Row("resume with fewer iterations", "train", ["--output", "{ws}/existing.safetensors", "--resume", "--iterations",
                                                   "1"], says="at iteration 2", unchanged=("{ws}/existing.safetensors",)),
     Row("resume from an empty .resume.pt", "train", ["--output", "{ws}/empty.safetensors", "--resume"],
@@ -163,6 +166,8 @@ ROWS = [
     # More
     Row("no concept", "train", ["--concept", " , "], says="--concept"),
     Row("unknown target", "train", ["--target", "nope"], says="--target"),
+    *[Row(f"{cli} unknown prediction type", cli, ["--prediction-type", "v"], says="--prediction-type: invalid choice")
+      for cli in ("train", "sample", "evaluate")],
     Row("unknown toy concept to evaluate", "evaluate", ["--concept", "hexagon"], says="circle"),
     Row("compare without a delta", "sample", ["--compare"], says="--delta"),
     Row("a delta file that is not there", "sample", ["--delta", "{ws}/missing.safetensors"], says="missing"),

@@ -21,6 +21,10 @@ UNET_V1 = dict(
 # (diffusers' `attention_head_dim` is a head *count*, as in SD v2's [5, 10, 20, 20]).
 UNET_V2 = dict(UNET_V1, attention_head_dim=[2, 4, 4], use_linear_projection=True,
                cross_attention_dim=128, layers_per_block=1)
+# SD 2.x as a single file tells it: 64-dim heads (so channels in multiples of 64), linear projections, and the
+# context width of OpenCLIP's text encoder below.
+UNET_SD2 = dict(UNET_V1, block_out_channels=[64, 64, 128], attention_head_dim=[1, 1, 2], use_linear_projection=True,
+                cross_attention_dim=64, layers_per_block=1)
 # SDXL layout in miniature: no attention at the first level, transformer depth per level (the first unused,
 # the middle block's is the last level's), linear projections and SDXL's 64-dim heads (1 and 2 heads here),
 # the added conditioning: pooled text (XL_POOLED wide) and 6 size numbers of SDXL's sinusoidal width 256.
@@ -40,6 +44,8 @@ VAE = dict(
 # CLIP text encoder: 64-dim heads as in CLIP, so a single-file load infers 1 head.
 CLIP = dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=2,
             max_position_embeddings=77, hidden_act="quick_gelu")
+# OpenCLIP's text encoder as diffusers' SD 2.x holds it: the layers SD 2.x uses (the file's tower has one more), GELU.
+OPENCLIP = dict(CLIP, hidden_act="gelu")
 # SD v1.5's scheduler_config.json, the fields DDIMScheduler reads.
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -69,13 +75,13 @@ def write_tokenizer(folder):
     return tok
 
 
-def text_encoder(tokenizer, seed=0):
+def text_encoder(tokenizer, seed=0, config=CLIP):
     """A tiny random transformers CLIPTextModel matching `tokenizer`."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **CLIP)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)
     return CLIPTextModel(cfg).eval()
 
 
@@ -89,16 +95,19 @@ def randomize(module, seed=0, scale=0.1):
     return module
 
 
-def pipeline(seed=0, unet_config=UNET_V1, folder=None):
-    """A tiny random diffusers StableDiffusionPipeline with SD v1.5's DDIM scheduler; saved
-    as a diffusers folder (model_index.json, unet/, vae/, text_encoder/, ...) when `folder` is given."""
+def pipeline(seed=0, unet_config=UNET_V1, folder=None, text=CLIP, pad_token=None, prediction_type="epsilon"):
+    """A tiny random diffusers StableDiffusionPipeline with SD v1.5's DDIM scheduler (for `prediction_type`), its
+    tokenizer padding with `pad_token` (default: its end token); saved as a diffusers folder (model_index.json,
+    unet/, vae/, text_encoder/, ...) when `folder` is given."""
     import tempfile
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     tok = write_tokenizer(tempfile.mkdtemp())
+    tok.pad_token = pad_token or tok.pad_token
     unet = randomize(UNet2DConditionModel(**unet_config), seed).eval()
     vae = randomize(AutoencoderKL(**VAE), seed + 1).eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(tok, seed + 2), tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
+    scheduler = DDIMScheduler(**dict(SCHEDULER, prediction_type=prediction_type))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(tok, seed + 2, text), tokenizer=tok, unet=unet,
+                                   scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     if folder is not None:
