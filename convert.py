@@ -1,24 +1,18 @@
-"""convert.py: official checkpoint names and shapes <-> ours (= diffusers'), pure functions: LDM and OpenCLIP names
-by a short rule table plus one index function (the UNet's numbered blocks); configs from tensor shapes plus the
-family's constants (SD v1, 2.x; SDXL's UNet), or from diffusers' config.json; LDM's schedule buffers. LDM names as in
+"""convert.py: official checkpoint names <-> ours (= diffusers'), pure functions: LDM and OpenCLIP names by a short
+rule table plus one index function (the UNet's numbered blocks); OpenCLIP's fused q, k, v split and fused back; the
+tensors a file carries that no model holds (LDM's schedule buffers, OpenCLIP's unused head). Configs: configs.py.
+LDM names as in
 https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py"""
-import dataclasses
 import functools
 import re
 
 import torch
-from transformers import CLIPTextConfig
 
 import sampler
-from unet import CROSS_DOWN, CROSS_UP, RESNET_EPS, UNetConfig
+from unet import UNetConfig
 from vae import VAEConfig
 
-CLIP_MAX_LEN = 77  # CLIP's context length: prompts are padded/truncated to 77 tokens
-CLIP_HEAD_DIM = 64  # CLIP text heads are 64 wide (ViT-L/14: 768 = 12 x 64)
-UNET_HEAD_DIM = 64  # SD 2.x and SDXL UNet heads: num_head_channels 64 (v2-inference-v.yaml, sd_xl_base.yaml)
-CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
 OPENCLIP = "cond_stage_model.model."  # SD 2.x's text encoder, OpenCLIP ViT-H/14's text tower
-OPENCLIP_ACT = "gelu"  # OpenCLIP ViT-H's activation: nn.GELU (erf), transformers' "gelu"
 # Known non-model tensors of LDM files: the 12 DDPM schedule buffers (betas, *alphas_cumprod*, posterior_*;
 # sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids.
 IGNORED = re.compile(r"betas|\w*alphas_cumprod\w*|posterior_\w+|logvar|model_ema\..+|.+\.position_ids")
@@ -139,65 +133,6 @@ def unused(key, text):
     return bool(head) and (head[2] is None or int(head[2]) == text.num_hidden_layers)
 
 
-def _shape(sd, key):
-    return tuple(sd[key].shape)
-
-
-def _numbers(sd, pattern):  # the distinct block numbers `pattern` captures in the keys of sd
-    return sorted({int(m[1]) for k in sd if (m := re.match(pattern, k))})
-
-
-def unet_config(sd):
-    """UNetConfig of an LDM state dict's model.diffusion_model.* (SD v1, 2.x, XL) from its shapes, else the family's:
-    SD v1's 8 heads for 1x1-conv projections, else 64-dim heads; with label_emb SDXL's size-number width and size."""
-    shape, numbers = functools.partial(_shape, sd), functools.partial(_numbers, sd)
-    u, label = "model.diffusion_model.", "model.diffusion_model.label_emb.0.0.weight"
-    ops = numbers(re.escape(u) + r"input_blocks\.(\d+)\.0\.op\.")  # downsamplers: input_blocks.{n (i + 1)}
-    n, levels = ops[0], len(ops) + 1
-    attention = [[f"{u}{blocks}.{n * i + first}.1.proj_in.weight" in sd for i in range(levels)]
-                 for blocks, first in (("input_blocks", 1), ("output_blocks", 0))]
-    depth = [len(numbers(rf"{re.escape(u)}input_blocks\.{n * i + 1}\.1\.transformer_blocks\.(\d+)\.")) or 1
-             for i in range(levels)]  # 1 where a level has no attention, as diffusers' configs write it
-    widths = tuple(shape(f"{u}input_blocks.{n * i + 1}.0.in_layers.2.weight")[0] for i in range(levels))
-    linear = len(shape(f"{u}middle_block.1.proj_in.weight")) == 2
-    family = UNetConfig.sdxl() if label in sd else UNetConfig.sd1()  # label_emb: SDXL's added embedding
-    return dataclasses.replace(
-        family, in_channels=shape(f"{u}input_blocks.0.0.weight")[1], out_channels=shape(f"{u}out.2.weight")[0],
-        block_out_channels=widths, layers_per_block=n - 1, use_linear_projection=linear,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention[0]),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[1]),
-        cross_attention_dim=shape(f"{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
-        attention_head_dim=tuple(w // UNET_HEAD_DIM for w in widths) if linear else family.attention_head_dim,
-        transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else tuple(depth),  # one value: as configs say
-        projection_class_embeddings_input_dim=shape(label)[1] if label in sd else None)
-
-
-def infer_configs(sd, family="sd1"):
-    """UNet (unet_config), VAE and CLIP text configs of an LDM SD v1 or 2.x state dict from its shapes; what shapes
-    cannot tell (32 groups, scaling 0.18215, sample sizes, 64-wide CLIP heads, the activation) is the family's."""
-    shape, numbers = functools.partial(_shape, sd), functools.partial(_numbers, sd)
-    v = "first_stage_model."
-    unet = unet_config(sd)
-    vae = dataclasses.replace(
-        VAEConfig.sd(), in_channels=shape(f"{v}encoder.conv_in.weight")[1],
-        out_channels=shape(f"{v}decoder.conv_out.weight")[0], latent_channels=shape(f"{v}post_quant_conv.weight")[0],
-        block_out_channels=tuple(shape(f"{v}encoder.down.{i}.block.0.conv2.weight")[0]
-                                 for i in numbers(re.escape(v) + r"encoder\.down\.(\d+)\.")),
-        layers_per_block=len(numbers(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")))
-    # The text encoder's shapes under transformers' names (SD 2.x: q, k, v still fused); a file holding OpenCLIP's
-    # whole text tower (text_projection tells) has a last block SD 2.x does not use.
-    t = {ldm_to_ours(k, family=family): x.shape for k, x in sd.items() if k.startswith("cond_stage_model.")}
-    vocab, width = t["text_encoder.embeddings.token_embedding.weight"]
-    layers = len({k.split(".")[3] for k in t if k.startswith("text_encoder.encoder.layers.")})
-    text = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=t["text_encoder.encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=layers - (f"{OPENCLIP}text_projection" in sd), num_attention_heads=width // CLIP_HEAD_DIM,
-        hidden_act=OPENCLIP_ACT if family == "sd2" else CLIP_ACT,
-        max_position_embeddings=t["text_encoder.embeddings.position_embedding.weight"][0],
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the tokenizer's, set by load()
-    return unet, vae, text
-
-
 def schedule_buffers():
     """The 12 DDPM buffers an official LDM file stores (ldm/models/diffusion/ddpm.py register_schedule:
     computed in float64, stored as float32) for SD's schedule; loading ignores them (IGNORED)."""
@@ -212,54 +147,3 @@ def schedule_buffers():
                    posterior_mean_coef1=betas * a_prev.sqrt() / (1 - a),
                    posterior_mean_coef2=(1 - a_prev) * (1 - betas).sqrt() / (1 - a))
     return {name: buffer.float() for name, buffer in buffers.items()}
-
-
-# diffusers config.json options -> SD's value (a tuple: any of these); unlisted options must be off (None).
-SD_VALUES = {
-    UNetConfig: dict(
-        center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", dropout=0.0, downsample_padding=1,
-        mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, mid_block_scale_factor=1,
-        norm_eps=RESNET_EPS, dual_cross_attention=False, resnet_skip_time_act=False,
-        resnet_time_scale_shift="default", resnet_out_scale_factor=1.0, time_embedding_type="positional",
-        conv_in_kernel=3, conv_out_kernel=3, attention_type="default", class_embeddings_concat=False,
-        addition_embed_type_num_heads=64, down_block_types=(CROSS_DOWN, "DownBlock2D"),
-        up_block_types=(CROSS_UP, "UpBlock2D"), addition_embed_type=(None, "text_time"),  # SDXL's
-        upcast_attention=(False, True, None)),  # an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it
-    VAEConfig: dict(down_block_types="DownEncoderBlock2D", up_block_types="UpDecoderBlock2D", act_fn="silu",
-                    use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
-                    force_upcast=(False, True)),  # a pipeline hint: decode fp16 latents in fp32
-}
-
-
-def config_from_json(cls, d):
-    """UNetConfig or VAEConfig from a diffusers config.json dict (lists as tuples); ValueError on non-SD options."""
-    names, sd_values = {f.name for f in dataclasses.fields(cls)}, SD_VALUES[cls]
-    for key, value in d.items():
-        if key.startswith("_") or key in names and key not in sd_values:
-            continue  # "_class_name", "_diffusers_version": bookkeeping; and the fields we build from
-        allowed = sd_values.get(key, None)
-        values = value if isinstance(value, (list, tuple)) else [value]  # per-level lists: each entry
-        if any(v not in (allowed if isinstance(allowed, tuple) else (allowed,)) for v in values):
-            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r}: not Stable Diffusion's")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
-
-
-# SD v1.5's scheduler/scheduler_config.json: the DDIM that sampler.py implements.
-DDIM_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=sampler.NUM_TRAIN_TIMESTEPS,
-                      beta_start=sampler.BETA_START, beta_end=sampler.BETA_END, beta_schedule="scaled_linear",
-                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
-def diffusers_configs(unet, vae, prediction_type):
-    """{file name: dict} of the config files a diffusers StableDiffusionPipeline folder holds, for our configs."""
-    levels = len(vae.block_out_channels)
-    return {"unet/config.json": dict(dataclasses.asdict(unet), _class_name="UNet2DConditionModel"),
-            "vae/config.json": dict(dataclasses.asdict(vae), _class_name="AutoencoderKL",
-                                    down_block_types=["DownEncoderBlock2D"] * levels,
-                                    up_block_types=["UpDecoderBlock2D"] * levels),
-            "scheduler/scheduler_config.json": dict(DDIM_SCHEDULER, prediction_type=prediction_type),
-            "model_index.json": {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-                                 "safety_checker": [None, None], "feature_extractor": [None, None],
-                                 "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
-                                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-                                 "tokenizer": ["transformers", "CLIPTokenizer"]}}

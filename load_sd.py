@@ -1,7 +1,7 @@
 """load_sd.py: Stable Diffusion checkpoints -> a StableDiffusion bundle (our UNet and VAE,
 transformers' CLIP text encoder and tokenizer), and back to an official single file or a diffusers folder.
 
-Sources: official LDM single files (Rombach et al., arXiv 2112.10752; names and configs by convert.py),
+Sources: official LDM single files (Rombach et al., arXiv 2112.10752; names by convert.py, configs by configs.py),
 diffusers folders, hub ids."""
 import dataclasses
 import json
@@ -16,6 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 import convert
 import files
 import text
+from configs import config_from_json, diffusers_configs, infer_configs
 from files import LoadError, atomic_write, first_line, read_tensors
 from sampler import PREDICTIONS
 from unet import UNet, UNetConfig
@@ -73,7 +74,7 @@ def _single_file(path, prediction_type=None):
             "top-level names " + ", ".join(sorted({k.split(".")[0] for k in sd})[:6])
         raise LoadError(f"{path} is not an SD v1 or 2.x checkpoint (no cond_stage_model.*): found {found}")
     try:
-        configs = unet, vae, text = convert.infer_configs(sd, family)
+        configs = unet, vae, text = infer_configs(sd, family)
     except (KeyError, IndexError) as e:
         raise LoadError(f"{path} is an incomplete {FAMILY_NAMES[family]} checkpoint: {first_line(e)}") from None
     parts = {part: {} for part in WEIGHTS}
@@ -106,7 +107,7 @@ def _folder(folder, variant=None, prediction_type=None):
         with open(os.path.join(folder, part, name)) as f:
             return json.load(f)
     try:
-        unet, vae = (convert.config_from_json(cls, read_json(part)) for cls, part in ((UNetConfig, "unet"), (VAEConfig, "vae")))
+        unet, vae = (config_from_json(cls, read_json(part)) for cls, part in ((UNetConfig, "unet"), (VAEConfig, "vae")))
         configs = unet, vae, CLIPTextConfig.from_dict(read_json("text_encoder"))
         scheduler = read_json("scheduler", "scheduler_config.json") if os.path.isdir(f"{folder}/scheduler") else {}
     except (OSError, ValueError) as e:
@@ -218,7 +219,7 @@ def save_diffusers(sd, folder):
         raise LoadError(f"{folder} exists: choose a new folder (nothing is overwritten)")
 
     def write(tmp):
-        for name, config in convert.diffusers_configs(sd.unet.config, sd.vae.config, sd.prediction_type).items():
+        for name, config in diffusers_configs(sd.unet.config, sd.vae.config, sd.prediction_type).items():
             os.makedirs(os.path.dirname(f"{tmp}/{name}"), exist_ok=True)
             with open(f"{tmp}/{name}", "w") as f:
                 json.dump(config, f, indent=2)

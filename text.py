@@ -3,7 +3,7 @@
 SD v1 conditions on CLIP ViT-L/14's last hidden states (Rombach et al., arXiv 2112.10752, Sec. 4.3.2); SD 2.x on
 OpenCLIP ViT-H/14's penultimate block, through the tower's final layer norm (FrozenOpenCLIPEmbedder, layer
 "penultimate", in https://github.com/Stability-AI/stablediffusion/blob/cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf/ldm/modules/encoders/modules.py).
-convert.infer_configs builds that as a CLIPTextModel one layer short of the tower, so for both families the
+configs.infer_configs builds that as a CLIPTextModel one layer short of the tower, so for both families the
 context is the text encoder's last_hidden_state.
 """
 import sys
@@ -11,9 +11,9 @@ import sys
 import torch
 from transformers import CLIPTokenizer
 
-import convert
 from files import LoadError, first_line
 
+CLIP_MAX_LEN = 77  # CLIP's context length: prompts are padded/truncated to 77 tokens
 DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"  # SD v1's FrozenCLIPEmbedder (v1-inference.yaml)
 # The padding token each family's text encoder was trained with, where the tokenizer's own may differ. OpenCLIP's
 # tokenizer has OpenAI CLIP's vocabulary (open_clip's bpe_simple_vocab_16e6) but pads with token 0, "!" (the
@@ -42,9 +42,9 @@ def encode(tokenizer, text_encoder, prompts, warned):
     for prompt in set(prompts) - warned:
         warned.add(prompt)
         ids = tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=10 ** 6).input_ids
-        if len(ids) > convert.CLIP_MAX_LEN - 2:  # 75 fit between the start and end tokens
-            print(f"warning: {prompt[:40]!r}... is longer than CLIP's {convert.CLIP_MAX_LEN} tokens and cut; the "
-                  f"first dropped word: {tokenizer.decode(ids[convert.CLIP_MAX_LEN - 2:][:1])!r}", file=sys.stderr)
-    ids = tokenizer(list(prompts), padding="max_length", max_length=convert.CLIP_MAX_LEN, truncation=True,
+        if len(ids) > CLIP_MAX_LEN - 2:  # 75 fit between the start and end tokens
+            print(f"warning: {prompt[:40]!r}... is longer than CLIP's {CLIP_MAX_LEN} tokens and cut; the "
+                  f"first dropped word: {tokenizer.decode(ids[CLIP_MAX_LEN - 2:][:1])!r}", file=sys.stderr)
+    ids = tokenizer(list(prompts), padding="max_length", max_length=CLIP_MAX_LEN, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids.to(text_encoder.device)).last_hidden_state

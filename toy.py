@@ -20,9 +20,10 @@ from torch import nn
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-import convert
 import load_sd
 import sampler
+from configs import CLIP_ACT
+from text import CLIP_MAX_LEN
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
@@ -50,7 +51,7 @@ UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=8)
 VAE_CONFIG = dict(block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=IMAGE_SIZE)  # 4x down
 TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-            max_position_embeddings=convert.CLIP_MAX_LEN, hidden_act=convert.CLIP_ACT)
+            max_position_embeddings=CLIP_MAX_LEN, hidden_act=CLIP_ACT)
 BATCH = {"vae": 32, "classifier": 128, "unet": 64}  # images per Adam step, per stage
 LR = {"vae": 1e-3, "classifier": 2e-3, "unet": 1e-3}  # peak Adam learning rates, per stage
 KL_WEIGHT = 1e-6  # LDM's kl_weight for its autoencoders
@@ -103,7 +104,7 @@ def write_tokenizer(folder):
     words = [[*w[:-1], w[-1] + "</w>"] for w in sorted(WORDS, key=len, reverse=True)]  # longest first: "re" of
     merges = list(dict.fromkeys(("".join(p[:k]), p[k]) for p in words for k in range(1, len(p))))  # red can't split green
     vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=convert.CLIP_MAX_LEN)
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=CLIP_MAX_LEN)
     tok.save_pretrained(folder)
     return tok
 
@@ -194,7 +195,7 @@ def train_unet(latents, shapes, colors, tok, config, g):
         i = torch.randint(len(latents), (BATCH["unet"],), generator=g)
         texts = captions(shapes[i], colors[i], g)
         unique = sorted(set(texts))  # each distinct caption of the batch through the text encoder once
-        ids = tok(unique, padding="max_length", max_length=convert.CLIP_MAX_LEN, return_tensors="pt").input_ids
+        ids = tok(unique, padding="max_length", max_length=CLIP_MAX_LEN, return_tensors="pt").input_ids
         context = text(ids).last_hidden_state[[unique.index(t) for t in texts]]
         t, eps = torch.randint(sampler.NUM_TRAIN_TIMESTEPS, (len(i),), generator=g), torch.randn(latents[i].shape, generator=g)
         a = alpha_bar[t][:, None, None, None]

@@ -27,7 +27,7 @@ from diffusers import UNet2DConditionModel  # the oracle: benchmarks and tests o
 from diffusers.utils import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import convert  # noqa: E402
+import configs  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 
 CONTEXT_LEN = 77  # CLIP text tokens
@@ -59,7 +59,7 @@ def build(config, device, dtype, names=("ours", "diffusers")):
         built["diffusers"] = ref, lambda x, t, c, *added: ref(x, t, encoder_hidden_states=c,
                                                              added_cond_kwargs=diffusers_added(*added)).sample
     if "ours" in names:
-        ours = UNet(convert.config_from_json(UNetConfig, config)).to(device, dtype)
+        ours = UNet(configs.config_from_json(UNetConfig, config)).to(device, dtype)
         if "diffusers" in names:
             ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # same tensors, no copy
         built["ours"] = ours, ours

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
+import configs
 import convert
 import delta
 import esd
@@ -24,7 +25,7 @@ FULL_SD1_COUNTS = {"esd-x": (80, 43_962_560), "esd-x-strict": (32, 19_169_280), 
 
 
 def tiny_unet(config=tiny.UNET_V1, seed=0):
-    return tiny.randomize(unet_lib.UNet(convert.config_from_json(unet_lib.UNetConfig, config)), seed=seed)
+    return tiny.randomize(unet_lib.UNet(configs.config_from_json(unet_lib.UNetConfig, config)), seed=seed)
 
 
 def contexts(n=3, batch=1, seed=0):

@@ -1,6 +1,6 @@
-"""convert.py and load_sd.py: the LDM <-> diffusers key mapping against diffusers' own converters; tiny official-
-layout single files and diffusers folders load into modules whose outputs equal diffusers'; full-size
-key coverage on the meta device from the official SD v1 key list; one-line errors on bad input."""
+"""convert.py, configs.py and load_sd.py: the LDM <-> diffusers key mapping against diffusers' own converters;
+tiny official-layout single files and diffusers folders load into modules whose outputs equal diffusers';
+full-size key coverage on the meta device from the official SD v1 key list; one-line errors on bad input."""
 import dataclasses
 import json
 import os
@@ -13,6 +13,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
+import configs
 import convert
 import load_sd
 import tiny
@@ -58,7 +59,7 @@ def test_ours_to_ldm_inverts_diffusers_converters(unet_config):
     transformer_blocks per attention, no attention at the first level)."""
     unet = tiny.randomize(UNet2DConditionModel(**unet_config))
     vae = tiny.randomize(AutoencoderKL(**tiny.VAE), seed=1)
-    ucfg, vcfg = convert.config_from_json(UNetConfig, unet_config), convert.config_from_json(VAEConfig, tiny.VAE)
+    ucfg, vcfg = configs.config_from_json(UNetConfig, unet_config), configs.config_from_json(VAEConfig, tiny.VAE)
     for part, module, oracle, config in (("unet", unet, convert_ldm_unet_checkpoint, unet_config),
                                           ("vae", vae, convert_ldm_vae_checkpoint, tiny.VAE)):
         ours = {f"{part}.{k}": t for k, t in module.state_dict().items()}
@@ -141,7 +142,7 @@ def test_full_size_key_coverage():
         fixture = json.load(f)
     shapes = fixture["tensors"]
     ldm = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    unet_cfg, vae_cfg, text_cfg = convert.infer_configs(ldm)
+    unet_cfg, vae_cfg, text_cfg = configs.infer_configs(ldm)
     assert unet_cfg == UNetConfig.sd1() and vae_cfg == VAEConfig.sd()
     assert (text_cfg.vocab_size, text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_hidden_layers,
             text_cfg.num_attention_heads, text_cfg.max_position_embeddings, text_cfg.hidden_act) == \
@@ -166,14 +167,14 @@ def test_sdxl_unet_in_ldm_names_loads_like_diffusers():
     from 64-dim heads, the added embedding from label_emb) is the tiny one, and it loads strict into ours with
     diffusers' outputs (fp32, 1e-5)."""
     ref = tiny.randomize(UNet2DConditionModel(**tiny.UNET_XL)).eval()
-    config = convert.config_from_json(UNetConfig, tiny.UNET_XL)
+    config = configs.config_from_json(UNetConfig, tiny.UNET_XL)
     ldm = {convert.ours_to_ldm(f"unet.{k}", config): t for k, t in ref.state_dict().items()}
     assert all(k.startswith("model.diffusion_model.") for k in ldm)
     names = [k.removeprefix("model.diffusion_model.") for k in ldm]
     assert "label_emb.0.2.weight" in names and "output_blocks.5.2.conv.weight" in names  # upsampler after attention
     first_level = ("input_blocks.1.1.", "input_blocks.2.1.", "output_blocks.6.1.", "output_blocks.7.1.", "output_blocks.8.1.")
     assert not any(k.startswith(first_level) for k in names)  # no attention at the first level
-    inferred = convert.unet_config(ldm)
+    inferred = configs.unet_config(ldm)
     assert inferred == preset_with(UNetConfig.sdxl(), tiny.UNET_XL)
     ours = UNet(inferred).eval()
     ours.load_state_dict({convert.ldm_to_ours(k, inferred).removeprefix("unet."): t for k, t in ldm.items()}, strict=True)
@@ -192,7 +193,7 @@ def test_sdxl_full_size_unet_key_coverage():
     with open(XL_FIXTURE) as f:
         shapes = {k: tuple(s) for k, s in json.load(f)["tensors"].items() if k.startswith("model.diffusion_model.")}
     assert len(shapes) == 1680
-    config = convert.unet_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    config = configs.unet_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     assert config == UNetConfig.sdxl()
     with torch.device("meta"):
         unet = UNet(config)
@@ -250,7 +251,7 @@ def test_writer_adds_the_schedule_buffers_and_the_image_size(model, tmp_path):
     LDM's 12 schedule buffers with diffusers' values, and the image size as model-spec metadata."""
     with open(FIXTURE) as f:
         fixture = json.load(f)
-    unet, vae, text = convert.infer_configs({k: torch.empty(s, device="meta") for k, s in fixture["tensors"].items()})
+    unet, vae, text = configs.infer_configs({k: torch.empty(s, device="meta") for k, s in fixture["tensors"].items()})
     with torch.device("meta"):
         full = load_sd.StableDiffusion(UNet(unet), VAE(vae), CLIPTextModel(text), None, "sd1", "epsilon", "sd-v1")
     tensors = load_sd.ldm_state_dict(full)

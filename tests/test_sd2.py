@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
+import configs
 import convert
 import delta
 import esd
@@ -59,7 +60,7 @@ def openclip_context(tower, ids):
     mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)  # open_clip's build_attention_mask
     for i in range(blocks - 1):
         w = {k.removeprefix(f"{p}transformer.resblocks.{i}."): t for k, t in tower.items() if f".resblocks.{i}." in k}
-        attn = torch.nn.MultiheadAttention(width, width // convert.CLIP_HEAD_DIM, batch_first=True)
+        attn = torch.nn.MultiheadAttention(width, width // configs.CLIP_HEAD_DIM, batch_first=True)
         attn.load_state_dict({k.removeprefix("attn."): t for k, t in w.items() if k.startswith("attn.")})
         h = F.layer_norm(x, (width,), w["ln_1.weight"], w["ln_1.bias"])
         x = x + attn(h, h, h, attn_mask=mask, need_weights=False)[0]
@@ -77,7 +78,7 @@ def sd2(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-sd2")
     pipe = tiny.pipeline(unet_config=tiny.UNET_SD2, text=tiny.OPENCLIP, pad_token="!", prediction_type="v_prediction",
                          folder=root / "diffusers")
-    unet, vae = convert.config_from_json(UNetConfig, tiny.UNET_SD2), convert.config_from_json(VAEConfig, tiny.VAE)
+    unet, vae = configs.config_from_json(UNetConfig, tiny.UNET_SD2), configs.config_from_json(VAEConfig, tiny.VAE)
     ldm = {convert.ours_to_ldm(f"{part}.{k}", unet, vae): t[:, :, None, None] if convert.VAE_ATTN_WEIGHT.fullmatch(
         f"{part}.{k}") else t for part in ("unet", "vae") for k, t in getattr(pipe, part).state_dict().items()}
     text = tiny.OPENCLIP
@@ -151,7 +152,7 @@ def test_sd2_full_size_key_coverage():
     with open(FIXTURE) as f:
         fixture = json.load(f)
     shapes = fixture["tensors"]
-    unet_cfg, vae_cfg, text_cfg = convert.infer_configs({k: torch.empty(s, device="meta") for k, s in shapes.items()},
+    unet_cfg, vae_cfg, text_cfg = configs.infer_configs({k: torch.empty(s, device="meta") for k, s in shapes.items()},
                                                         "sd2")
     assert dataclasses.replace(unet_cfg, sample_size=96) == UNetConfig.sd2() and vae_cfg == VAEConfig.sd()
     assert (text_cfg.vocab_size, text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_hidden_layers,

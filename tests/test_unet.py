@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-import convert
+import configs
 import tiny
 from unet import Attention, UNet, UNetConfig
 
@@ -31,7 +31,7 @@ with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "
 def pair(name):
     """diffusers' model with random weights, and ours loaded from its state dict (strict)."""
     ref = tiny.randomize(UNet2DConditionModel(**getattr(tiny, name))).eval()
-    ours = UNet(convert.config_from_json(UNetConfig, getattr(tiny, name))).eval()
+    ours = UNet(configs.config_from_json(UNetConfig, getattr(tiny, name))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -43,7 +43,7 @@ def shapes(module):
 @pytest.mark.parametrize("name", ["UNET_V1", "UNET_V2", "UNET_XL"])
 def test_state_dict_keys_and_shapes_equal_diffusers(name):
     config = getattr(tiny, name)
-    assert shapes(UNet(convert.config_from_json(UNetConfig, config))) == shapes(UNet2DConditionModel(**config))
+    assert shapes(UNet(configs.config_from_json(UNetConfig, config))) == shapes(UNet2DConditionModel(**config))
 
 
 # t as a python int and as a [B] tensor; 10x6 has odd sides at lower levels (upsampling to the skip's size).
@@ -134,7 +134,7 @@ def test_attention_matches_softmax_formula(context_len):
 
 
 def test_gradient_checkpointing_same_gradients_and_recomputes():
-    ours = UNet(convert.config_from_json(UNetConfig, tiny.UNET_V2))  # fresh: this test sets grads and the flag
+    ours = UNet(configs.config_from_json(UNetConfig, tiny.UNET_V2))  # fresh: this test sets grads and the flag
     g = torch.Generator().manual_seed(2)
     x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 128, generator=g)
     calls = []
@@ -159,7 +159,7 @@ def test_config_from_a_saved_diffusers_config_json(tmp_path):
     UNet2DConditionModel(**tiny.UNET_V2).save_config(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
     assert "_class_name" in d and "upcast_attention" in d  # bookkeeping and ignored keys are present
-    config = convert.config_from_json(UNetConfig, d)
+    config = configs.config_from_json(UNetConfig, d)
     assert config.attention_head_dim == (2, 4, 4) and config.use_linear_projection  # tuples, as declared
     assert config.cross_attention_dim == 128 and config.layers_per_block == 1
 
@@ -170,7 +170,7 @@ def test_config_from_a_saved_diffusers_config_json(tmp_path):
     dict(down_block_types=["SimpleCrossAttnDownBlock2D"] * 3)])
 def test_config_json_with_non_sd_options_is_refused(override):
     with pytest.raises(ValueError, match="unsupported"):
-        convert.config_from_json(UNetConfig, {**tiny.UNET_V1, **override})
+        configs.config_from_json(UNetConfig, {**tiny.UNET_V1, **override})
 
 
 @pytest.mark.parametrize("preset, diffusers_config", [("sd1", SD1_DIFFUSERS), ("sd2", SD2_DIFFUSERS),
@@ -179,7 +179,7 @@ def test_full_size_presets_match_diffusers_on_meta(preset, diffusers_config):
     config = getattr(UNetConfig, preset)()
     with torch.device("meta"):
         ours, ref = UNet(config), UNet2DConditionModel(**diffusers_config)
-    assert convert.config_from_json(UNetConfig, dict(ref.config)) == config  # every key diffusers writes, read
+    assert configs.config_from_json(UNetConfig, dict(ref.config)) == config  # every key diffusers writes, read
     assert shapes(ours) == shapes(ref)
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     for f in fields(config):

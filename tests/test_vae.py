@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-import convert
+import configs
 import tiny
 from vae import VAE, VAEConfig
 
@@ -26,13 +26,13 @@ def shapes(module):
 @pytest.fixture(scope="module")
 def pair():
     ref = tiny.randomize(AutoencoderKL(**tiny.VAE)).eval()
-    ours = VAE(convert.config_from_json(VAEConfig, tiny.VAE)).eval()
+    ours = VAE(configs.config_from_json(VAEConfig, tiny.VAE)).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
 
 def test_state_dict_keys_and_shapes_equal_diffusers():
-    assert shapes(VAE(convert.config_from_json(VAEConfig, tiny.VAE))) == shapes(AutoencoderKL(**tiny.VAE))
+    assert shapes(VAE(configs.config_from_json(VAEConfig, tiny.VAE))) == shapes(AutoencoderKL(**tiny.VAE))
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (24, 40)])
@@ -75,7 +75,7 @@ def test_config_from_a_saved_diffusers_config_json(tmp_path):
     AutoencoderKL(**tiny.VAE).save_config(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
     assert "_class_name" in d and "force_upcast" in d
-    config = convert.config_from_json(VAEConfig, d)
+    config = configs.config_from_json(VAEConfig, d)
     assert config.block_out_channels == (32, 64) and config.layers_per_block == 1  # a tuple, as declared
     assert config.scaling_factor == 0.18215
 
@@ -85,7 +85,7 @@ def test_config_from_a_saved_diffusers_config_json(tmp_path):
                                       dict(mid_block_add_attention=False), dict(some_future_option=1)])
 def test_config_json_with_non_sd_options_is_refused(override):
     with pytest.raises(ValueError, match="unsupported"):
-        convert.config_from_json(VAEConfig, {**tiny.VAE, **override})
+        configs.config_from_json(VAEConfig, {**tiny.VAE, **override})
 
 
 def test_full_size_sd_vae_on_meta():
