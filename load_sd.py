@@ -14,10 +14,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import convert
-import files
 import text
 from configs import config_from_json, diffusers_configs, infer_configs
-from files import LoadError, atomic_write, first_line, read_tensors
+from files import LoadError, atomic_write, first_line, read_metadata, read_tensors
 from sampler import PREDICTIONS
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
@@ -94,7 +93,7 @@ def _single_file(path, prediction_type=None):
 def _stated(path, family, prediction_type):
     """A single file's prediction type and image side: `prediction_type`, else what its model-spec metadata states
     ("v", "512x512"), else the family's (see SD1_SIZE); an SD 2.x epsilon model is a 512 px base model."""
-    metadata = files.read_metadata(path)
+    metadata = read_metadata(path)
     default = "v_prediction" if family == "sd2" else "epsilon"
     prediction = prediction_type or SPEC_PREDICTIONS.get(metadata.get(PREDICTION), default)
     size = re.fullmatch(r"(\d+)x\d+", metadata.get(RESOLUTION, ""))
