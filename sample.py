@@ -80,7 +80,7 @@ def parse_args(argv=None):
 def check_args(args):
     """The output paths, after refusing (LoadError: one line, exit 2) any value or path no run could succeed with."""
     images = len(args.prompt) * args.num_images
-    problems = [
+    files.refuse([
         (not 1 <= args.steps < 1000, "--steps must be in 1..999"),
         (not abs(args.guidance) < float("inf"), "--guidance must be a finite number"),
         (not 0 <= args.seed <= 2 ** 63 - args.num_images, "--seed must be in 0..2**63-1 (image i has seed + i)"),
@@ -90,8 +90,7 @@ def check_args(args):
         (args.compare and not args.delta, "--compare needs at least one --delta to compare against"),
         (args.compare and images > MAX_GRID, f"--compare draws one grid of at most {MAX_GRID} images"),
         (any(not os.path.isfile(d) for d in args.delta), "no such --delta file: " + ", ".join(args.delta)),
-    ]
-    files.refuse(problems)
+    ])
     stem, ext = os.path.splitext(args.output)  # out.png for one image; out-0.png, out-1.png, ... for several
     paths = [args.output] if images == 1 or args.compare else [f"{stem}-{i}{ext or '.png'}" for i in range(images)]
     return [files.check_output(p, inputs=(args.model, args.tokenizer, *args.delta)) for p in paths]

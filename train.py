@@ -80,7 +80,7 @@ def check(config):
     """The concept list, after refusing (LoadError: one line, exit 2) every setting and output path no run could
     succeed with, before the model loads; sets the default --output."""
     concepts = [c.strip() for c in (config.concept or "").split(",") if c.strip()]
-    problems = [
+    files.refuse([
         (not concepts, "--concept is required, e.g. --concept \"car\""),
         (config.target not in esd.TARGETS, f"--target must be one of: {', '.join(esd.TARGETS)}"),
         (not 0 < config.lr < float("inf"), "--lr must be a positive number"),  # NaN compares false: refused
@@ -93,8 +93,7 @@ def check(config):
          f"--resolution must be a multiple of 8 in 8..{files.MAX_SIDE}"),
         (min(config.trajectory_pool, config.pool_refresh, config.save_every) < 0,
          "--trajectory-pool, --pool-refresh and --save-every cannot be negative"),
-    ]
-    files.refuse(problems)
+    ])
     slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in concepts)[:64]  # a short file name
     config.output = config.output or f"{config.method}-{slug}.safetensors"
     inputs = (config.model, config.tokenizer, load_sd.TOY_DIR if config.model == "toy" else None)
