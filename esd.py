@@ -98,10 +98,12 @@ class ESD:
         (x_t should show a's images): c is erased from them."""
         # The timestep x_t sits at. train-esd.py instead draws a DDPM t from [t_enc, t_enc + 1) * 1000/steps,
         # but its sampler stops where x is 2-3 DDIM steps less noisy than that t says.
-        t = int(self.timesteps[t_enc])
+        t = self.timesteps[t_enc]  # t_enc: one for the batch, or a LongTensor of one per row
+        t = int(t) if t.dim() == 0 else t
         contexts = [c.expand(len(x_t), -1, -1) for c in [uncond, cond] + ([anchor] if anchor is not None else [])]
         with torch.no_grad(), self.autocast:  # frozen θ, ONE batch: [e_0; e_c] (+ e_a)
-            e = self.eps(torch.cat([x_t] * len(contexts)), t, torch.cat(contexts), frozen=True).float()
+            e = self.eps(torch.cat([x_t] * len(contexts)), t if isinstance(t, int) else t.repeat(len(contexts)),
+                         torch.cat(contexts), frozen=True).float()
         e_0, e_c, *e_a = e.chunk(len(contexts))
         target = self.target(e_0, e_c, self.negative_guidance, *e_a)
         with self.autocast:
@@ -139,15 +141,24 @@ class XtSource:
         return self.trainer.sample(x_T, self.prompts[concept].expand(n, -1, -1), self.uncond.expand(n, -1, -1),
                                    until, self.xt_from, trajectory)
 
+    def _last(self, generation):
+        """The largest t_enc each pool entry serves in `generation` (refresh=0, all the run: the last step)."""
+        last = [0 if self.refresh else self.trainer.steps - 1] * self.pool
+        for it in range(generation * self.refresh, (generation + 1) * self.refresh):
+            for j in range(self.batch_size):
+                i = (it * self.batch_size + j) % self.pool
+                last[i] = max(last[i], self._draw("iteration", it)[1])
+        return last
+
     def draw(self, it):
         concept, t_enc, noise_seed = self._draw("iteration", it)
         if not self.pool:
             return [concept] * self.batch_size, t_enc, self._sample(concept, noise_seed, self.batch_size, t_enc)
         generation = it // self.refresh if self.refresh else 0
-        if generation != self.built:  # (re)build; a trajectory ends at the last t_enc it serves
-            entries = [self._draw(f"pool{generation}", i) for i in range(self.pool)]
-            self.trajectories = [(c, self._sample(c, seed, 1, self.trainer.steps - 1, trajectory=True))
-                                 for c, _, seed in entries]
+        if generation != self.built:  # (re)build; a trajectory ends at the last t_enc it serves (the same x_t)
+            entries, last = [self._draw(f"pool{generation}", i) for i in range(self.pool)], self._last(generation)
+            self.trajectories = [(c, self._sample(c, seed, 1, last[i], trajectory=True))
+                                 for i, (c, _, seed) in enumerate(entries)]
             self.built = generation
         rows = [self.trajectories[(it * self.batch_size + j) % self.pool] for j in range(self.batch_size)]
         return [c for c, _ in rows], t_enc, torch.cat([trajectory[t_enc] for _, trajectory in rows])

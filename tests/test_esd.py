@@ -268,11 +268,17 @@ def test_x_t_source_draws_from_seed_and_iteration_alone():
     assert {c[0] for c, _ in draws} == {0, 1} and {t for _, t in draws} == set(range(STEPS))  # all are drawn
 
     pool = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4)
+    served = [[] for _ in range(3)]
     for it in range(4):  # one generation of 3 trajectories, 2 consecutive entries an iteration, at its t_enc
         concepts, t_enc, x_t = pool.draw(it)
         assert t_enc == draws[it][1] and pool.built == 0  # the same t_enc as without a pool
         for j, (c, trajectory) in enumerate(pool.trajectories[(2 * it + k) % 3] for k in range(2)):
             assert concepts[j] == c and torch.equal(x_t[j], trajectory[t_enc, 0])
+            served[(2 * it + j) % 3].append(t_enc)
+    for i, (c, _, seed) in enumerate(pool._draw("pool0", i) for i in range(3)):  # cut where its service ends
+        assert len(pool.trajectories[i][1]) == max(served[i]) + 1, "a trajectory ends at the last t_enc it serves"
+        uncut = pool._sample(c, seed, 1, STEPS - 1, trajectory=True)
+        assert torch.equal(pool.trajectories[i][1], uncut[:max(served[i]) + 1]), "the same x_t as uncut"
     before = [trajectory for _, trajectory in pool.trajectories]
     pool.draw(4)  # iteration 4 starts generation 1: new trajectories
     assert pool.built == 1 and not any(torch.equal(a, b) for a, (_, b) in zip(before, pool.trajectories))

@@ -207,3 +207,24 @@ def test_killed_between_the_two_writes_resumes_exactly(model, tmp_path, monkeypa
     assert run_train(model, parts, "--iterations", 6, "--save-every", 2, "--resume") == 0
     a, b = delta.load(whole)[0], delta.load(parts)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trajectory_pool_0_is_the_papers_algorithm(model, tmp_path):
+    """--trajectory-pool 0, the paper's x_t: every iteration samples afresh, t_enc DDIM steps from its own noise
+    with the weights as they are at that iteration (Algorithm 1). The CLI's weights equal this loop's, step by step."""
+    out = tmp_path / "paper.safetensors"
+    assert run_train(model, out, "--iterations", 4, "--trajectory-pool", 0, "--pool-refresh", 0) == 0
+    sd = load_sd.load(model)
+    trainer = esd.ESD(sd.unet, "esd-x", steps=4)
+    optimizer = torch.optim.Adam(trainer.params.values(), lr=1e-3)
+    uncond, cond = sd.encode_prompts(["", "car"]).split(1)
+    draws = esd.XtSource(trainer, [cond], uncond, None, seed=0)  # its (concept, t_enc, noise seed) per iteration
+    for it in range(4):
+        _, t_enc, noise_seed = draws._draw("iteration", it)
+        x_T = torch.randn((1, *sd.latent_shape(16, 16)), generator=torch.Generator().manual_seed(noise_seed))
+        x_t = trainer.sample(x_T, cond, uncond, t_enc)  # the model being trained, now
+        trainer.loss(x_t, t_enc, cond, uncond).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = delta.load(out)[0]
+    assert all(torch.equal(trained[k], p) for k, p in trainer.delta().items()), "the same x_t and weights"

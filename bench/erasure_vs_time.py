@@ -1,0 +1,183 @@
+"""Erasure against training time, one line per way of getting x_t, on the shipped toy (ESD-x and ESD-u).
+
+Each run trains `train.train` from one seed with one torch thread; every --every iterations the trained
+tensors are copied aside (the clock stopped), and afterwards each copy is judged by evaluate.py's
+protocol (21 prompts x 8 seeds, the toy's classifier): concept alone, in context, other shapes, colours.
+Time is the training's own CPU seconds (process time, one thread: other jobs on the machine inflate it
+far less than wall time; both are written). Runs go --jobs at a time, each in a process of its own.
+
+    python bench/erasure_vs_time.py                  # every strategy, both methods, seeds 0 and 1 (~1 h)
+    python bench/erasure_vs_time.py --report         # table and plot from docs/erasure_vs_time.json
+
+Writes docs/erasure_vs_time.json (every point), prints the table (markdown), draws docs/erasure_vs_time.png
+(matplotlib). "Equal erasure" is the README's rule: alone at most 5 points above the paper path's end,
+in context at most 10 above, other shapes at most 2 below, colours at most 2 below.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+import delta  # noqa: E402
+import esd  # noqa: E402
+import evaluate  # noqa: E402
+import load_sd  # noqa: E402
+import train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "docs", "erasure_vs_time.json")
+METHODS = {"esd-x": [], "esd-u": ["--method", "esd-u", "--lr", "2e-4", "--negative-guidance", "2", "--batch-size", "8"]}
+STRATEGIES = {  # name -> train.py flags (the toy's: 300 iterations, 20 DDIM steps); pool N: N per batch row
+    "paper": [],
+    "steps 10": ["--steps", "10"],
+    "pool 4/20": ["--trajectory-pool", "4", "--pool-refresh", "20"],
+    "pool 4/40": ["--trajectory-pool", "4", "--pool-refresh", "40"],
+    "pool 4/20 steps 10": ["--trajectory-pool", "4", "--pool-refresh", "20", "--steps", "10"],
+    "frozen pool 16": ["--trajectory-pool", "16", "--xt-from", "frozen"],
+    "path 4": [],  # bench-only (PathBatch): 4 timesteps of each trajectory per step, a quarter of the iterations
+}
+LONGER = 4 / 3  # strategies other than the paper train this much longer, to show where they get to
+RATES = ("circle_alone", "circle_in_context", "other_shapes", "colors")
+EQUAL = {"circle_alone": 0.05, "circle_in_context": 0.10, "other_shapes": -0.02, "colors": -0.02}  # allowed change
+
+
+class PathBatch(esd.XtSource):
+    """Bench-only: each step reads K timesteps of each batch row's trajectory, sampled to the deepest of them."""
+    k = 4
+
+    def draw(self, it):
+        concept, _, noise_seed = self._draw("iteration", it)
+        t_enc = torch.tensor(sorted(self._draw(f"path{it}", j)[1] for j in range(self.k)))
+        paths = self._sample(concept, noise_seed, self.batch_size, int(t_enc[-1]), trajectory=True)
+        return [concept] * self.k * self.batch_size, t_enc.repeat_interleave(self.batch_size), paths[t_enc].flatten(0, 1)
+
+
+def run(method, strategy, seed, every, out):
+    """One training (in this process): snapshots every `every` iterations, each judged afterwards."""
+    torch.set_num_threads(1)
+    config = train.parse_args(["--model", "toy", "--concept", "circle", "--seed", str(seed), "--no-eval",
+                               "--output", out, "--overwrite", *METHODS[method], *STRATEGIES[strategy]])
+    config.trajectory_pool *= config.batch_size  # N trajectories per batch row: a batch never repeats one
+    default = config.iterations
+    if strategy != "paper":
+        config.iterations = round(config.iterations * LONGER)
+    if strategy == "path 4":
+        default, config.iterations = default // PathBatch.k, config.iterations // PathBatch.k  # as many x_t
+        esd.XtSource = PathBatch
+    concepts, sd, points = train.check(config), load_sd.load("toy"), []
+    names = list(esd.select(sd.unet, config.method))
+    clock = {"cpu": 0.0, "wall": 0.0, "since": (time.process_time(), time.perf_counter())}
+
+    def on_step(iteration, loss):
+        cpu, wall = time.process_time(), time.perf_counter()
+        clock["cpu"] += cpu - clock["since"][0]
+        clock["wall"] += wall - clock["since"][1]
+        if iteration % every == 0 or iteration == config.iterations:
+            params = dict(sd.unet.named_parameters())
+            points.append(dict(iteration=iteration, cpu_s=clock["cpu"], wall_s=clock["wall"],
+                               tensors={n: params[n].detach().clone() for n in names}))
+        clock["since"] = (time.process_time(), time.perf_counter())
+
+    train.train(config, sd, concepts, on_step=on_step)
+    base = load_sd.load("toy")
+    for point in points:
+        with delta.applied(base.unet, point.pop("tensors")):
+            point.update(evaluate.evaluate(base, None, "circle")["base"])  # the edited model's scores
+    return dict(method=method, strategy=strategy, seed=seed, default=default, config=dataclasses.asdict(config),
+                points=points)
+
+
+def equal_erasure(rates, paper_end):
+    return all((rates[k] - paper_end[k]) * (1 if d > 0 else -1) <= abs(d) for k, d in EQUAL.items())
+
+
+def report(results):
+    """Markdown table: per method, strategy and seed, the paper-equal point's time, rates and speed-up."""
+    rows = ["| method | strategy | seed | iterations | CPU s | alone | in context | other shapes | colours | "
+            "time to the paper's erasure | speed-up |", "|" + "---|" * 11]
+    paper = {(r["method"], r["seed"]): r["points"][-1] for r in results if r["strategy"] == "paper"}
+    for r in results:
+        end = paper.get((r["method"], r["seed"]))
+        hit = next((p for p in r["points"] if end and equal_erasure(p, end)), None)
+        last = min(r["points"], key=lambda p: abs(p["iteration"] - r["default"]))  # at the default length
+        rates = " | ".join(f"{last[k]:.1%}" for k in RATES)
+        reach = f"{hit['cpu_s']:.0f} s ({hit['iteration']} it)" if hit else "not reached"
+        speed = f"{end['cpu_s'] / hit['cpu_s']:.2f}x" if hit and end else ""
+        rows.append(f"| {r['method']} | {r['strategy']} | {r['seed']} | {last['iteration']} | {last['cpu_s']:.0f} | "
+                    f"{rates} | {reach} | {speed} |")
+    return "\n".join(rows)
+
+
+def plot(results, path):
+    import matplotlib  # bench-only: pip install matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = sorted({r["method"] for r in results})
+    fig, axes = plt.subplots(2, len(methods), figsize=(6 * len(methods), 8), squeeze=False)
+    colors = {s: f"C{i}" for i, s in enumerate(STRATEGIES)}
+    for col, method in enumerate(methods):
+        for row, key in enumerate(("circle_alone", "circle_in_context")):
+            ax = axes[row][col]
+            for r in (r for r in results if r["method"] == method):
+                ax.plot([p["cpu_s"] for p in r["points"]], [p[key] for p in r["points"]], "o-" if r["seed"] == 0
+                        else "s--", color=colors[r["strategy"]], label=f"{r['strategy']} (seed {r['seed']})", ms=3)
+            ax.set(title=f"{method}: {key.replace('_', ' ')}", xlabel="training CPU seconds (one thread)",
+                   ylabel="share of images judged the concept", ylim=(0, 1))
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--every", type=int, default=50, help="snapshot every N iterations")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    p.add_argument("--report", action="store_true", help="only the table and plot from the saved results")
+    p.add_argument("--again", action="store_true", help="rerun runs already in the saved results")
+    p.add_argument("--one", nargs=3, metavar=("METHOD", "STRATEGY", "SEED"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:  # a worker: one run, its result as JSON on stdout's last line
+        method, strategy, seed = args.one
+        out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"erasure-vs-time-{os.getpid()}.safetensors")
+        print(json.dumps(run(method, strategy, int(seed), args.every, out)))
+        return
+    results = json.load(open(RESULTS)) if os.path.exists(RESULTS) else []
+    if not args.report:
+        done = {(r["method"], r["strategy"], r["seed"]) for r in results}  # an interrupted run goes on
+        todo = [(m, s, seed) for m in args.methods for s in args.strategies for seed in args.seeds
+                if args.again or (m, s, seed) not in done]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+
+        def work(job):
+            command = [sys.executable, os.path.abspath(__file__), "--one", job[0], job[1], str(job[2]),
+                       "--every", str(args.every)]
+            out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+            print(f"done {job}", file=sys.stderr, flush=True)
+            return json.loads(out.strip().splitlines()[-1])
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for result in pool.map(work, todo):
+                key = (result["method"], result["strategy"], result["seed"])
+                results = [r for r in results if (r["method"], r["strategy"], r["seed"]) != key] + [result]
+                with open(RESULTS + ".tmp", "w") as f:
+                    json.dump(results, f, indent=1)
+                os.replace(RESULTS + ".tmp", RESULTS)
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    results.sort(key=lambda r: (r["method"], order.get(r["strategy"], 99), r["seed"]))
+    print(report(results))
+    plot(results, RESULTS.replace(".json", ".png"))
+
+
+if __name__ == "__main__":
+    main()
