@@ -1,6 +1,7 @@
-"""configs.py: the model configs of a checkpoint, pure functions: from an official LDM file's tensor shapes plus
-what shapes cannot tell, the family's constants (SD v1's 8 heads, 64-dim heads of SD 2.x and SDXL, CLIP's 64-dim
-text heads and activation); from and to diffusers' config.json files. LDM configs as in
+"""configs.py: the model configs of a checkpoint, pure functions: its family (SD v1, 2.x, XL); from an official LDM
+file's tensor shapes plus what shapes cannot tell, the family's constants (SD v1's 8 heads, 64-dim heads of SD 2.x and
+SDXL, CLIP's 64-dim text heads and activations, the prediction type and image size where a file's metadata is
+silent); from and to diffusers' config.json files. LDM configs as in
 https://github.com/Stability-AI/stablediffusion/blob/cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf/configs/stable-diffusion/v2-inference-v.yaml"""
 import dataclasses
 import functools
@@ -9,14 +10,25 @@ import re
 from transformers import CLIPTextConfig
 
 import sampler
-from convert import OPENCLIP, ldm_to_ours
+from convert import OPENCLIP, OPENCLIP_PART, TEXT_PARTS, TEXT_PROJECTION, XL_OPENCLIP, ldm_to_ours
 from unet import CROSS_DOWN, CROSS_UP, RESNET_EPS, UNetConfig
 from vae import VAEConfig
 
 CLIP_HEAD_DIM = 64  # CLIP text heads are 64 wide (ViT-L/14: 768 = 12 x 64)
 UNET_HEAD_DIM = 64  # SD 2.x and SDXL UNet heads: num_head_channels 64 (v2-inference-v.yaml, sd_xl_base.yaml)
 CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
-OPENCLIP_ACT = "gelu"  # OpenCLIP ViT-H's activation: nn.GELU (erf), transformers' "gelu"
+OPENCLIP_ACT = "gelu"  # OpenCLIP ViT-H's and bigG's activation: nn.GELU (erf), transformers' "gelu"
+# A single file's family by its text encoder's names; a folder's by its UNet: SDXL's added embedding, else the context
+# width of CLIP ViT-L/14 (v1) or OpenCLIP ViT-H (v2), else linear projections, SD v2's hallmark (tests' widths).
+TEXT_PREFIX = {"sdxl": XL_OPENCLIP, "sd2": OPENCLIP, "sd1": "cond_stage_model.transformer."}
+FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}
+# Where a single file's metadata is silent (the official files' is): SD v1 and the SD 2.x "base" files are epsilon
+# models of 512 px, other SD 2.x files (v2-1_768-ema-pruned) v-models of 768 px, as diffusers takes them; SDXL base
+# is an epsilon model of 1024 px.
+SD1_SIZE, SD2_V_SIZE, SDXL_SIZE = 512, 768, 1024
+RESOLUTION = "modelspec.resolution"  # safetensors metadata "WxH" (Stability's model spec), e.g. "1024x1024"
+PREDICTION = "modelspec.prediction_type"  # the same spec's "epsilon" or "v"
+SPEC_PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}  # -> PREDICTIONS
 
 
 def _shape(sd, key):
@@ -25,6 +37,27 @@ def _shape(sd, key):
 
 def _numbers(sd, pattern):  # the distinct block numbers `pattern` captures in the keys of sd
     return sorted({int(m[1]) for k in sd if (m := re.match(pattern, k))})
+
+
+def file_family(sd):
+    """"sd1", "sd2" or "sdxl" of an LDM state dict by its text encoder's names; None: none of them."""
+    return next((family for family, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in sd)), None)
+
+
+def folder_family(unet):
+    """"sd1", "sd2" or "sdxl" of a diffusers folder by its UNetConfig."""
+    return "sdxl" if unet.addition_embed_type else FAMILY_BY_CONTEXT.get(
+        unet.cross_attention_dim, "sd2" if unet.use_linear_projection else "sd1")
+
+
+def stated(metadata, family, prediction_type=None):
+    """A single file's prediction type and image side: `prediction_type`, else what its model-spec metadata states
+    ("v", "512x512"), else the family's (see SD1_SIZE); an SD 2.x epsilon model is a 512 px base model."""
+    default = "v_prediction" if family == "sd2" else "epsilon"
+    prediction = prediction_type or SPEC_PREDICTIONS.get(metadata.get(PREDICTION), default)
+    size = re.fullmatch(r"(\d+)x\d+", metadata.get(RESOLUTION, ""))
+    sizes = {"sdxl": SDXL_SIZE, "sd2": SD2_V_SIZE if prediction == "v_prediction" else SD1_SIZE}
+    return prediction, int(size[1]) if size else sizes.get(family, SD1_SIZE)
 
 
 def unet_config(sd):
@@ -53,29 +86,36 @@ def unet_config(sd):
 
 
 def infer_configs(sd, family="sd1"):
-    """UNet (unet_config), VAE and CLIP text configs of an LDM SD v1 or 2.x state dict from its shapes; what shapes
-    cannot tell (32 groups, scaling 0.18215, sample sizes, 64-wide CLIP heads, the activation) is the family's."""
+    """UNet (unet_config), VAE and CLIP text configs (SDXL: two) of an LDM SD v1, 2.x or XL state dict from its shapes;
+    what shapes cannot tell (32 groups, the VAE's scaling, sample sizes, 64-wide CLIP heads, activations) is the family's."""
     shape, numbers = functools.partial(_shape, sd), functools.partial(_numbers, sd)
     v = "first_stage_model."
     unet = unet_config(sd)
     vae = dataclasses.replace(
-        VAEConfig.sd(), in_channels=shape(f"{v}encoder.conv_in.weight")[1],
+        VAEConfig.sdxl() if family == "sdxl" else VAEConfig.sd(), in_channels=shape(f"{v}encoder.conv_in.weight")[1],
         out_channels=shape(f"{v}decoder.conv_out.weight")[0], latent_channels=shape(f"{v}post_quant_conv.weight")[0],
         block_out_channels=tuple(shape(f"{v}encoder.down.{i}.block.0.conv2.weight")[0]
                                  for i in numbers(re.escape(v) + r"encoder\.down\.(\d+)\.")),
         layers_per_block=len(numbers(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")))
-    # The text encoder's shapes under transformers' names (SD 2.x: q, k, v still fused); a file holding OpenCLIP's
-    # whole text tower (text_projection tells) has a last block SD 2.x does not use.
-    t = {ldm_to_ours(k, family=family): x.shape for k, x in sd.items() if k.startswith("cond_stage_model.")}
-    vocab, width = t["text_encoder.embeddings.token_embedding.weight"]
-    layers = len({k.split(".")[3] for k in t if k.startswith("text_encoder.encoder.layers.")})
-    text = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=t["text_encoder.encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=layers - (f"{OPENCLIP}text_projection" in sd), num_attention_heads=width // CLIP_HEAD_DIM,
-        hidden_act=OPENCLIP_ACT if family == "sd2" else CLIP_ACT,
-        max_position_embeddings=t["text_encoder.embeddings.position_embedding.weight"][0],
+    # The text encoders' shapes under transformers' names (OpenCLIP's q, k, v still fused)
+    t = {ldm_to_ours(k, family=family): x for k, x in sd.items() if k.startswith(("cond_stage_model.", "conditioner."))}
+    return unet, vae, *(_text_config(t, part, family, sd) for part in TEXT_PARTS[family])
+
+
+def _text_config(t, part, family, sd):
+    """The CLIPTextConfig of text encoder `part` from its tensors `t` under our names. A SD 2.x file holding OpenCLIP's
+    whole text tower (text_projection tells) has a last block SD 2.x does not use; SDXL's tower is used whole."""
+    p = f"{part}.text_model." if part == "text_encoder_2" else f"{part}."  # CLIPTextModelWithProjection's level
+    vocab, width = _shape(t, p + "embeddings.token_embedding.weight")
+    layers = len(_numbers(t, re.escape(p) + r"encoder\.layers\.(\d+)\."))
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=_shape(t, p + "encoder.layers.0.mlp.fc1.weight")[0],
+        num_hidden_layers=layers - (family == "sd2" and f"{OPENCLIP}text_projection" in sd),
+        num_attention_heads=width // CLIP_HEAD_DIM,
+        hidden_act=OPENCLIP_ACT if OPENCLIP_PART.get(family) == part else CLIP_ACT,
+        max_position_embeddings=_shape(t, p + "embeddings.position_embedding.weight")[0],
+        **({"projection_dim": _shape(t, TEXT_PROJECTION)[1]} if part == "text_encoder_2" else {}),  # P: [width, dim]
         bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the tokenizer's, set by load()
-    return unet, vae, text
 
 
 # diffusers config.json options -> SD's value (a tuple: any of these); unlisted options must be off (None).
@@ -114,16 +154,21 @@ DDIM_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=sampler.N
                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def diffusers_configs(unet, vae, prediction_type):
-    """{file name: dict} of the config files a diffusers StableDiffusionPipeline folder holds, for our configs."""
+def diffusers_configs(unet, vae, prediction_type, family="sd1"):
+    """{file name: dict} of the config files a diffusers StableDiffusionPipeline folder holds (SDXL's
+    StableDiffusionXLPipeline: a second text encoder and tokenizer), for our configs."""
     levels = len(vae.block_out_channels)
+    index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False, "safety_checker": [None, None]}
+    if family == "sdxl":  # as the base model's model_index.json: the empty prompt's embeddings are zeros (text.py)
+        index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                 "image_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                 "tokenizer_2": ["transformers", "CLIPTokenizer"]}
     return {"unet/config.json": dict(dataclasses.asdict(unet), _class_name="UNet2DConditionModel"),
             "vae/config.json": dict(dataclasses.asdict(vae), _class_name="AutoencoderKL",
                                     down_block_types=["DownEncoderBlock2D"] * levels,
                                     up_block_types=["UpDecoderBlock2D"] * levels),
             "scheduler/scheduler_config.json": dict(DDIM_SCHEDULER, prediction_type=prediction_type),
-            "model_index.json": {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-                                 "safety_checker": [None, None], "feature_extractor": [None, None],
+            "model_index.json": {**index, "feature_extractor": [None, None],
                                  "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
                                  "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
                                  "tokenizer": ["transformers", "CLIPTokenizer"]}}

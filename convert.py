@@ -1,8 +1,10 @@
-"""convert.py: official checkpoint names <-> ours (= diffusers'), pure functions: LDM and OpenCLIP names by a short
-rule table plus one index function (the UNet's numbered blocks); OpenCLIP's fused q, k, v split and fused back; the
-tensors a file carries that no model holds (LDM's schedule buffers, OpenCLIP's unused head). Configs: configs.py.
-LDM names as in
-https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py"""
+"""convert.py: official checkpoint names <-> ours (= diffusers'), pure functions: LDM, sgm (SDXL) and OpenCLIP names by
+a short rule table plus one index function (the UNet's numbered blocks); the layouts that differ (VAE attention as 1x1
+convs, OpenCLIP's fused q, k, v and its x @ P projection); the tensors a file carries that no model holds (schedule
+buffers, OpenCLIP's unused head). Configs: configs.py. LDM names as in
+https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py
+and SDXL's conditioner (embedders 0 and 1) as in
+https://github.com/Stability-AI/generative-models/blob/31fe459a85687b0588cb240c4cfba28a2ed22eb4/sgm/modules/encoders/modules.py"""
 import functools
 import re
 
@@ -13,11 +15,17 @@ from unet import UNetConfig
 from vae import VAEConfig
 
 OPENCLIP = "cond_stage_model.model."  # SD 2.x's text encoder, OpenCLIP ViT-H/14's text tower
+XL_CLIP = "conditioner.embedders.0.transformer."  # SDXL's first text encoder, CLIP ViT-L/14 (transformers-4 names)
+XL_OPENCLIP = "conditioner.embedders.1.model."  # SDXL's second, OpenCLIP ViT-bigG/14's text tower with its projection
+TEXT_PARTS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+OPENCLIP_PART = {"sd2": "text_encoder", "sdxl": "text_encoder_2"}  # the part that is OpenCLIP's, per family
 # Known non-model tensors of LDM files: the 12 DDPM schedule buffers (betas, *alphas_cumprod*, posterior_*;
-# sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids.
-IGNORED = re.compile(r"betas|\w*alphas_cumprod\w*|posterior_\w+|logvar|model_ema\..+|.+\.position_ids")
+# sampler.py recomputes them), logvar, EMA copies (model_ema.*: like diffusers, we load model.*), position ids;
+# sgm's denoiser.sigmas (the same schedule, in files saved from sgm's whole DiffusionEngine).
+IGNORED = re.compile(r"betas|\w*alphas_cumprod\w*|posterior_\w+|logvar|model_ema\..+|.+\.position_ids|denoiser\.sigmas")
 VAE_ATTN_WEIGHT = re.compile(r"vae\..*\.attentions\.0\.(to_[qkv]|to_out\.0)\.weight")  # 1x1 convs in LDM
-IN_PROJ = re.compile(r"(text_encoder\..+\.self_attn\.)in_proj\.(weight|bias)")  # OpenCLIP's q, k, v in one
+IN_PROJ = re.compile(r"(text_encoder(?:_2)?\..+\.self_attn\.)in_proj\.(weight|bias)")  # OpenCLIP's q, k, v in one
+TEXT_PROJECTION = "text_encoder_2.text_projection.weight"  # OpenCLIP's P multiplies from the right: x @ P = Linear(P.T)
 
 
 def _rules(pairs):
@@ -30,19 +38,28 @@ def _rules(pairs):
 
 
 PREFIXES, PREFIXES_BACK = _rules([("model.diffusion_model.", "unet."), ("first_stage_model.", "vae.")])
-# The text encoder's names per family, onto transformers' CLIPTextModel (split_in_proj splits OpenCLIP's q, k, v).
+
+
+def _openclip(prefix, to):
+    """OpenCLIP's TextTransformer (open_clip/model.py, transformer.py ResidualAttentionBlock) at `prefix` onto
+    transformers' CLIP text model at `to` (split_in_proj splits its q, k, v)."""
+    return [(prefix + "transformer.resblocks.", to + "encoder.layers."),
+            (prefix + "token_embedding.", to + "embeddings.token_embedding."),
+            (prefix + "positional_embedding", to + "embeddings.position_embedding.weight"),
+            (prefix + "ln_final.", to + "final_layer_norm."),
+            (to + "*.ln_1.", to + "*.layer_norm1."), (to + "*.ln_2.", to + "*.layer_norm2."),
+            (to + "*.mlp.c_fc.", to + "*.mlp.fc1."), (to + "*.mlp.c_proj.", to + "*.mlp.fc2."),
+            (to + "*.attn.out_proj.", to + "*.self_attn.out_proj."), (to + "*.attn.in_proj_", to + "*.self_attn.in_proj.")]
+
+
+# The text encoders' names per family, onto transformers' CLIPTextModel (SDXL's second: CLIPTextModelWithProjection,
+# which keeps the text_model level). transformers 5 dropped CLIPTextModel's text_model level: both spellings are read.
 TEXT_RULES = {
-    "sd1": _rules([("cond_stage_model.transformer.", "text_encoder."),
-                   ("text_encoder.text_model.", "text_encoder.")]),  # transformers 5 dropped this level: both are read
-    "sd2": _rules([  # OpenCLIP's TextTransformer (open_clip/model.py, transformer.py ResidualAttentionBlock)
-        (OPENCLIP + "transformer.resblocks.", "text_encoder.encoder.layers."),
-        (OPENCLIP + "token_embedding.", "text_encoder.embeddings.token_embedding."),
-        (OPENCLIP + "positional_embedding", "text_encoder.embeddings.position_embedding.weight"),
-        (OPENCLIP + "ln_final.", "text_encoder.final_layer_norm."),
-        ("text_encoder.*.ln_1.", "text_encoder.*.layer_norm1."), ("text_encoder.*.ln_2.", "text_encoder.*.layer_norm2."),
-        ("text_encoder.*.mlp.c_fc.", "text_encoder.*.mlp.fc1."), ("text_encoder.*.mlp.c_proj.", "text_encoder.*.mlp.fc2."),
-        ("text_encoder.*.attn.out_proj.", "text_encoder.*.self_attn.out_proj."),
-        ("text_encoder.*.attn.in_proj_", "text_encoder.*.self_attn.in_proj.")]),
+    "sd1": _rules([("cond_stage_model.transformer.", "text_encoder."), ("text_encoder.text_model.", "text_encoder.")]),
+    "sd2": _rules(_openclip(OPENCLIP, "text_encoder.")),
+    "sdxl": _rules([(XL_CLIP, "text_encoder."), ("text_encoder.text_model.", "text_encoder."),
+                    (XL_OPENCLIP + "text_projection", TEXT_PROJECTION),
+                    *_openclip(XL_OPENCLIP, "text_encoder_2.text_model.")]),
 }
 RENAMES, RENAMES_BACK = _rules([
     ("unet.time_embed.0.", "unet.time_embedding.linear_1."), ("unet.time_embed.2.", "unet.time_embedding.linear_2."),
@@ -106,6 +123,25 @@ def ours_to_ldm(key, unet=None, vae=None, family="sd1"):
     return _rename(key, unet, vae, True, family)
 
 
+def _layout(name, t, back):
+    """One tensor under our name from LDM's layout to ours, or back."""
+    if VAE_ATTN_WEIGHT.fullmatch(name):  # LDM's 1x1 conv [C, C, 1, 1], our linear [C, C]
+        return t[:, :, None, None] if back else t.flatten(1)
+    return t.t().contiguous() if name == TEXT_PROJECTION else t  # P and P.T: both ways the same
+
+
+def to_ours(name, t):
+    """{our name: tensor} of one LDM tensor under our name, in our layout: a VAE attention 1x1 conv as a linear
+    weight, OpenCLIP's projection P as the Linear weight P.T, its fused q, k, v apart (split_in_proj)."""
+    return split_in_proj(name, _layout(name, t, back=False))
+
+
+def to_ldm(tensors, family):
+    """The inverse, on a state dict under our names: {our name: tensor in the LDM layout} (q, k, v fused again)."""
+    fused = fuse_in_proj(tensors, OPENCLIP_PART[family]) if family in OPENCLIP_PART else tensors
+    return {name: _layout(name, t, back=True) for name, t in fused.items()}
+
+
 def split_in_proj(name, t):
     """{our name: tensor} for one tensor under our name: OpenCLIP's fused attention input projection (torch's
     MultiheadAttention in_proj, [3 D, ...]: q, k, v rows) as transformers' q_proj, k_proj, v_proj; others as they are."""
@@ -113,24 +149,26 @@ def split_in_proj(name, t):
     return {f"{fused[1]}{p}_proj.{fused[2]}": x.clone() for p, x in zip("qkv", t.chunk(3))} if fused else {name: t}
 
 
-def fuse_in_proj(tensors):
-    """The inverse, on a state dict under our names: each text layer's q, k, v projections as one in_proj."""
+def fuse_in_proj(tensors, part="text_encoder"):
+    """The inverse, on a state dict under our names: each layer's q, k, v projections of text encoder `part` as one
+    in_proj."""
     out = {}
     for name, t in tensors.items():
-        qkv = re.fullmatch(r"(text_encoder\..+\.self_attn\.)([qkv])_proj\.(weight|bias)", name)
+        qkv = re.fullmatch(re.escape(part) + r"(\..+\.self_attn\.)([qkv])_proj\.(weight|bias)", name)
         if not qkv:
             out[name] = t
         elif qkv[2] == "q":  # with its k and v
-            out[f"{qkv[1]}in_proj.{qkv[3]}"] = torch.cat([tensors[f"{qkv[1]}{p}_proj.{qkv[3]}"] for p in "qkv"])
+            out[f"{part}{qkv[1]}in_proj.{qkv[3]}"] = torch.cat([tensors[f"{part}{qkv[1]}{p}_proj.{qkv[3]}"] for p in "qkv"])
     return out
 
 
 def unused(key, text):
     """Whether an LDM key is a known tensor the model does not use: SD 2.x conditions on the penultimate block of
     OpenCLIP's text tower (FrozenOpenCLIPEmbedder(layer="penultimate")), so a file with the whole tower has a last
-    block past `text`'s (the CLIPTextConfig's) layers, and the tower's contrastive head (text_projection, logit_scale)."""
+    block past `text`'s (the CLIPTextConfig's) layers, and the tower's contrastive head (text_projection, logit_scale).
+    SDXL uses its tower whole, the projection included (the pooled embedding), but for the contrastive logit_scale."""
     head = re.fullmatch(re.escape(OPENCLIP) + r"(text_projection|logit_scale|transformer\.resblocks\.(\d+)\..+)", key)
-    return bool(head) and (head[2] is None or int(head[2]) == text.num_hidden_layers)
+    return bool(head) and (head[2] is None or int(head[2]) == text.num_hidden_layers) or key == XL_OPENCLIP + "logit_scale"
 
 
 def schedule_buffers():

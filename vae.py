@@ -14,6 +14,7 @@ from unet import Attention, DownBlock2D, Downsample2D, MidBlock2D, ResnetBlock2D
 
 VAE_EPS = 1e-6                       # every VAE GroupNorm: LDM Normalize(eps=1e-6)
 VAE_SCALE = 0.18215                  # latent scaling: v1-inference.yaml `scale_factor`
+VAE_SCALE_XL = 0.13025               # SDXL's (sd_xl_base.yaml `scale_factor`): the same VAE architecture, retrained
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp in LDM's DiagonalGaussianDistribution
 VAE_PAD = (0, 1, 0, 1)               # LDM Downsample pads right and bottom, then a stride-2 conv
 
@@ -34,6 +35,11 @@ class VAEConfig:
         """SD v1 and v2: v1-inference.yaml first_stage_config (ch 128, ch_mult [1,2,4,4],
         num_res_blocks 2, z_channels 4), as in stable-diffusion-v1-5 vae/config.json."""
         return cls()
+
+    @classmethod
+    def sdxl(cls):
+        """SDXL base 1.0: the same layout, its own weights and scaling, trained at 1024 px (its vae/config.json)."""
+        return cls(sample_size=1024, scaling_factor=VAE_SCALE_XL)
 
 
 class VAEAttention(Attention):

@@ -216,7 +216,8 @@ def bad_inputs(single, tmp_path):
     (tmp_path / "truncated.safetensors").write_bytes(single.read_bytes()[:1000])
     save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     save_file({**tensors, "cond_stage_model.model.ln_final.weight": torch.zeros(2)}, tmp_path / "v2.safetensors")
-    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(2)}, tmp_path / "xl.safetensors")
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2), "model.diffusion_model.x": torch.zeros(1)},
+              tmp_path / "refiner.safetensors")  # the SDXL refiner's one text encoder: OpenCLIP as embedder 0
     save_file({k: t for k, t in tensors.items() if "middle_block" not in k}, tmp_path / "partial.safetensors")
     hole = "model.diffusion_model.output_blocks.0.0.skip_connection.bias"
     save_file({k: t for k, t in tensors.items() if k != hole}, tmp_path / "hole.safetensors")
@@ -224,9 +225,9 @@ def bad_inputs(single, tmp_path):
     return [
         ("missing.safetensors", None, "no such file or folder"),
         ("truncated.safetensors", None, "cannot read .*truncated.safetensors: SafetensorError"),
-        ("other.safetensors", None, "not an SD v1 or 2.x checkpoint .* found top-level names weight"),
+        ("other.safetensors", None, "not an SD v1, 2.x or XL base checkpoint .* found weight"),
         ("v2.safetensors", None, "incomplete SD 2.x checkpoint: KeyError"),  # v1 tensors, one of OpenCLIP's
-        ("xl.safetensors", None, "not an SD v1 or 2.x checkpoint .* found SDXL"),
+        ("refiner.safetensors", None, "not an SD v1, 2.x or XL base checkpoint .* found conditioner.embedders.0, model"),
         ("partial.safetensors", None, "incomplete SD v1 checkpoint: KeyError"),
         ("hole.safetensors", None, "UNet: 1 missing tensors, e.g. up_blocks.0.resnets.0.conv_shortcut.bias"),
         ("code.ckpt", None, "cannot read .*code.ckpt: UnpicklingError"),
@@ -283,8 +284,9 @@ def test_folder_with_transformers_bin_names_and_a_variant(model, tmp_path):
     (text / "model.safetensors").unlink()
     assert_same_outputs(load_sd.load(tmp_path / "bin"), pipe)
     shutil.copytree(folder, tmp_path / "fp16")
-    for part, names in load_sd.WEIGHTS.items():
-        os.rename(tmp_path / "fp16" / part / names[0], tmp_path / "fp16" / part / load_sd._variant(names[0], "fp16"))
+    for part in load_sd.PARTS["sd1"]:
+        name = load_sd.WEIGHTS[part][0]
+        os.rename(tmp_path / "fp16" / part / name, tmp_path / "fp16" / part / load_sd._variant(name, "fp16"))
     assert_same_outputs(load_sd.load(tmp_path / "fp16", variant="fp16"), pipe)
     with pytest.raises(load_sd.LoadError, match="expected diffusion_pytorch_model.safetensors or .*bin"):
         load_sd.load(tmp_path / "fp16")

@@ -27,10 +27,11 @@ UNET_SD2 = dict(UNET_V1, block_out_channels=[64, 64, 128], attention_head_dim=[1
                 cross_attention_dim=64, layers_per_block=1)
 # SDXL layout in miniature: no attention at the first level, transformer depth per level (the first unused,
 # the middle block's is the last level's), linear projections and SDXL's 64-dim heads (1 and 2 heads here),
-# the added conditioning: pooled text (XL_POOLED wide) and 6 size numbers of SDXL's sinusoidal width 256.
+# the added conditioning: pooled text (XL_POOLED wide) and 6 size numbers of SDXL's sinusoidal width 256; the
+# context is the two text encoders' (CLIP 64 + BIG_G 128) side by side.
 XL_POOLED = 32  # SDXL's: 1280 (OpenCLIP bigG's projection)
 UNET_XL = dict(
-    UNET_V1, block_out_channels=[64, 64, 128], cross_attention_dim=96, attention_head_dim=[1, 1, 2],
+    UNET_V1, block_out_channels=[64, 64, 128], cross_attention_dim=64 + 128, attention_head_dim=[1, 1, 2],
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2, 3],
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
@@ -46,6 +47,12 @@ CLIP = dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hi
             max_position_embeddings=77, hidden_act="quick_gelu")
 # OpenCLIP's text encoder as diffusers' SD 2.x holds it: the layers SD 2.x uses (the file's tower has one more), GELU.
 OPENCLIP = dict(CLIP, hidden_act="gelu")
+# SDXL's second text encoder in miniature: OpenCLIP bigG as diffusers holds it (CLIPTextModelWithProjection), GELU,
+# 64-dim heads, a projection to XL_POOLED that is not square (so its orientation shows), wider than CLIP (diffusers'
+# single-file loader tells the two encoders of a file apart by width).
+BIG_G = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_hidden_layers=3,
+             max_position_embeddings=77, hidden_act="gelu", projection_dim=XL_POOLED)
+VAE_XL = dict(VAE, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE config: its scaling, decoded in fp32
 # SD v1.5's scheduler_config.json, the fields DDIMScheduler reads.
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -75,14 +82,14 @@ def write_tokenizer(folder):
     return tok
 
 
-def text_encoder(tokenizer, seed=0, config=CLIP):
-    """A tiny random transformers CLIPTextModel matching `tokenizer`."""
+def text_encoder(tokenizer, seed=0, config=CLIP, cls=None):
+    """A tiny random transformers CLIPTextModel (or `cls`, e.g. CLIPTextModelWithProjection) matching `tokenizer`."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)
-    return CLIPTextModel(cfg).eval()
+    return (cls or CLIPTextModel)(cfg).eval()
 
 
 def randomize(module, seed=0, scale=0.1):
@@ -109,6 +116,26 @@ def pipeline(seed=0, unet_config=UNET_V1, folder=None, text=CLIP, pad_token=None
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(tok, seed + 2, text), tokenizer=tok, unet=unet,
                                    scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(folder)
+    return pipe
+
+
+def xl_pipeline(seed=0, folder=None):
+    """A tiny random diffusers StableDiffusionXLPipeline (UNET_XL, VAE_XL, CLIP and BIG_G text encoders, tokenizer_2
+    padding with "!" as SDXL's, zeros for an empty negative prompt as the base model's, no watermark) with SD v1.5's
+    DDIM scheduler (SDXL's betas); saved as a diffusers folder when `folder` is given."""
+    import tempfile
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+    tok, tok_2 = write_tokenizer(tempfile.mkdtemp()), write_tokenizer(tempfile.mkdtemp())
+    tok_2.pad_token = "!"
+    pipe = StableDiffusionXLPipeline(
+        vae=randomize(AutoencoderKL(**VAE_XL), seed + 1).eval(), text_encoder=text_encoder(tok, seed + 2),
+        text_encoder_2=text_encoder(tok_2, seed + 3, BIG_G, CLIPTextModelWithProjection),
+        tokenizer=tok, tokenizer_2=tok_2, unet=randomize(UNet2DConditionModel(**UNET_XL), seed).eval(),
+        scheduler=DDIMScheduler(**SCHEDULER), force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     if folder is not None:
         pipe.save_pretrained(folder)
