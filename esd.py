@@ -4,8 +4,7 @@ Fine-tune a UNet so that its prediction for a concept c follows negative guidanc
 Official code: train-esd.py (2023, removed in 414dc94) and its rewrite esd_sd.py (2024),
 https://github.com/rohitgandikota/erasing/blob/2704f9a28217cedeb7d2f516b9acfc707fd4702a/train-scripts/train-esd.py
 https://github.com/rohitgandikota/erasing/blob/ce8d4d925b25f2566fb59458e056af34cd5534d3/esd_sd.py
-Memory-lean: ONE UNet; frozen θ = that UNet with kept originals of the trained tensors swapped in.
-"""
+Memory-lean: ONE UNet; frozen θ = that UNet with kept originals of the trained tensors swapped in."""
 import random
 
 import torch
@@ -23,7 +22,8 @@ XT_FROM = {"trained": False, "frozen": True}
 # ESD-u as train-esd.py's "noxattn": all but attn2, the time embedding and the output layers (LDM
 # `time_embed`, `out.`), norms included: 598 tensors on SD v1. esd_sd.py's "esd-u" takes the Linear/
 # Conv2d modules outside attn2: no norms, but time embedding and conv_out (388; fixtures/README.md).
-U_EXCLUDED = ("time_embedding.", "conv_norm_out.", "conv_out.")
+# SDXL's add_embedding (label_emb) too: a second time embedding, added to temb (esd_sdxl.py's esd-u: all but attn2).
+U_EXCLUDED = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
 FILTERS = {  # method -> predicate on a diffusers parameter name
     "esd-x": lambda name: "attn2" in name,  # cross-attention (train-esd.py "xattn")
     "esd-x-strict": lambda name: "attn2.to_k" in name or "attn2.to_v" in name,  # esd_sd.py
@@ -59,9 +59,8 @@ TARGETS = {"esd": esd_target}  # train.py --target NAME; add variants here (READ
 
 
 class ESD:
-    """A UNet being fine-tuned plus the original values of the tensors it trains (the frozen θ).
-    Only those tensors require grad; they keep their dtype (fp32: in bf16 most small Adam updates
-    round away). dtype bf16/fp16 only turns on autocast for the forward passes."""
+    """The UNet being fine-tuned and the originals of the tensors it trains (the frozen θ): only those require grad, in
+    their own dtype (fp32: in bf16 most small Adam updates round away); dtype bf16/fp16 only turns on autocast."""
 
     def __init__(self, unet, method="esd-x", *, negative_guidance=1.0, target="esd", steps=DDIM_STEPS,
                  guidance=GUIDANCE, prediction="epsilon", dtype=torch.float32):
@@ -73,41 +72,39 @@ class ESD:
         self.negative_guidance, self.target = negative_guidance, TARGETS[target]
         self.steps, self.guidance, self.prediction = steps, guidance, prediction
         self.timesteps = sampler.ddim_timesteps(steps)
-        device = next(iter(self.params.values())).device  # move the UNet before, not after, this
-        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        self.device = next(iter(self.params.values())).device  # move the UNet before, not after, this
+        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def eps(self, x, t, context, frozen=False):
-        """ε(x, t, context) with the weights being trained, or (frozen=True) with the originals."""
-        if frozen:  # the same module, the kept originals in place of the trained tensors
-            return functional_call(self.unet, self.originals, (x, t, context))
-        return self.unet(x, t, context)
+    def eps(self, x, t, cond, frozen=False):
+        """ε(x, t, cond) with the weights being trained, or (frozen=True) with the originals; cond: a conditioning
+        (sampler.py: a text context, or SDXL's (context, added))."""
+        swapped = self.originals if frozen else {}  # frozen: the same module, the originals in place of the trained
+        return functional_call(self.unet, swapped, (x, t, *sampler.inputs(cond)))
 
     @torch.no_grad()
     def sample(self, x_T, cond, uncond, until, xt_from="trained", trajectory=False):
         """x after `until` guided DDIM steps from noise x_T: it sits at timestep self.timesteps[until].
         trajectory=True: every step's x up to there, [until + 1, B, 4, h, w]."""
-        frozen = XT_FROM[xt_from]
         with self.autocast:
-            return sampler.sample(lambda x, t, c: self.eps(x, t, c, frozen), x_T, cond, uncond, steps=self.steps,
-                                  guidance=self.guidance, prediction=self.prediction, until=until,
+            return sampler.sample(lambda x, t, *c: self.eps(x, t, c, XT_FROM[xt_from]), x_T, cond, uncond,
+                                  steps=self.steps, guidance=self.guidance, prediction=self.prediction, until=until,
                                   trajectory=trajectory)
 
     def loss(self, x_t, t_enc, cond, uncond, anchor=None):
-        """MSE between the trained ε_θ*(x_t, c, t) and the target from the frozen θ; x_t [B, 4, h, w], cond
-        [B, 77, D], uncond and anchor [1, 77, D]. With an anchor a the trained model is asked on a's prompt
-        (x_t should show a's images): c is erased from them."""
+        """MSE between the trained ε_θ*(x_t, c, t) and the target from the frozen θ; x_t [B, 4, h, w], conditionings
+        (sampler.py) cond of batch B, uncond and anchor of batch 1. With an anchor a the trained model is asked on
+        a's prompt (x_t should show a's images): c is erased from them."""
         # The timestep x_t sits at. train-esd.py instead draws a DDPM t from [t_enc, t_enc + 1) * 1000/steps,
         # but its sampler stops where x is 2-3 DDIM steps less noisy than that t says.
-        t = self.timesteps[t_enc]  # t_enc: one for the batch, or a LongTensor of one per row
-        t = int(t) if t.dim() == 0 else t
-        contexts = [c.expand(len(x_t), -1, -1) for c in [uncond, cond] + ([anchor] if anchor is not None else [])]
+        n = len(x_t)
+        t = self.timesteps[t_enc].expand(n)  # t_enc: one for the batch, or a LongTensor of one per row
+        contexts = [sampler.cat([uncond] * n), cond] + ([sampler.cat([anchor] * n)] if anchor is not None else [])
         with torch.no_grad(), self.autocast:  # frozen θ, ONE batch: [e_0; e_c] (+ e_a)
-            e = self.eps(torch.cat([x_t] * len(contexts)), t if isinstance(t, int) else t.repeat(len(contexts)),
-                         torch.cat(contexts), frozen=True).float()
-        e_0, e_c, *e_a = e.chunk(len(contexts))
+            e = self.eps(torch.cat([x_t] * len(contexts)), t.repeat(len(contexts)), sampler.cat(contexts), frozen=True)
+        e_0, e_c, *e_a = e.float().chunk(len(contexts))
         target = self.target(e_0, e_c, self.negative_guidance, *e_a)
         with self.autocast:
-            e_n = self.eps(x_t, t, contexts[-1] if anchor is not None else contexts[1])  # trained θ*, with grad
+            e_n = self.eps(x_t, t, contexts[-1] if anchor is not None else cond)  # trained θ*, with grad
         return F.mse_loss(e_n.float(), target)
 
     def delta(self):
@@ -116,12 +113,11 @@ class ESD:
 
 
 class XtSource:
-    """Where each iteration's x_t comes from: draw(it) -> (concept index per row, t_enc, x_t [B, 4, h, w]).
-    Each iteration's concept, t_enc and noise depend on (seed, it) alone, so a resumed run repeats an
-    uninterrupted one. prompts: a [1, 77, D] context per concept to sample x_t with (with an anchor: its).
-    pool=0, the paper: every iteration samples B fresh x_t, t_enc guided DDIM steps from noise.
-    pool=N: N trajectories (every step's x, DESIGN.md "Where x_t costs most") sampled at once and rebuilt
-    every `refresh` iterations (0: never); iteration it reads entries it*B .. it*B+B-1 (mod N) at its t_enc."""
+    """Where each iteration's x_t comes from: draw(it) -> (concept index per row, t_enc, x_t [B, 4, h, w]); concept,
+    t_enc and noise depend on (seed, it) alone, so a resumed run repeats an uninterrupted one. prompts: one conditioning
+    (batch 1) per concept to sample x_t with (with an anchor: its). pool=0, the paper: each iteration samples B fresh
+    x_t, t_enc guided DDIM steps from noise. pool=N: N trajectories (every step's x, DESIGN.md "Where x_t costs most")
+    rebuilt every `refresh` iterations (0: never); iteration it reads entries it*B .. it*B+B-1 (mod N) at its t_enc."""
 
     def __init__(self, trainer, prompts, uncond, latent_shape, *, seed=0, batch_size=1, pool=0, refresh=0,
                  xt_from="trained"):
@@ -137,8 +133,8 @@ class XtSource:
 
     def _sample(self, concept, noise_seed, n, until, trajectory=False):
         """x_t (or the trajectory) of n noises from one seed (noise[:1] is the same for every n), concept's prompt."""
-        x_T = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(noise_seed)).to(self.uncond.device)
-        return self.trainer.sample(x_T, self.prompts[concept].expand(n, -1, -1), self.uncond.expand(n, -1, -1),
+        x_T = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(noise_seed)).to(self.trainer.device)
+        return self.trainer.sample(x_T, sampler.cat([self.prompts[concept]] * n), sampler.cat([self.uncond] * n),
                                    until, self.xt_from, trajectory)
 
     def _last(self, generation):

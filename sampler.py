@@ -28,10 +28,8 @@ def alphas_cumprod():
 
 
 def ddim_timesteps(steps):
-    """The `steps` timesteps DDIM visits, descending: LDM's "uniform" spacing plus 1 (50 -> 981, 961, ..., 1).
-
-    Equals diffusers' DDIMScheduler "leading" spacing with steps_offset=1.
-    """
+    """The `steps` timesteps DDIM visits, descending: LDM's "uniform" spacing plus 1 (50 -> 981, 961, ..., 1),
+    diffusers' DDIMScheduler "leading" spacing with steps_offset=1."""
     if not 1 <= steps < NUM_TRAIN_TIMESTEPS:  # 1000 steps would start at t = 1000, past the schedule's end
         raise ValueError(f"steps must be in 1..{NUM_TRAIN_TIMESTEPS - 1}, got {steps}")
     stride = NUM_TRAIN_TIMESTEPS // steps
@@ -59,20 +57,27 @@ def ddim_step(x_t, model_out, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None, 
 
 
 def cfg(eps_uncond, eps_cond, scale):
-    """Classifier-free guidance: eps_uncond + scale * (eps_cond - eps_uncond).
-
-    Ho & Salimans eq. 6 writes (1 + w) eps_cond - w eps_uncond; scale = 1 + w (scale 1: no guidance).
-    """
+    """Classifier-free guidance: eps_uncond + scale * (eps_cond - eps_uncond). Ho & Salimans eq. 6 writes
+    (1 + w) eps_cond - w eps_uncond; scale = 1 + w (scale 1: no guidance)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def cat(conds):
+    """Conditionings joined along the batch: contexts, or tuples (SDXL's (context, added)) elementwise; [c] * n: n rows."""
+    return tuple(map(torch.cat, zip(*conds))) if isinstance(conds[0], tuple) else torch.cat(conds)
+
+
+def inputs(cond):
+    """A conditioning as the UNet's arguments after x and t: (context,), or SDXL's (context, added)."""
+    return cond if isinstance(cond, tuple) else (cond,)
 
 
 @torch.no_grad()
 def sample(unet, x_T, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, prediction="epsilon",
            generator=None, until=None, trajectory=False, progress=False):
     """Run DDIM from noise x_T [B,4,h,w] and return the latents.
-
-    unet(x, t, context) -> eps or v; cond, uncond: text contexts [B,77,D]. With uncond given and
-    guidance != 1, the UNet sees [uncond; cond] as ONE batch of 2B per step.
+    unet(x, t, *inputs(c)) -> eps or v; cond, uncond: conditionings (text contexts [B,77,D], or tuples). With uncond
+    given and guidance != 1, the UNet sees [uncond; cond] as ONE batch of 2B per step.
     until=k stops after k steps and returns x at timestep ddim_timesteps(steps)[k] (k=0: x_T itself).
     trajectory=True returns every step's x instead, [until + 1, B, 4, h, w]: x after 0, 1, ..., until steps.
     eta > 0 draws its noise from `generator` (on the generator's device, then moved, as diffusers does).
@@ -83,22 +88,17 @@ def sample(unet, x_T, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, pre
         raise ValueError(f"until must be in 0..{steps}, got {until}")
     alpha_bar = alphas_cumprod()
     guided = uncond is not None and guidance != 1
-    context = torch.cat([uncond, cond]) if guided else cond
+    context = cat([uncond, cond]) if guided else cond
     x, xs = x_T, [x_T]
     for i in tqdm(range(until), disable=not progress, desc="DDIM"):
         t = int(timesteps[i])  # a python int: valid on any device the UNet runs on
         # The step after the last has no timestep: its alpha_bar_prev is alphas_cumprod[0], as in LDM and
         # in diffusers with set_alpha_to_one=False (SD's scheduler config), not 1.
         alpha_bar_prev = alpha_bar[timesteps[i + 1]] if i + 1 < steps else alpha_bar[0]
-        if guided:
-            eps_uncond, eps_cond = unet(torch.cat([x, x]), t, context).chunk(2)  # (2B, 4, h, w) -> 2 x (B, ...)
-            model_out = cfg(eps_uncond, eps_cond, guidance)
-        else:
-            model_out = unet(x, t, context)
-        noise = None
-        if eta > 0:
-            device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+        model_out = unet(torch.cat([x, x]) if guided else x, t, *inputs(context))  # guided: [uncond; cond], 2B
+        model_out = cfg(*model_out.chunk(2), guidance) if guided else model_out  # (2B, 4, h, w) -> 2 x (B, ...)
+        device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device) if eta > 0 else None
         x = ddim_step(x, model_out, alpha_bar[t], alpha_bar_prev, eta, noise, prediction)
         xs += [x] if trajectory else []
     return torch.stack(xs) if trajectory else x
@@ -118,13 +118,13 @@ def generate(sd, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, 
     param = next(sd.unet.parameters())
     pairs = [(seed, prompt) for seed in seeds for prompt in prompts]
     batch_size = batch_size or len(prompts)
-    uncond = sd.encode_prompts([negative_prompt])
+    uncond = sd.encode_prompts([negative_prompt], (height, width))  # (SDXL: the image size is conditioning too)
     images = []
     for i in range(0, len(pairs), batch_size):
         batch_seeds, batch_prompts = zip(*pairs[i:i + batch_size])
         x_T = torch.cat([initial_noise(s, sd.latent_shape(height, width)) for s in batch_seeds])
-        latents = sample(sd.unet, x_T.to(param.device, param.dtype), sd.encode_prompts(batch_prompts),
-                         uncond.expand(len(x_T), -1, -1), steps=steps, guidance=guidance,
+        latents = sample(sd.unet, x_T.to(param.device, param.dtype), sd.encode_prompts(batch_prompts, (height, width)),
+                         cat([uncond] * len(x_T)), steps=steps, guidance=guidance,
                          prediction=sd.prediction_type, progress=progress)
         images.append(sd.decode_latents(latents).clamp(-1, 1).float().cpu())
     return torch.cat(images)

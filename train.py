@@ -4,9 +4,7 @@
     python train.py --model toy --concept circle              # the shipped toy model, CPU, minutes
     python train.py --concept "Van Gogh" --method esd-u --negative-guidance 1 --iterations 1000
 
-Writes a delta (.safetensors holding only the trained tensors, diffusers UNet names) that
-`sample.py --delta` applies; optionally the whole edited model as an official single file.
-"""
+Writes a delta (.safetensors of the trained tensors only, diffusers UNet names) for `sample.py --delta`."""
 import argparse
 import dataclasses
 import sys
@@ -19,6 +17,7 @@ import esd
 import evaluate
 import files
 import load_sd
+import sampler
 import toy
 
 
@@ -48,7 +47,7 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     lr: float = opt(1e-5, "Adam learning rate")
     seed: int = opt(0, "seeds the concept, t_enc and noise of every iteration")
     steps: int = opt(esd.DDIM_STEPS, "DDIM steps of the x_t trajectories")
-    resolution: int = opt(512, "image side in pixels (latents are resolution / 8)")
+    resolution: int = opt(0, "image side in pixels (0: the model's, e.g. 512 for SD v1, 1024 for SDXL)")
     guidance: float = opt(esd.GUIDANCE, "classifier-free guidance scale while sampling x_t")
     device: str = opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     dtype: str = opt("float32", "autocast compute dtype; trained weights stay float32", choices=list(load_sd.DTYPES))
@@ -89,8 +88,8 @@ def check(config):
         (min(config.iterations, config.batch_size) < 1 or not 1 <= config.steps < 1000,
          "--iterations and --batch-size must be at least 1, --steps in 1..999"),
         (not 0 <= config.seed < 2 ** 63, "--seed must be in 0..2**63-1"),
-        (config.resolution % 8 or not 8 <= config.resolution <= files.MAX_SIDE,
-         f"--resolution must be a multiple of 8 in 8..{files.MAX_SIDE}"),
+        (config.resolution % 8 or not 0 <= config.resolution <= files.MAX_SIDE,
+         f"--resolution must be a multiple of 8 in 8..{files.MAX_SIDE} (or 0, the model's size)"),
         (min(config.trajectory_pool, config.pool_refresh, config.save_every) < 0,
          "--trajectory-pool, --pool-refresh and --save-every cannot be negative"),
     ])
@@ -138,19 +137,19 @@ def train(config, sd, concepts, on_step=None):
     tqdm.write(f"{config.method}: training {len(trainer.params)} tensors, "
                f"{sum(p.numel() for p in trainer.params.values()):,} parameters")
     optimizer = torch.optim.Adam(trainer.params.values(), lr=config.lr)
-    uncond, *conds = sd.encode_prompts(["", *concepts]).split(1)  # text contexts, computed once
-    anchor = sd.encode_prompts([config.erase_from]) if config.erase_from else None  # x_t shows the anchor's images
-    shape = sd.latent_shape(config.resolution, config.resolution)
-    xt_source = esd.XtSource(trainer, conds if anchor is None else [anchor] * len(conds), uncond, shape, seed=config.seed,
-                             batch_size=config.batch_size, pool=config.trajectory_pool, refresh=config.pool_refresh,
-                             xt_from=config.xt_from)
+    size = (config.resolution or sd.image_size,) * 2  # (height, width): SDXL conditions on it too (text.py)
+    uncond, *conds = [sd.encode_prompts([prompt], size) for prompt in ["", *concepts]]  # conditionings, computed once
+    anchor = sd.encode_prompts([config.erase_from], size) if config.erase_from else None  # x_t: the anchor's images
+    xt_source = esd.XtSource(trainer, conds if anchor is None else [anchor] * len(conds), uncond,
+                             sd.latent_shape(*size), seed=config.seed, batch_size=config.batch_size,
+                             pool=config.trajectory_pool, refresh=config.pool_refresh, xt_from=config.xt_from)
     start = resume(config, trainer, optimizer) if config.resume else 0
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="ESD")
     for it in bar:
         # Draw the iteration's concepts and DDIM step t_enc; x_t after t_enc steps (sampled now, or a pool's).
         concept, t_enc, x_t = xt_source.draw(it)
         # Frozen e_0, e_c (one batch) -> target e_0 - η (e_c - e_0); loss: the trained prediction's MSE to it.
-        loss = trainer.loss(x_t, t_enc, torch.cat([conds[c] for c in concept]), uncond, anchor)
+        loss = trainer.loss(x_t, t_enc, sampler.cat([conds[c] for c in concept]), uncond, anchor)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it}: try a lower --lr")
         # Step the selected weights.
@@ -193,7 +192,7 @@ def main(argv=None):
         tqdm.write("wrote " + ", ".join(filter(None, (config.output, config.export_full, config.export_diffusers))))
         if config.model == "toy" and not config.no_eval:  # the toy's measurement: erased-concept rate before and after
             print(evaluate.format_report(evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])))
-    smaller = f"--resolution (now {config.resolution}) or --batch-size (now {config.batch_size})"
+    smaller = f"--resolution (now {config.resolution or 'the model size'}) or --batch-size (now {config.batch_size})"
     return files.run_cli(work, leftover=lambda: kept(config), smaller=smaller)
 
 

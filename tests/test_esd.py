@@ -22,6 +22,9 @@ STEPS = 6  # DDIM steps of the x_t trajectories: enough to exercise partial samp
 # ../shared/fixtures/README.md, "ESD filter sizes on the full SD v1 UNet": (tensors, parameters)
 FULL_SD1_COUNTS = {"esd-x": (80, 43_962_560), "esd-x-strict": (32, 19_169_280), "esd-u": (598, 813_495_680),
                    "selfattn": (80, 49_574_080), "esd-all": (686, 859_520_964)}
+# The same on the full SDXL base UNet (README's memory figures); esd_sdxl.py's "esd-u" (all but attn2) takes 12 tensors
+# more: time_embedding, add_embedding, conv_norm_out, conv_out.
+FULL_SDXL_COUNTS = {"esd-x": (350, 545_670_400), "esd-u": (1318, 2_014_485_120), "esd-all": (1680, 2_567_463_684)}
 
 
 def tiny_unet(config=tiny.UNET_V1, seed=0):
@@ -56,6 +59,15 @@ def test_filter_counts_on_full_sd1_unet(method):
         full = unet_lib.UNet(unet_lib.UNetConfig.sd1())
     selected = esd.select(full, method)
     assert (len(selected), sum(p.numel() for p in selected.values())) == FULL_SD1_COUNTS[method]
+
+
+def test_filter_counts_on_full_sdxl_unet():
+    with torch.device("meta"):
+        full = unet_lib.UNet(unet_lib.UNetConfig.sdxl())
+    counts = {m: (len(s), sum(p.numel() for p in s.values())) for m in FULL_SDXL_COUNTS for s in [esd.select(full, m)]}
+    assert counts == FULL_SDXL_COUNTS
+    official_u = [p.numel() for name, p in full.named_parameters() if "attn2" not in name]  # esd_sdxl.py's esd-u
+    assert (len(official_u), sum(official_u)) == (1330, 2_021_793_284)
 
 
 def test_esd_u_and_esd_x_split_the_unet():
@@ -139,6 +151,32 @@ def test_anchor_target_asks_the_trained_model_on_the_anchor_prompt():
         target = reference(x_t, t, anchor) - 2.0 * (reference(x_t, t, cond) - reference(x_t, t, uncond))
         expected = F.mse_loss(model(x_t, t, anchor), target)
     torch.testing.assert_close(trainer.loss(x_t, 2, cond, uncond, anchor), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_sdxl_conditioning_travels_through_sampling_and_the_loss():
+    """SDXL's conditioning, (context, added) tuples, joins and expands elementwise (sampler.cat) through x_t sampling
+    and the loss (uncond and anchor of batch 1, cond and t_enc one per row): the same numbers as the UNet called on
+    each row's own context and added vector."""
+    model = tiny_unet(tiny.UNET_XL)
+    reference = copy.deepcopy(model)
+    trainer = esd.ESD(model, "esd-x", negative_guidance=2.0, steps=STEPS)
+    g = torch.Generator().manual_seed(0)
+    uncond, cond_a, cond_b, anchor = [(torch.randn(1, 77, tiny.UNET_XL["cross_attention_dim"], generator=g),
+                                       torch.cat([torch.randn(1, tiny.XL_POOLED, generator=g),
+                                                  torch.tensor([[16.0, 16, 0, 0, 16, 16]])], -1)) for _ in range(4)]
+    x_t = torch.cat([trainer.sample(noise(i), anchor, uncond, 2) for i in (0, 1)])
+    torch.testing.assert_close(trainer.sample(torch.cat([noise(0), noise(1)]), sampler.cat([anchor] * 2),
+                                              sampler.cat([uncond] * 2), 2), x_t, rtol=1e-5, atol=1e-5)
+    t_enc = torch.tensor([2, 4])
+    cond = sampler.cat([cond_a, cond_b])  # a concept per row
+    expected = []
+    with torch.no_grad():
+        for row, (t, c) in enumerate(zip(sampler.ddim_timesteps(STEPS)[t_enc].tolist(), (cond_a, cond_b))):
+            x = x_t[row:row + 1]
+            target = reference(x, t, *anchor) - 2.0 * (reference(x, t, *c) - reference(x, t, *uncond))
+            expected.append((model(x, t, *anchor) - target).square().mean())
+    torch.testing.assert_close(trainer.loss(x_t, t_enc, cond, uncond, anchor), torch.stack(expected).mean(),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_autocast_keeps_trained_tensors_and_adam_state_fp32():

@@ -1,29 +1,36 @@
-"""SDXL: the official base 1.0 key list maps onto our full-size modules (meta device) with every tensor used or known
-and SDXL's parameter counts; a tiny SDXL diffusers folder loads with diffusers' outputs; prompt encoding (both encoders'
-penultimate states, bigG's pooled projection, the six size numbers, zeros for the empty prompt) equals
+"""SDXL end to end: the official base 1.0 key list maps onto our full-size modules (meta device) with every tensor used
+or known and SDXL's parameter counts; a tiny SDXL diffusers folder loads with diffusers' outputs; prompt encoding (both
+encoders' penultimate states, bigG's pooled projection, the six size numbers, zeros for the empty prompt) equals
 StableDiffusionXLPipeline.encode_prompt; our writer's single file is the official layout and diffusers'
-from_single_file reads it back; the SDXL VAE stays fp32 under fp16."""
+from_single_file reads it back; sample.py draws StableDiffusionXLPipeline's (DDIM) images from the folder and from that
+file; the SDXL VAE stays fp32 under fp16; ESD-x trains only attn2, and its delta and --export-full load into diffusers."""
 import json
 import os
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 import configs
 import convert
+import delta
+import esd
 import load_sd
+import sample
 import tiny
+import train
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdxl_ldm.json")
 PROMPTS = ["a red circle", "blue"]
-PROMPT, NEGATIVE = "a red circle", "blue"
+PROMPT, NEGATIVE, SEED, STEPS, GUIDANCE = "a red circle", "blue", 3, 4, 7.5
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -176,6 +183,34 @@ def test_sdxl_single_file_written_read_by_diffusers(xl, tmp_path):
         load_sd.load(tmp_path / "stray.safetensors", tokenizer=xl.tokenizer)
 
 
+@pytest.mark.parametrize("source", ["folder", "file"])
+def test_sdxl_sample_matches_diffusers_pipeline(xl, tmp_path, capsys, source):
+    """sample.py draws StableDiffusionXLPipeline's (DDIMScheduler) image, within 1/255: from the folder at the model's
+    size (no --height/--width, the empty negative prompt: zeros), and from our written file read by diffusers at
+    16x24 with a negative prompt (the six numbers from a non-square size)."""
+    scheduler = DDIMScheduler(**tiny.SCHEDULER)
+    if source == "folder":
+        pipe = StableDiffusionXLPipeline.from_pretrained(xl.folder, scheduler=scheduler, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs, flags = {}, ["--model", xl.folder]
+    else:
+        pipe = from_single_file(xl.file, xl.folder, scheduler=scheduler)
+        kwargs = dict(negative_prompt=NEGATIVE, height=16, width=24)
+        flags = ["--model", xl.file, "--tokenizer", xl.tokenizer, "--negative-prompt", NEGATIVE, "--height", 16,
+                 "--width", 24]
+    with torch.no_grad():
+        expected = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
+                        generator=torch.Generator("cpu").manual_seed(SEED), **kwargs).images[0]
+    code = sample.main([str(a) for a in [*flags, "--prompt", PROMPT, "--seed", SEED, "--steps", STEPS, "--guidance",
+                                         GUIDANCE, "--output", tmp_path / "x.png", "--device", "cpu"]])
+    assert code == 0, capsys.readouterr().err
+    image = np.asarray(Image.open(tmp_path / "x.png")).astype(int)
+    assert image.shape == expected.shape == ((16, 16, 3) if source == "folder" else (16, 24, 3))
+    diff = np.abs(image - (expected * 255).round().astype(int))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()}/255"
+    print(f"{source}: max pixel difference {diff.max()}/255")
+
+
 def test_sdxl_vae_stays_fp32_under_fp16(xl):
     """Loaded in fp16, SDXL's VAE is kept in fp32 (its activations overflow fp16) and decodes fp16 latents in fp32;
     bf16 (an 8-bit exponent) keeps the VAE in bf16, as diffusers' pipeline does."""
@@ -187,3 +222,27 @@ def test_sdxl_vae_stays_fp32_under_fp16(xl):
     assert image.dtype == torch.float32
     torch.testing.assert_close(image, fp32.decode_latents(z.half().float()), atol=1e-5, rtol=1e-5)
     assert dtypes(load_sd.load(xl.folder, dtype=torch.bfloat16).vae) == {torch.bfloat16}
+
+
+def test_esd_x_on_tiny_sdxl(xl, tmp_path):
+    """train.py on the SDXL file (x_t sampled with SDXL's conditioning at the model's size): only attn2 tensors train,
+    the delta loads into diffusers' SDXL UNet with no unexpected keys, and --export-full writes an SDXL file diffusers
+    reads into the edited UNet (the other parts as they were). ESD-u leaves both time embeddings alone."""
+    out, full = tmp_path / "d.safetensors", tmp_path / "full.safetensors"
+    assert train.main([str(a) for a in ["--model", xl.file, "--tokenizer", xl.tokenizer, "--concept", "car",
+                                        "--iterations", 2, "--steps", 4, "--lr", 1e-3, "--device", "cpu", "--output",
+                                        out, "--export-full", full]]) == 0
+    tensors = delta.load(str(out))[0]
+    base = xl.pipe.unet.state_dict()
+    assert set(tensors) == {k for k in base if "attn2" in k} and all(not torch.equal(tensors[k], base[k]) for k in tensors)
+    unet = UNet2DConditionModel(**tiny.UNET_XL)
+    result = unet.load_state_dict(tensors, strict=False)
+    assert result.unexpected_keys == [] and set(result.missing_keys) == base.keys() - tensors.keys()
+    edited = from_single_file(full, xl.folder)
+    assert all(torch.equal(edited.unet.state_dict()[k], tensors[k] if k in tensors else base[k]) for k in base)
+    for part in ("vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(edited, part).state_dict(), getattr(xl.pipe, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), part
+    names = set(esd.select(load_sd.load(xl.folder).unet, "esd-u"))
+    assert not any(n.startswith(("time_embedding.", "add_embedding.", "conv_out.", "conv_norm_out.")) for n in names)
+    assert not any("attn2" in n for n in names) and any(n.startswith("down_blocks.0.resnets.0.") for n in names)
