@@ -5,6 +5,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -13,23 +14,28 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import convert
 import delta
 import evaluate
+import load_sd
 import sample
+import tiny
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "assets", "toy")
 QUICK = ["--iterations", "2", "--no-eval"]  # a train.py run that gets as far as training: two toy iterations
 LONG_CONCEPT = " ".join(["circle"] * 100)  # 100 words: past CLIP's 77 tokens, and past a file name's 255 bytes
+XL_TOKENIZER = ["--tokenizer", "{base}/xl/diffusers/tokenizer"]
 
 
 @dataclasses.dataclass
 class Row:
     name: str
     cli: str  # "train" | "sample" | "evaluate"
-    args: list  # "{ws}" is the row's own folder, filled with workspace()'s files
+    args: list  # "{ws}" is the row's own folder, filled with workspace()'s files; "{base}" base()'s, read only
     code: int = 2
     says: str = ""  # a piece of stderr (the error line, or a warning)
     unchanged: tuple = ()  # paths (with {ws}) whose content or kind must not change
@@ -133,7 +139,8 @@ ROWS = [
         ("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"), ("--guidance", "nan"), ("--negative-guidance", "inf"),
         ("--negative-guidance", "nan"), ("--iterations", "0"), ("--batch-size", "0"), ("--steps", "1000"),
         ("--steps", "0"), ("--save-every", "-1"), ("--trajectory-pool", "-1"), ("--pool-refresh", "-2"),
-        ("--seed", str(2 ** 70)), ("--seed", "-1"), ("--resolution", "12"), ("--resolution", "100000")]],
+        ("--seed", str(2 ** 70)), ("--seed", "-1"), ("--resolution", "12"), ("--resolution", "100000"),
+        ("--resolution", "-8")]],
     *[Row(f"sample {flag} {value}", "sample", [flag, value], says=flag) for flag, value in [
         ("--guidance", "nan"), ("--steps", "1000"), ("--steps", "0"), ("--seed", "99999999999999999999999"),
         ("--seed", "-1"), ("--height", "0"), ("--height", "100000"), ("--width", "13"), ("--num-images", "0"),
@@ -177,6 +184,20 @@ ROWS = [
     Row("a model file that is not there", "sample", ["--model", "{ws}/none.safetensors"], says="no such file"),
     Row("a truncated model", "train", ["--model", "{ws}/truncated.safetensors", "--tokenizer", f"{TOY}/tokenizer"],
         says="cannot read", unchanged=("{ws}/truncated.safetensors",)),
+    # 8. SDXL (tiny files and a folder in base()'s xl/; XL_TOKENIZER: their tokenizer)
+    Row("an SDXL refiner file (OpenCLIP alone, as embedder 0)", "sample", ["--model", "{base}/xl/refiner.safetensors"],
+        says="not an SD v1, 2.x or XL base checkpoint"),
+    Row("an SDXL file without its CLIP ViT-L", "train", ["--model", "{base}/xl/no-clip.safetensors", *XL_TOKENIZER],
+        says="incomplete SDXL checkpoint: KeyError"),
+    Row("an SDXL file with a tensor of no part", "sample", ["--model", "{base}/xl/stray.safetensors", *XL_TOKENIZER],
+        says="1 tensors of no SDXL part, e.g. conditioner.embedders.1.model.extra"),
+    Row("an SDXL folder without its second text encoder's weights", "sample", ["--model", "{base}/xl/no-te2"],
+        says="no weights in"),
+    Row("an SDXL file with a tokenizer of another vocabulary", "sample",
+        ["--model", "{base}/xl/sdxl.safetensors", "--tokenizer", f"{TOY}/tokenizer"], says="553 tokens for 514 embeddings"),
+    Row("SDXL from the hub, offline", "sample", ["--model", "stabilityai/stable-diffusion-xl-base-1.0"],
+        says="cannot download stabilityai/stable-diffusion-xl-base-1.0", patch=("huggingface_hub.constants.HF_HUB_OFFLINE", True)),
+    Row("train --resolution 0 is the model's size", "train", ["--resolution", "0", *QUICK], 0),
 ]
 BASE = {"train": ["--model", "toy", "--concept", "circle", *QUICK], "sample": ["--model", "toy", "--prompt", "a circle",
                                                                        "--steps", "2", "--output", "{ws}/out.png"],
@@ -203,13 +224,25 @@ def base(tmp_path_factory):
     torch.save({"iteration": 1}, ws / "wrong.safetensors.resume.pt")
     (ws / "truncated.safetensors").write_bytes(open(f"{TOY}/toy.safetensors", "rb").read()[:4096])
     (ws / "target.png").write_bytes(b"not really a png")
+    xl = ws / "xl"  # SDXL: a tiny folder, our writer's file of it, and broken variants
+    tiny.xl_pipeline(folder=xl / "diffusers")
+    load_sd.save_single_file(load_sd.load(xl / "diffusers"), xl / "sdxl.safetensors")
+    tensors = load_file(xl / "sdxl.safetensors")
+    save_file({k: t for k, t in tensors.items() if not k.startswith(convert.XL_CLIP)}, xl / "no-clip.safetensors")
+    save_file({**tensors, convert.XL_OPENCLIP + "extra": torch.zeros(1)}, xl / "stray.safetensors")
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2), "model.diffusion_model.x": torch.zeros(1)},
+              xl / "refiner.safetensors")
+    shutil.copytree(xl / "diffusers", xl / "no-te2")
+    os.remove(xl / "no-te2" / "text_encoder_2" / "model.safetensors")
     return ws
 
 
 def workspace(base, tmp_path):
-    """The row's own folder: a copy of the base files, a toy model copy, a folder, links, a leftover temp file."""
+    """The row's own folder: a copy of the base files (not its folders), a toy model copy, a folder, links, a leftover
+    temp file."""
     for name in os.listdir(base):
-        (tmp_path / name).write_bytes((base / name).read_bytes())
+        if (base / name).is_file():
+            (tmp_path / name).write_bytes((base / name).read_bytes())
     (tmp_path / "model.safetensors").write_bytes(open(f"{TOY}/toy.safetensors", "rb").read())
     (tmp_path / "sub").mkdir()
     (tmp_path / "dev.json").mkdir()
@@ -242,7 +275,7 @@ def test_bad_input(row, base, tmp_path, capsys, monkeypatch):
     ws = workspace(base, tmp_path)
     monkeypatch.chdir(ws)  # default output names land here
     monkeypatch.setenv("ESD_TEST_WS", str(ws))
-    fill = lambda args: [a.replace("{ws}", str(ws)) for a in args]  # noqa: E731
+    fill = lambda args: [a.replace("{ws}", str(ws)).replace("{base}", str(base)) for a in args]  # noqa: E731
     args = fill(BASE[row.cli]) + fill(row.args)
     if row.cli == "sample" and "--output" in row.args:  # the row's own output replaces the default one
         i = args.index("--output")
