@@ -23,7 +23,7 @@ from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
 FAMILY_NAMES = {"sd1": "SD v1", "sd2": "SD 2.x", "sdxl": "SDXL"}
-PREDICTION_HELP = "what the UNet predicts (default: a folder's scheduler, a file's metadata, else SD 2.x v, SD v1 epsilon)"
+PREDICTION_HELP = "what the UNet predicts (default: a folder's scheduler, a file's metadata, else SD 2.x v, others epsilon)"
 # Weight file names per part, tried in order (.bin: older repos): diffusers' for models, transformers' for CLIP.
 WEIGHTS = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
            "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
@@ -180,7 +180,7 @@ def load(source, *, tokenizer=None, device="cpu", dtype=torch.float32, revision=
         embeddings = getattr(models[part], "text_model", models[part]).embeddings  # WithProjection keeps text_model
         embeddings.position_ids = torch.arange(embeddings.position_embedding.num_embeddings, device=device)[None]
     return StableDiffusion(models["unet"], models["vae"], models["text_encoder"], tokenizers[0], family, prediction,
-                           source, size, models.get("text_encoder_2"), tokenizers[1] if len(tokenizers) > 1 else None)
+                           source, size, models.get("text_encoder_2"), *tokenizers[1:])  # SDXL: the second ones
 
 
 def ldm_state_dict(sd):

@@ -183,6 +183,19 @@ def test_sdxl_single_file_written_read_by_diffusers(xl, tmp_path):
         load_sd.load(tmp_path / "stray.safetensors", tokenizer=xl.tokenizer)
 
 
+def test_sdxl_diffusers_writer_round_trip(xl, tmp_path):
+    """save_diffusers (train.py --export-diffusers) writes a StableDiffusionXLPipeline folder: diffusers reads it into
+    the original weights (its second text encoder and tokenizer too), zeros for the empty prompt in its model_index."""
+    load_sd.save_diffusers(load_sd.load(xl.file, tokenizer=xl.tokenizer), tmp_path / "written")
+    with open(tmp_path / "written" / "model_index.json") as f:
+        index = json.load(f)
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "written", add_watermarker=False)
+    assert_same_state(pipe, xl.pipe)
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == xl.pipe.tokenizer.pad_token
+    assert_same_state(load_sd.load(tmp_path / "written"), xl.pipe)
+
+
 @pytest.mark.parametrize("source", ["folder", "file"])
 def test_sdxl_sample_matches_diffusers_pipeline(xl, tmp_path, capsys, source):
     """sample.py draws StableDiffusionXLPipeline's (DDIMScheduler) image, within 1/255: from the folder at the model's
