@@ -117,7 +117,8 @@ class XtSource:
     t_enc and noise depend on (seed, it) alone, so a resumed run repeats an uninterrupted one. prompts: one conditioning
     (batch 1) per concept to sample x_t with (with an anchor: its). pool=0, the paper: each iteration samples B fresh
     x_t, t_enc guided DDIM steps from noise. pool=N: N trajectories (every step's x, DESIGN.md "Where x_t costs most")
-    rebuilt every `refresh` iterations (0: never); iteration it reads entries it*B .. it*B+B-1 (mod N) at its t_enc."""
+    sampled in one batch, rebuilt every `refresh` iterations (0: never); iteration it reads entries it*B .. it*B+B-1
+    (mod N) at its t_enc."""
 
     def __init__(self, trainer, prompts, uncond, latent_shape, *, seed=0, batch_size=1, pool=0, refresh=0,
                  xt_from="trained"):
@@ -131,30 +132,25 @@ class XtSource:
         noise_seed = rng.getrandbits(62)
         return rng.randrange(len(self.prompts)), rng.randrange(self.trainer.steps), noise_seed
 
-    def _sample(self, concept, noise_seed, n, until, trajectory=False):
-        """x_t (or the trajectory) of n noises from one seed (noise[:1] is the same for every n), concept's prompt."""
-        x_T = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(noise_seed)).to(self.trainer.device)
-        return self.trainer.sample(x_T, sampler.cat([self.prompts[concept]] * n), sampler.cat([self.uncond] * n),
-                                   until, self.xt_from, trajectory)
-
-    def _last(self, generation):
-        """The largest t_enc each pool entry serves in `generation` (refresh=0, all the run: the last step)."""
-        last = [0 if self.refresh else self.trainer.steps - 1] * self.pool
-        for it in range(generation * self.refresh, (generation + 1) * self.refresh):
-            for j in range(self.batch_size):
-                i = (it * self.batch_size + j) % self.pool
-                last[i] = max(last[i], self._draw("iteration", it)[1])
-        return last
+    def _sample(self, concepts, noise_seeds, n, until, trajectory=False):
+        """x_t (or the trajectory) of n noises per seed (noise[:1] is the same for every n), each seed its concept's
+        prompt, all in one batch."""
+        x_T = torch.cat([torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(s)) for s in noise_seeds])
+        cond = sampler.cat([self.prompts[c] for c in concepts for _ in range(n)])
+        return self.trainer.sample(x_T.to(self.trainer.device), cond, sampler.cat([self.uncond] * len(x_T)), until,
+                                   self.xt_from, trajectory)
 
     def draw(self, it):
         concept, t_enc, noise_seed = self._draw("iteration", it)
         if not self.pool:
-            return [concept] * self.batch_size, t_enc, self._sample(concept, noise_seed, self.batch_size, t_enc)
+            return [concept] * self.batch_size, t_enc, self._sample([concept], [noise_seed], self.batch_size, t_enc)
         generation = it // self.refresh if self.refresh else 0
-        if generation != self.built:  # (re)build; a trajectory ends at the last t_enc it serves (the same x_t)
-            entries, last = [self._draw(f"pool{generation}", i) for i in range(self.pool)], self._last(generation)
-            self.trajectories = [(c, self._sample(c, seed, 1, last[i], trajectory=True))
-                                 for i, (c, _, seed) in enumerate(entries)]
+        if generation != self.built:  # (re)build, one batch up to the last t_enc this generation serves
+            served = range(generation * self.refresh, (generation + 1) * self.refresh)
+            last = max((self._draw("iteration", i)[1] for i in served), default=self.trainer.steps - 1)
+            concepts, _, seeds = zip(*[self._draw(f"pool{generation}", i) for i in range(self.pool)])
+            paths = self._sample(concepts, seeds, 1, last, trajectory=True)  # [last + 1, N, 4, h, w]
+            self.trajectories = [(c, paths[:, i:i + 1]) for i, c in enumerate(concepts)]
             self.built = generation
         rows = [self.trajectories[(it * self.batch_size + j) % self.pool] for j in range(self.batch_size)]
         return [c for c, _ in rows], t_enc, torch.cat([trajectory[t_enc] for _, trajectory in rows])

@@ -55,7 +55,7 @@ class PathBatch(esd.XtSource):
     def draw(self, it):
         concept, _, noise_seed = self._draw("iteration", it)
         t_enc = torch.tensor(sorted(self._draw(f"path{it}", j)[1] for j in range(self.k)))
-        paths = self._sample(concept, noise_seed, self.batch_size, int(t_enc[-1]), trajectory=True)
+        paths = self._sample([concept], [noise_seed], self.batch_size, int(t_enc[-1]), trajectory=True)
         return [concept] * self.k * self.batch_size, t_enc.repeat_interleave(self.batch_size), paths[t_enc].flatten(0, 1)
 
 
