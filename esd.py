@@ -124,7 +124,7 @@ class XtSource:
                  xt_from="trained"):
         self.trainer, self.prompts, self.uncond, self.shape = trainer, prompts, uncond, latent_shape
         self.seed, self.batch_size, self.pool, self.refresh, self.xt_from = seed, batch_size, pool, refresh, xt_from
-        self.trajectories, self.built = [], None  # (concept, trajectory [steps, 1, 4, h, w]) per entry
+        self.concepts, self.paths, self.built = [], None, None  # the pool: a concept and a trajectory per entry
 
     def _draw(self, stream, i):
         """(concept index, t_enc, noise seed) number i of a stream: e.g. iteration it, or pool entry i."""
@@ -149,8 +149,15 @@ class XtSource:
             served = range(generation * self.refresh, (generation + 1) * self.refresh)
             last = max((self._draw("iteration", i)[1] for i in served), default=self.trainer.steps - 1)
             concepts, _, seeds = zip(*[self._draw(f"pool{generation}", i) for i in range(self.pool)])
-            paths = self._sample(concepts, seeds, 1, last, trajectory=True)  # [last + 1, N, 4, h, w]
-            self.trajectories = [(c, paths[:, i:i + 1]) for i, c in enumerate(concepts)]
-            self.built = generation
-        rows = [self.trajectories[(it * self.batch_size + j) % self.pool] for j in range(self.batch_size)]
-        return [c for c, _ in rows], t_enc, torch.cat([trajectory[t_enc] for _, trajectory in rows])
+            self.concepts, self.built = list(concepts), generation
+            self.paths = self._sample(concepts, seeds, 1, last, trajectory=True)  # [last + 1, N, 4, h, w]
+        rows = [(it * self.batch_size + j) % self.pool for j in range(self.batch_size)]
+        return [self.concepts[i] for i in rows], t_enc, self.paths[t_enc, rows]
+
+    def state(self):
+        """The pool being read, for --resume: an on-policy pool was sampled by earlier weights than the checkpoint's."""
+        return {"built": self.built, "concepts": self.concepts, "paths": self.paths}
+
+    def restore(self, state):
+        self.built, self.concepts = state["built"], state["concepts"]
+        self.paths = None if state["paths"] is None else state["paths"].to(self.trainer.device)

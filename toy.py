@@ -37,7 +37,7 @@ WORDS = ("a", *COLORS, *SHAPES, "shape")  # the toy language; each word is one t
 IMAGE_SIZE, DDIM_STEPS, GUIDANCE = 32, 20, 5.0  # image side in pixels; the toy's sampling defaults
 # train.py --model toy: ESD's settings for the toy, under any flag given (README's measurements use them).
 SAMPLING = dict(steps=DDIM_STEPS, guidance=GUIDANCE, height=IMAGE_SIZE, width=IMAGE_SIZE)  # sampler.generate's
-ESD = dict(resolution=IMAGE_SIZE, steps=DDIM_STEPS, lr=1e-3, iterations=300, device="cpu")
+ESD = dict(resolution=IMAGE_SIZE, steps=DDIM_STEPS, lr=1e-3, iterations=350, device="cpu")
 SUPERSAMPLE = 4  # shapes are drawn on a 4x finer grid and averaged down: anti-aliased edges
 RADIUS = (5.0, 11.0)  # shape half-size range in pixels
 # Caption odds: "a red circle", "a circle", "a red shape", "" (CFG: Ho & Salimans arXiv 2207.12598); "a" 50% dropped.

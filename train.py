@@ -40,8 +40,8 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     erase_from: str = opt(None, "anchor concept a: erase the concept from a's images (target base e_a)")
     xt_from: str = opt("trained", "weights that sample x_t: the model being trained (paper) or the frozen one",
                        choices=list(esd.XT_FROM))
-    trajectory_pool: int = opt(0, "reuse N sampled x_t trajectories instead of sampling every iteration (0: off)")
-    pool_refresh: int = opt(0, "re-sample the pool every R iterations (0: never; use with --xt-from trained)")
+    trajectory_pool: int = opt(4, "x_t from N trajectories per batch row, re-sampled every R iterations (0: the paper)")
+    pool_refresh: int = opt(40, "R: re-sample the trajectory pool every R iterations (0: never)")
     iterations: int = opt(1000, "optimizer steps")
     batch_size: int = opt(1, "x_t per step, all at one t_enc (the paper: 1; more: a steadier gradient)")
     lr: float = opt(1e-5, "Adam learning rate")
@@ -103,17 +103,18 @@ def check(config):
     return concepts
 
 
-def save(config, trainer, optimizer, iteration):
-    """The delta and, written first, what --resume needs: the trained tensors, Adam's state, the settings."""
+def save(config, trainer, optimizer, xt_source, iteration):
+    """The delta and, written first, what --resume needs: the trained tensors, Adam's state, the x_t pool, the settings."""
     meta = dict(concept=config.concept, method=config.method, target=config.target, iterations=iteration,
                 negative_guidance=config.negative_guidance, erase_from=config.erase_from or "", lr=config.lr,
                 seed=config.seed, base_model=config.model)
-    state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(config)}
+    state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "x_t pool": xt_source.state(),
+             "config": dataclasses.asdict(config)}
     delta.save_checkpoint(config.output, trainer.delta(), meta, state)
 
 
-def resume(config, trainer, optimizer):
-    """The iteration to continue from, after restoring the trained tensors and Adam's state from .resume.pt."""
+def resume(config, trainer, optimizer, xt_source):
+    """The iteration to continue from, after restoring the trained tensors, Adam's state and the pool from .resume.pt."""
     state = delta.load_checkpoint(config.output)
     changed = [k for k in RESUME_SAME if state.get("config", {}).get(k) != getattr(config, k)]
     if changed:
@@ -123,6 +124,7 @@ def resume(config, trainer, optimizer):
     try:
         delta.apply(trainer.unet, state["tensors"])
         optimizer.load_state_dict(state["optimizer"])
+        xt_source.restore(state["x_t pool"])
     except (files.LoadError, ValueError, KeyError) as e:  # tensors of another model, an optimizer of other shapes
         raise files.LoadError(f"cannot resume from {config.output}{delta.RESUME}: {files.first_line(e)}") from None
     return state["iteration"]
@@ -140,10 +142,11 @@ def train(config, sd, concepts, on_step=None):
     size = (config.resolution or sd.image_size,) * 2  # (height, width): SDXL conditions on it too (text.py)
     uncond, *conds = [sd.encode_prompts([prompt], size) for prompt in ["", *concepts]]  # conditionings, computed once
     anchor = sd.encode_prompts([config.erase_from], size) if config.erase_from else None  # x_t: the anchor's images
+    pool = config.trajectory_pool * config.batch_size  # a batch never reads one trajectory twice
     xt_source = esd.XtSource(trainer, conds if anchor is None else [anchor] * len(conds), uncond,
                              sd.latent_shape(*size), seed=config.seed, batch_size=config.batch_size,
-                             pool=config.trajectory_pool, refresh=config.pool_refresh, xt_from=config.xt_from)
-    start = resume(config, trainer, optimizer) if config.resume else 0
+                             pool=pool, refresh=config.pool_refresh, xt_from=config.xt_from)
+    start = resume(config, trainer, optimizer, xt_source) if config.resume else 0
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="ESD")
     for it in bar:
         # Draw the iteration's concepts and DDIM step t_enc; x_t after t_enc steps (sampled now, or a pool's).
@@ -160,7 +163,7 @@ def train(config, sd, concepts, on_step=None):
         bar.set_postfix(loss=f"{loss.item():.4f}", concept=concepts[concept[0]])
         done, stop = it + 1, on_step is not None and on_step(it + 1, loss.item())
         if stop or done == config.iterations or (config.save_every and done % config.save_every == 0):
-            save(config, trainer, optimizer, done)
+            save(config, trainer, optimizer, xt_source, done)
         if stop:
             break
     return trainer

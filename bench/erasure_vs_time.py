@@ -34,15 +34,20 @@ import train  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "erasure_vs_time.json")
 METHODS = {"esd-x": [], "esd-u": ["--method", "esd-u", "--lr", "2e-4", "--negative-guidance", "2", "--batch-size", "8"]}
-STRATEGIES = {  # name -> train.py flags (the toy's: 300 iterations, 20 DDIM steps); pool N: N per batch row
-    "paper": [],
-    "steps 10": ["--steps", "10"],
+PAPER = ["--trajectory-pool", "0"]  # x_t sampled every iteration with the model being trained
+STRATEGIES = {  # name -> train.py flags (the toy's: 20 DDIM steps); pool N/R: N trajectories per batch row, every R
+    # (train.py's default: pool 4/40)
+    "paper": PAPER,
+    "steps 10": [*PAPER, "--steps", "10"],
     "pool 4/20": ["--trajectory-pool", "4", "--pool-refresh", "20"],
     "pool 4/40": ["--trajectory-pool", "4", "--pool-refresh", "40"],
+    "pool 2/20": ["--trajectory-pool", "2", "--pool-refresh", "20"],
+    "pool 8/80": ["--trajectory-pool", "8", "--pool-refresh", "80"],
     "pool 4/20 steps 10": ["--trajectory-pool", "4", "--pool-refresh", "20", "--steps", "10"],
-    "frozen pool 16": ["--trajectory-pool", "16", "--xt-from", "frozen"],
-    "path 4": [],  # bench-only (PathBatch): 4 timesteps of each trajectory per step, a quarter of the iterations
+    "frozen pool 16": ["--trajectory-pool", "16", "--pool-refresh", "0", "--xt-from", "frozen"],
+    "path 4": PAPER,  # bench-only (PathBatch): 4 timesteps of each trajectory per step, a quarter of the iterations
 }
+PAPER_ITERATIONS = 300  # the paper path's length on the toy (its default before x_t pools): the reference
 LONGER = 4 / 3  # strategies other than the paper train this much longer, to show where they get to
 RATES = ("circle_alone", "circle_in_context", "other_shapes", "colors")
 EQUAL = {"circle_alone": 0.05, "circle_in_context": 0.10, "other_shapes": -0.02, "colors": -0.02}  # allowed change
@@ -59,15 +64,14 @@ class PathBatch(esd.XtSource):
         return [concept] * self.k * self.batch_size, t_enc.repeat_interleave(self.batch_size), paths[t_enc].flatten(0, 1)
 
 
-def run(method, strategy, seed, every, out):
+def run(method, strategy, seed, every, out, longer=LONGER):
     """One training (in this process): snapshots every `every` iterations, each judged afterwards."""
     torch.set_num_threads(1)
     config = train.parse_args(["--model", "toy", "--concept", "circle", "--seed", str(seed), "--no-eval",
                                "--output", out, "--overwrite", *METHODS[method], *STRATEGIES[strategy]])
-    config.trajectory_pool *= config.batch_size  # N trajectories per batch row: a batch never repeats one
-    default = config.iterations
+    default = config.iterations = PAPER_ITERATIONS
     if strategy != "paper":
-        config.iterations = round(config.iterations * LONGER)
+        config.iterations = round(config.iterations * longer)
     if strategy == "path 4":
         default, config.iterations = default // PathBatch.k, config.iterations // PathBatch.k  # as many x_t
         esd.XtSource = PathBatch
@@ -115,25 +119,34 @@ def report(results):
     return "\n".join(rows)
 
 
-def plot(results, path):
+def plot(results, path, strategies=None):
+    """Per method: alone, in context and other shapes against training CPU seconds, a line per strategy (mean of
+    the seeds, point by point)."""
     import matplotlib  # bench-only: pip install matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     methods = sorted({r["method"] for r in results})
-    fig, axes = plt.subplots(2, len(methods), figsize=(6 * len(methods), 8), squeeze=False)
-    colors = {s: f"C{i}" for i, s in enumerate(STRATEGIES)}
-    for col, method in enumerate(methods):
-        for row, key in enumerate(("circle_alone", "circle_in_context")):
-            ax = axes[row][col]
-            for r in (r for r in results if r["method"] == method):
-                ax.plot([p["cpu_s"] for p in r["points"]], [p[key] for p in r["points"]], "o-" if r["seed"] == 0
-                        else "s--", color=colors[r["strategy"]], label=f"{r['strategy']} (seed {r['seed']})", ms=3)
-            ax.set(title=f"{method}: {key.replace('_', ' ')}", xlabel="training CPU seconds (one thread)",
-                   ylabel="share of images judged the concept", ylim=(0, 1))
-            ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    keys = ("circle_alone", "circle_in_context", "other_shapes")
+    fig, axes = plt.subplots(len(methods), len(keys), figsize=(5 * len(keys), 4 * len(methods)), squeeze=False)
+    for row, method in enumerate(methods):
+        for i, strategy in enumerate(strategies or STRATEGIES):
+            runs = [r["points"] for r in results if (r["method"], r["strategy"]) == (method, strategy)]
+            if not runs:
+                continue
+            n = min(len(points) for points in runs)
+            mean = {k: [sum(points[j][k] for points in runs) / len(runs) for j in range(n)] for k in (*keys, "cpu_s")}
+            for col, key in enumerate(keys):
+                axes[row][col].plot(mean["cpu_s"], mean[key], "o-" if strategy == "paper" else ".-", ms=4,
+                                    color=f"C{i}", lw=2.5 if strategy == "paper" else 1.2, label=strategy)
+        for col, key in enumerate(keys):
+            axes[row][col].set(title=f"{method}: {key.replace('_', ' ')}", xlabel="training CPU seconds (one thread)",
+                               ylabel="share of images", ylim=(0.7, 1) if key == "other_shapes" else (0, 1))
+            axes[row][col].grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"ESD on the toy: erasure against training time (mean of {len({r['seed'] for r in results})} seeds, "
+                 "evaluate.py's protocol)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv=None):
@@ -142,6 +155,7 @@ def main(argv=None):
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--every", type=int, default=50, help="snapshot every N iterations")
+    p.add_argument("--longer", type=float, default=LONGER, help="strategies but the paper train this much longer")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--report", action="store_true", help="only the table and plot from the saved results")
     p.add_argument("--again", action="store_true", help="rerun runs already in the saved results")
@@ -150,7 +164,7 @@ def main(argv=None):
     if args.one:  # a worker: one run, its result as JSON on stdout's last line
         method, strategy, seed = args.one
         out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"erasure-vs-time-{os.getpid()}.safetensors")
-        print(json.dumps(run(method, strategy, int(seed), args.every, out)))
+        print(json.dumps(run(method, strategy, int(seed), args.every, out, args.longer)))
         return
     results = json.load(open(RESULTS)) if os.path.exists(RESULTS) else []
     if not args.report:
@@ -161,7 +175,7 @@ def main(argv=None):
 
         def work(job):
             command = [sys.executable, os.path.abspath(__file__), "--one", job[0], job[1], str(job[2]),
-                       "--every", str(args.every)]
+                       "--every", str(args.every), "--longer", str(args.longer)]
             out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
             print(f"done {job}", file=sys.stderr, flush=True)
             return json.loads(out.strip().splitlines()[-1])

@@ -306,19 +306,24 @@ def test_x_t_source_draws_from_seed_and_iteration_alone():
     assert {c[0] for c, _ in draws} == {0, 1} and {t for _, t in draws} == set(range(STEPS))  # all are drawn
 
     pool = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4)
-    served = [[] for _ in range(3)]
+    served = []
     for it in range(4):  # one generation of 3 trajectories, 2 consecutive entries an iteration, at its t_enc
         concepts, t_enc, x_t = pool.draw(it)
         assert t_enc == draws[it][1] and pool.built == 0  # the same t_enc as without a pool
-        for j, (c, trajectory) in enumerate(pool.trajectories[(2 * it + k) % 3] for k in range(2)):
-            assert concepts[j] == c and torch.equal(x_t[j], trajectory[t_enc, 0])
-            served[(2 * it + j) % 3].append(t_enc)
-    for i, (c, _, seed) in enumerate(pool._draw("pool0", i) for i in range(3)):  # one batch, cut where service ends
-        assert len(pool.trajectories[i][1]) == max(max(s) for s in served) + 1, "ends at the last t_enc served"
-        alone = pool._sample([c], [seed], 1, STEPS - 1, trajectory=True)  # this entry sampled alone, to the end
-        torch.testing.assert_close(pool.trajectories[i][1], alone[:len(pool.trajectories[i][1])], rtol=1e-5, atol=1e-5)
-    before = [trajectory for _, trajectory in pool.trajectories]
+        for j, i in enumerate((2 * it + k) % 3 for k in range(2)):
+            assert concepts[j] == pool.concepts[i] and torch.equal(x_t[j], pool.paths[t_enc, i])
+        served.append(t_enc)
+    assert len(pool.paths) == max(served) + 1, "the pool ends at the last t_enc its generation serves"
+    for i, (c, _, seed) in enumerate(pool._draw("pool0", i) for i in range(3)):  # each entry: its own trajectory
+        alone = pool._sample([c], [seed], 1, STEPS - 1, trajectory=True)[:len(pool.paths), 0]  # sampled alone, uncut
+        torch.testing.assert_close(pool.paths[:, i], alone, rtol=1e-5, atol=1e-5)
+    before = pool.paths
     pool.draw(4)  # iteration 4 starts generation 1: new trajectories
-    assert pool.built == 1 and not any(torch.equal(a, b) for a, (_, b) in zip(before, pool.trajectories))
+    assert pool.built == 1
+    assert pool.concepts == [pool._draw("pool1", i)[0] for i in range(3)]
+    assert not any(torch.equal(before[1, i], pool.paths[1, i]) for i in range(3)), "new noise, new trajectories"
     resumed = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4)
     assert torch.equal(resumed.draw(5)[2], pool.draw(5)[2])  # a resumed run rebuilds the same generation
+    restored = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4)
+    restored.restore(pool.state())  # --resume: the pool as it was, not one rebuilt from the checkpoint's weights
+    assert restored.built == 1 and torch.equal(restored.draw(6)[2], pool.draw(6)[2])

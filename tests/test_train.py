@@ -148,16 +148,16 @@ def test_batch_size_adds_x_t_at_the_same_t_enc(model, tmp_path, monkeypatch):
         seen.append((x_t, t_enc))
         return loss(self, x_t, t_enc, cond, uncond, anchor)
     monkeypatch.setattr(esd.ESD, "loss", recording)
-    assert run_train(model, tmp_path / "b1.safetensors", "--iterations", 1) == 0
-    assert run_train(model, tmp_path / "b3.safetensors", "--iterations", 1, "--batch-size", 3) == 0
+    assert run_train(model, tmp_path / "b1.safetensors", "--iterations", 1, "--trajectory-pool", 0) == 0
+    assert run_train(model, tmp_path / "b3.safetensors", "--iterations", 1, "--batch-size", 3, "--trajectory-pool", 0) == 0
     (x1, t1), (x3, t3) = seen
     assert x3.shape[0] == 3 and t3 == t1  # the batch-1 run's x_t is the first of the three
     torch.testing.assert_close(x3[:1], x1, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(x3[1], x3[0]) and not torch.allclose(x3[2], x3[1])
-    seen.clear()  # a trajectory pool: consecutive entries, each its own trajectory
-    assert run_train(model, tmp_path / "p.safetensors", "--iterations", 2, "--batch-size", 2,
-                     "--trajectory-pool", 3, "--xt-from", "frozen") == 0
+    seen.clear()  # a trajectory pool (the default): N per batch row, consecutive entries, each its own trajectory
+    assert run_train(model, tmp_path / "p.safetensors", "--iterations", 2, "--batch-size", 2) == 0
     assert [len(x) for x, _ in seen] == [2, 2] and not torch.allclose(seen[0][0][0], seen[0][0][1])
+    assert not any(torch.allclose(a, b) for a in seen[0][0] for b in seen[1][0]), "4 entries: no row read twice"
 
 
 def test_a_target_variant_is_one_function_and_one_dict_entry(model, tmp_path, monkeypatch):
