@@ -30,7 +30,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402  (test/benchmark-only o
 import esd  # noqa: E402
 import load_sd  # noqa: E402
 import sampler  # noqa: E402
-import convert  # noqa: E402
+import configs  # noqa: E402
 import train  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 
@@ -92,7 +92,7 @@ def run(variant, method, initial, plan, args):
         trainer = TwoCopies(model.to(device), method, args.steps, dtype)
         x_t, held = trainer.x_t, trainer.held
     else:
-        model = UNet(convert.config_from_json(UNetConfig, args.config))
+        model = UNet(configs.config_from_json(UNetConfig, args.config))
         model.load_state_dict(initial)
         trainer = esd.ESD(model.to(device), method, steps=args.steps, dtype=dtype)
         x_t = lambda *a: trainer.sample(*a, xt_from="trained")  # noqa: E731
