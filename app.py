@@ -10,11 +10,11 @@ import dataclasses
 import itertools
 import math
 import os
-import socket
 import threading
 import time
 
 import pandas as pd  # gradio's own dependency: its plots take DataFrames
+import torch
 
 import delta
 import esd
@@ -34,9 +34,6 @@ UPDATE_S = 1.0  # the Erase tab's update interval while training (target: at mos
 PREVIEW_S, PREVIEW_SHARE = 3.0, 0.05  # a preview at most every 3 s, and at most 5% of the training time on them
 PREVIEW_SEED, CELL = 0, 192  # the previews' noise; images are shown at least CELL pixels wide (the toy's enlarged)
 MAX_PROMPTS, MAX_SEEDS, MAX_STEPS = 8, 16, 999  # per request
-# gradio's queue wakes every 1 ms and 10 ms on Linux: 8% of a core, and the GIL, taken from training on a small
-# CPU (the toy's UNet is small enough for Python to matter). Its Windows intervals cost at most 50 ms per request.
-QUEUE_POLL_S = (0.05, 0.1)
 UPLOAD_MARGIN = 1.5  # an upload may be 1.5x the whole fp32 model (the 2023 compvis .pt is the whole model)
 NO_CLIP = (f"No scores: they come from the CLIP model {evaluate.CLIP_MODEL}, which is not in this machine's "
            "Hugging Face cache, and the demo downloads nothing. The grid shows the images.")
@@ -73,6 +70,9 @@ class Run:
         self.started = self.next_preview = 0.0
 
     def _train(self):
+        # One torch thread: with OpenMP teams in several threads (the server's own loaded the model) small ops wait
+        # on sleeping workers; on 2 cores the toy trained 2.7x slower in a thread than train.py, and 1.0x so.
+        torch.set_num_threads(1)
         self.started = time.time()
         try:
             self.image = self._preview(0)
@@ -106,17 +106,17 @@ class Run:
 
 
 class Demo:
-    """The model in copies that never meet (Compare's, Measure's, one per training), and what all sessions share.
+    """The model in copies that never meet (Compare and Measure's, one per training), and what all sessions share.
     A delta reaches Compare and Measure as a file of the person's own page: the one trained there, or an upload."""
 
     def __init__(self, source, prediction_type=None):
         given = [f"--prediction-type={prediction_type}"] if prediction_type else []
         self.defaults = train.parse_args([f"--model={source}", "--no-eval", *given])  # train.py's (the toy's for the toy)
         self.view = load_sd.load(source, device=self.defaults.device, prediction_type=prediction_type)
-        self.measured, self.is_toy, size = replica(self.view), source == "toy", self.view.image_size
+        self.is_toy, size = source == "toy", self.view.image_size
         self.sampling = toy.SAMPLING if self.is_toy else dict(steps=sample.DDIM_STEPS, guidance=sample.GUIDANCE,
                                                               height=size, width=size)
-        self.locks, self.runs = {"view": threading.Lock(), "measure": threading.Lock()}, []  # runs: the one training
+        self.lock, self.runs = threading.Lock(), []  # the view's weights are the original's while it is free
         self.count = itertools.count(1)  # files written: unique names
         fp32 = sum(p.numel() * 4 for m in (self.view.unet, self.view.vae, self.view.text_encoder) for p in m.parameters())
         self.upload_limit = int(UPLOAD_MARGIN * fp32) + 2 ** 20
@@ -136,7 +136,7 @@ class Demo:
             concepts = train.check(config)  # train.py's checks, the output path's included
         except files.LoadError as e:
             raise gr.Error(str(e)) from None
-        with self.locks["view"]:  # Compare's weights are the original's whenever its lock is free
+        with self.lock:
             run = Run(config, concepts, replica(self.view), request.session_hash, self.sampling)
         self.runs.append(run)
         run.thread.start()
@@ -171,7 +171,7 @@ class Demo:
         if not 0 < len(prompts) <= MAX_PROMPTS:
             raise gr.Error(f"type 1 to {MAX_PROMPTS} prompts, one a line")
         images = []
-        with self.locks["view"]:
+        with self.lock:
             for edits in ([], [edit]) if edit else ([],):  # the original weights, then (given a delta) the erased
                 try:
                     with delta.applied(self.view.unet, *edits):  # the original weights back afterwards, always
@@ -191,9 +191,9 @@ class Demo:
             concept = ((concept or "").strip() or delta.load(edit)[1].get("concept", "")).split(",")[0].strip()
             if not concept:
                 raise ValueError("type the erased concept: this delta does not name it")
-            with self.locks["measure"]:
+            with self.lock:
                 grid = self.output(f"measure-{concept.replace(' ', '_')}.png")
-                result = evaluate.evaluate(self.measured, edit, concept, prompts=prompts, seeds=range(seeds), grid=grid)
+                result = evaluate.evaluate(self.view, edit, concept, prompts=prompts, seeds=range(seeds), grid=grid)
         except (files.LoadError, ValueError) as e:  # a file that is no delta; a concept the toy does not know
             raise gr.Error(str(e).replace(edit, os.path.basename(edit))) from None
         report = f"**{os.path.basename(edit)}**\n```\n{evaluate.format_report(result)}\n```"
@@ -274,20 +274,12 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--prediction-type", default=None, choices=load_sd.PREDICTIONS, help=load_sd.PREDICTION_HELP)
     args = p.parse_args(argv)
-    if not 0 < args.port < 2 ** 16:
-        p.exit(2, f"error: --port must be in 1..65535, got {args.port}\n")
-    try:  # the address, before the model loads: not IPv4 (gradio 6.31 cannot serve IPv6), not ours, a port in use
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            s.bind((socket.gethostbyname(args.host), args.port))
-    except OSError as e:
-        p.exit(2, f"error: cannot serve on {args.host}:{args.port}: {e.strerror or e}\n")
     try:
+        files.check_address(args.host, args.port)  # before the model loads
         os.makedirs(OUTPUTS, exist_ok=True)
         demo = Demo(args.model, args.prediction_type)
-        blocks = ui(demo).queue()
-        blocks._queue.sleep_when_free, blocks._queue.progress_update_sleep_when_free = QUEUE_POLL_S  # gradio 6.31
-        blocks.launch(server_name=args.host, server_port=args.port, max_file_size=demo.upload_limit, ssr_mode=False)
+        ui(demo).queue().launch(server_name=args.host, server_port=args.port, max_file_size=demo.upload_limit,
+                                ssr_mode=False)
     except (files.LoadError, OSError) as e:  # a missing model; the port taken since, an unwritable folder
         p.exit(2, f"error: {e if isinstance(e, files.LoadError) else files.first_line(e)}\n")
 

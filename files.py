@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import sys
 
 import torch
@@ -116,6 +117,18 @@ def check_output(path, *, inputs=(), overwrite=True, folder=False):
     except OSError as e:
         raise LoadError(f"cannot write {path}: {e.strerror}") from None
     return path
+
+
+def check_address(host, port):
+    """Refuse (LoadError), before any work, an address a server cannot listen on: a port outside 1..65535, a host
+    that is no IPv4 address or name of this machine (gradio 6.31 serves no IPv6), a port in use."""
+    refuse([(not 0 < port < 2 ** 16, f"--port must be in 1..65535, got {port}")])
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((socket.gethostbyname(host), port))
+    except OSError as e:
+        raise LoadError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
 
 
 def _alive(pid):

@@ -1,0 +1,93 @@
+"""The demo's speed targets, measured in one run: the default erase of "circle" on the toy through app.py
+(gradio_client: from pressing Train to Done, the page's updates timed on the way) against the whole
+`python train.py --model toy --concept circle --no-eval` command, taken in turns; then Compare with three
+prompts and a delta. Both run as a user starts them (torch's own thread count). Prints each round and the
+ratios; the targets (issue 12): app <= CLI + 10%, an update at least every 2 s, Compare <= 5 s.
+
+    pip install -r requirements-app.txt && python bench/bench_app.py [--rounds 3] [--iterations N]
+"""
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+from gradio_client import Client, handle_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import toy  # noqa: E402
+
+PROMPTS = "a circle\na red circle\na blue square"
+
+
+def serve(work):
+    """`python app.py` on a free port in the folder `work`, once it answers: (process, url)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--port", str(port)], cwd=work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return proc, url
+        except OSError:
+            assert proc.poll() is None, "app.py exited"
+            time.sleep(0.5)
+
+
+def erase_in_app(client, iterations):
+    """Seconds from Train to Done, the gaps between the page's updates, the delta."""
+    started = time.monotonic()
+    job = client.submit("circle", "esd-x", 1.0, iterations, toy.ESD["lr"], "trained", 0, api_name="/erase")
+    arrivals = [time.monotonic() for _ in job]
+    final = job.outputs()[-1]
+    assert final[0].startswith("Done"), final[0]
+    return time.monotonic() - started, np.diff([started, *arrivals]), final[3]
+
+
+def erase_in_cli(work, iterations, i):
+    started = time.monotonic()
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "toy", "--concept", "circle", "--no-eval",
+                    "--iterations", str(iterations), "--output", os.path.join(work, f"cli-{i}.safetensors")],
+                   check=True, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="app.py against train.py: the default toy erase, and Compare.")
+    p.add_argument("--rounds", type=int, default=3, help="erases in each, taken in turns")
+    p.add_argument("--iterations", type=int, default=toy.ESD["iterations"], help="(default: the toy's)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        proc, url = serve(work)
+        try:
+            client, app_s, cli_s, gaps = Client(url, verbose=False), [], [], []
+            for i in range(args.rounds):
+                cli_s.append(erase_in_cli(work, args.iterations, i))
+                seconds, round_gaps, edit = erase_in_app(client, args.iterations)
+                app_s.append(seconds)
+                gaps.extend(round_gaps[1:-1])  # while training: the first waits for the start, the last for the save
+                print(f"round {i}: app {seconds:.1f} s, train.py {cli_s[-1]:.1f} s, ratio {seconds / cli_s[-1]:.2f}, "
+                      f"updates every {np.median(round_gaps):.2f} s (longest {round_gaps.max():.2f})", flush=True)
+            compare_s = []
+            for _ in range(3):
+                started = time.monotonic()
+                client.predict(PROMPTS, 0, toy.DDIM_STEPS, toy.GUIDANCE, handle_file(edit), api_name="/compare")
+                compare_s.append(time.monotonic() - started)
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(f"erase: app / train.py = {sum(app_s) / sum(cli_s):.2f} over {args.rounds} rounds (target <= 1.10); "
+          f"longest gap between updates {max(gaps, default=0):.2f} s (target <= 2); "
+          f"Compare, 3 prompts and a delta: {min(compare_s):.2f}-{max(compare_s):.2f} s (target <= 5)")
+
+
+if __name__ == "__main__":
+    main()
