@@ -1,13 +1,18 @@
 """One torch thread for the whole suite: on small, shared CPUs the tiny models run faster and far
 steadier single-threaded than with threads fighting over the cores. And the one tiny model most
-tests load, built once per session."""
+tests load, built once per session. MKL in its strict reproducible mode: on AVX-512 CPUs its default picks
+kernels by memory alignment, so two equal computations on equal tensors at other addresses (a deepcopy, the
+kept originals of esd.py) could differ in the last bit, and the bitwise-equality tests would fail there."""
+import os
 from types import SimpleNamespace
 
-import pytest
-import torch
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # read when MKL first runs: before torch computes anything
 
-import load_sd
-import tiny
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import load_sd  # noqa: E402
+import tiny  # noqa: E402
 
 torch.set_num_threads(1)
 
