@@ -71,7 +71,7 @@ class Run:
 
     def _train(self):
         # One torch thread: with OpenMP teams in several threads (the server's own loaded the model) small ops wait
-        # on sleeping workers; on 2 cores the toy trained 2.7x slower in a thread than train.py, and 1.0x so.
+        # on sleeping workers. On 2 cores the toy trained 2.7x slower here than in a main thread; single-threaded, as fast.
         torch.set_num_threads(1)
         self.started = time.time()
         try:
