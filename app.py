@@ -34,14 +34,7 @@ UPDATE_S = 1.0  # the Erase tab's update interval while training (target: at mos
 PREVIEW_S, PREVIEW_SHARE = 3.0, 0.05  # a preview at most every 3 s, and at most 5% of the training time on them
 PREVIEW_SEED, CELL = 0, 192  # the previews' noise; images are shown at least CELL pixels wide (the toy's enlarged)
 MAX_PROMPTS, MAX_SEEDS, MAX_STEPS = 8, 16, 999  # per request
-UPLOAD_MARGIN = 1.5  # an upload may be 1.5x the whole fp32 model (the 2023 compvis .pt is the whole model)
-NO_CLIP = (f"No scores: they come from the CLIP model {evaluate.CLIP_MODEL}, which is not in this machine's "
-           "Hugging Face cache, and the demo downloads nothing. The grid shows the images.")
-
-
-def replica(sd):
-    """`sd` with a UNet of its own: deltas and training change only the UNet; the VAE and text encoder are shared."""
-    return dataclasses.replace(sd, unet=copy.deepcopy(sd.unet))
+NO_CLIP = f"No scores: CLIP ({evaluate.CLIP_MODEL}) is not in the Hugging Face cache; the demo downloads nothing."
 
 
 def lines(text):
@@ -49,14 +42,14 @@ def lines(text):
 
 
 def number(value, name, kind=float, low=-math.inf, high=math.inf):
-    """`value` as an int or a finite float in [low, high], else a message in the page."""
+    """`value` as an int or a finite float in [low, high], else ValueError (its message is shown in the page)."""
     try:
         x = kind(value)
     except (TypeError, ValueError, OverflowError):  # None (an empty field), NaN or infinity for an int
         x = math.nan
     if not (math.isfinite(x) and low <= x <= high):
         within = f" in {low}..{high}" if math.isfinite(low) else ""
-        raise gr.Error(f"{name} must be a {'whole' if kind is int else 'finite'} number{within}")
+        raise ValueError(f"{name} must be a {'whole' if kind is int else 'finite'} number{within}")
     return x
 
 
@@ -70,8 +63,7 @@ class Run:
         self.started = self.next_preview = 0.0
 
     def _train(self):
-        # One torch thread: with OpenMP teams in several threads (the server's own loaded the model) small ops wait
-        # on sleeping workers. On 2 cores the toy trained 2.7x slower here than in a main thread; single-threaded, as fast.
+        # One torch thread: beside the server's OpenMP teams, the toy trained 2.7x slower on 2 cores; on one, as fast.
         torch.set_num_threads(1)
         self.started = time.time()
         try:
@@ -96,30 +88,28 @@ class Run:
         titles = (f"{self.concepts[0]!r}, seed {PREVIEW_SEED}: before", f"iteration {iteration}")
         return sample.grid([[self.before, image]], titles, cell=CELL)
 
-    def status(self):
+    def progress(self):
+        """The status line and the loss curve."""
         done, total = len(self.losses), self.config.iterations
         left = (time.time() - self.started) / max(done, 1) * (total - done)
-        return f"Iteration **{done}/{total}** · loss {self.losses[-1]:.4f} · {left:.0f} s left" if done else "Starting…"
-
-    def curve(self):
-        return pd.DataFrame({"iteration": range(1, len(self.losses) + 1), "loss": self.losses})
+        status = f"Iteration **{done}/{total}** · loss {self.losses[-1]:.4f} · {left:.0f} s left" if done else "Starting…"
+        return status, pd.DataFrame({"iteration": range(1, done + 1), "loss": self.losses})
 
 
 class Demo:
-    """The model in copies that never meet (Compare and Measure's, one per training), and what all sessions share.
+    """What all sessions share: the model's view for Compare and Measure, the training (one at a time), the defaults.
     A delta reaches Compare and Measure as a file of the person's own page: the one trained there, or an upload."""
 
     def __init__(self, source, prediction_type=None):
-        given = [f"--prediction-type={prediction_type}"] if prediction_type else []
-        self.defaults = train.parse_args([f"--model={source}", "--no-eval", *given])  # train.py's (the toy's for the toy)
+        self.defaults = train.parse_args([f"--model={source}", "--no-eval"])  # train.py's (the toy's for the toy)
         self.view = load_sd.load(source, device=self.defaults.device, prediction_type=prediction_type)
         self.is_toy, size = source == "toy", self.view.image_size
         self.sampling = toy.SAMPLING if self.is_toy else dict(steps=sample.DDIM_STEPS, guidance=sample.GUIDANCE,
                                                               height=size, width=size)
-        self.lock, self.runs = threading.Lock(), []  # the view's weights are the original's while it is free
+        self.lock, self.run = threading.Lock(), None  # the view's weights are the original's while the lock is free
         self.count = itertools.count(1)  # files written: unique names
         fp32 = sum(p.numel() * 4 for m in (self.view.unet, self.view.vae, self.view.text_encoder) for p in m.parameters())
-        self.upload_limit = int(UPLOAD_MARGIN * fp32) + 2 ** 20
+        self.upload_limit = int(1.5 * fp32) + 2 ** 20  # 1.5x the whole model: the 2023 compvis .pt holds all of it
 
     def output(self, name):
         return os.path.join(OUTPUTS, f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self.count)}-{name}")
@@ -132,52 +122,45 @@ class Demo:
                                      negative_guidance=number(eta, "η"), iterations=number(iterations, "iterations", int),
                                      lr=number(lr, "learning rate"), seed=number(seed, "seed", int),
                                      output=self.output(f"{method}-{slug}.safetensors"))
-        try:
-            concepts = train.check(config)  # train.py's checks, the output path's included
-        except files.LoadError as e:
-            raise gr.Error(str(e)) from None
-        with self.lock:
-            run = Run(config, concepts, replica(self.view), request.session_hash, self.sampling)
-        self.runs.append(run)
+        concepts = train.check(config)  # train.py's checks, the output path's included
+        with self.lock:  # a UNet of its own: training changes only the UNet (the VAE and text encoder are shared)
+            sd = dataclasses.replace(self.view, unet=copy.deepcopy(self.view.unet))
+        self.run = run = Run(config, concepts, sd, request.session_hash, self.sampling)
         run.thread.start()
         try:
-            shown, sent = None, time.monotonic()
+            shown = None
             while run.thread.is_alive():
-                run.thread.join(max(0.0, sent + UPDATE_S - time.monotonic()))  # the time sending took counts
-                image = run.image if run.image is not shown else gr.skip()  # a new preview only
-                shown, sent = run.image, time.monotonic()
-                yield run.status(), run.curve(), image, *[gr.skip()] * 3
+                run.thread.join(UPDATE_S)
+                image, shown = run.image if run.image is not shown else gr.skip(), run.image  # a new preview only
+                yield *run.progress(), image, *[gr.skip()] * 3
         finally:
             run.stop.set()  # also when the page goes away: the run stops, saved as it is
             run.thread.join()
-            self.runs.remove(run)
+            self.run = None
         if run.error:
             raise gr.Error(run.error)
         done, name = len(run.losses), os.path.basename(config.output)
         how = "Done" if done == config.iterations else f"Stopped at iteration {done}/{config.iterations}"
-        yield (f"{how} in {time.time() - run.started:.0f} s; saved **{name}**.", run.curve(), run.image,
+        yield (f"{how} in {time.time() - run.started:.0f} s; saved **{name}**.", run.progress()[1], run.image,
                *[config.output] * 3)  # to download, and to Compare's and Measure's delta
 
     def stop(self, request: gr.Request):
-        """Stop this session's training; what was trained is saved."""
-        for run in list(self.runs):
-            if run.session == request.session_hash:
-                run.stop.set()
+        """Stop this session's training, if it is the one running; what was trained is saved."""
+        run = self.run
+        if run and run.session == request.session_hash:
+            run.stop.set()
 
     def compare(self, prompts, seed, steps, guidance, edit):
         """The original above the erased model: the same prompts and noise, without and with the delta `edit`."""
         prompts, seeds = lines(prompts), [number(seed, "seed", int, 0, 2 ** 63 - 1)]
         settings = dict(self.sampling, steps=number(steps, "steps", int, 1, MAX_STEPS), guidance=number(guidance, "guidance"))
         if not 0 < len(prompts) <= MAX_PROMPTS:
-            raise gr.Error(f"type 1 to {MAX_PROMPTS} prompts, one a line")
+            raise ValueError(f"type 1 to {MAX_PROMPTS} prompts, one a line")
         images = []
         with self.lock:
             for edits in ([], [edit]) if edit else ([],):  # the original weights, then (given a delta) the erased
-                try:
-                    with delta.applied(self.view.unet, *edits):  # the original weights back afterwards, always
-                        generated = sampler.generate(self.view, prompts, seeds, **settings)
-                except files.LoadError as e:
-                    raise gr.Error(str(e).replace(edit, os.path.basename(edit))) from None
+                with delta.applied(self.view.unet, *edits):  # the original weights back afterwards, always
+                    generated = sampler.generate(self.view, prompts, seeds, **settings)
                 images.append(sample.grid([sample.to_pil(generated)], prompts, cell=CELL))
         erased = dict(value=images[1], label="erased") if edit else dict(value=None, label="erased: give a delta")
         return images[0], gr.update(**erased)  # short labels: they lie over the image
@@ -186,16 +169,13 @@ class Demo:
         """evaluate.py's protocol, base against erased: its report, a bar chart and its grid."""
         prompts, seeds = None if self.is_toy else lines(prompts), number(seeds, "seeds", int, 1, MAX_SEEDS)
         if edit is None or prompts == []:
-            raise gr.Error("train or upload a delta to measure" if edit is None else "type prompts, one a line")
-        try:
-            concept = ((concept or "").strip() or delta.load(edit)[1].get("concept", "")).split(",")[0].strip()
-            if not concept:
-                raise ValueError("type the erased concept: this delta does not name it")
-            with self.lock:
-                grid = self.output(f"measure-{concept.replace(' ', '_')}.png")
-                result = evaluate.evaluate(self.view, edit, concept, prompts=prompts, seeds=range(seeds), grid=grid)
-        except (files.LoadError, ValueError) as e:  # a file that is no delta; a concept the toy does not know
-            raise gr.Error(str(e).replace(edit, os.path.basename(edit))) from None
+            raise ValueError("train or upload a delta to measure" if edit is None else "type prompts, one a line")
+        concept = ((concept or "").strip() or delta.load(edit)[1].get("concept", "")).split(",")[0].strip()
+        if not concept:
+            raise ValueError("type the erased concept: this delta does not name it")
+        with self.lock:
+            grid = self.output(f"measure-{concept.replace(' ', '_')}.png")
+            result = evaluate.evaluate(self.view, edit, concept, prompts=prompts, seeds=range(seeds), grid=grid)
         report = f"**{os.path.basename(edit)}**\n```\n{evaluate.format_report(result)}\n```"
         if not result["base"]:
             return f"{report}\n\n{NO_CLIP}", None, grid
@@ -228,9 +208,8 @@ def ui(demo):
                 with gr.Row():
                     train_button = gr.Button("Train", variant="primary", elem_id="train")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                gr.Markdown("One training runs at a time; the others wait in the queue.")
             with gr.Column():
-                erase_out = [gr.Markdown("Type a concept and press Train.", elem_id="status"),
+                erase_out = [gr.Markdown("Type a concept and press Train (one training at a time).", elem_id="status"),
                              gr.LinePlot(x="iteration", y="loss", label="loss", height=220, elem_id="curve"),
                              gr.Image(label="preview", **image),
                              gr.File(label="the trained delta", interactive=False, elem_id="download")]
@@ -245,20 +224,19 @@ def ui(demo):
             with gr.Column(scale=2):
                 compare_out = [gr.Image(label="original", elem_id="original", **image),
                                gr.Image(label="erased", elem_id="erased", **image)]
-        with gr.Tab("Measure"):
-            with gr.Row():
-                with gr.Column():
-                    measure_in = [gr.File(**delta_file), gr.Textbox(label="erased concept", placeholder="blank: the delta's own"),
-                                  gr.Textbox("a photo of a car\na photo of a house", lines=3, visible=not is_toy,
-                                             label="prompts, one a line (scored by CLIP, if cached)"),
-                                  gr.Slider(1, MAX_SEEDS, 8, step=1, label="seeds per prompt")]
-                    measure = gr.Button("Measure", variant="primary", elem_id="measure")
-                with gr.Column(scale=2):
-                    measure_out = [gr.Markdown("The toy's protocol (evaluate.py): a classifier judges every image."
-                                               if is_toy else "CLIP zero-shot scores, when a CLIP model is cached here."),
-                                   gr.BarPlot(x="score", y="share", color="model", y_lim=[0, 1], x_label_angle=-30,
-                                              label="share of images", height=260)]
-            measure_out.append(gr.Image(label="grid: base (top rows) and erased, the same seeds", type="filepath"))
+        with gr.Tab("Measure"), gr.Row():
+            with gr.Column():
+                measure_in = [gr.File(**delta_file), gr.Textbox(label="erased concept", placeholder="blank: the delta's own"),
+                              gr.Textbox("a photo of a car\na photo of a house", lines=3, visible=not is_toy,
+                                         label="prompts, one a line (scored by CLIP, if cached)"),
+                              gr.Slider(1, MAX_SEEDS, 8, step=1, label="seeds per prompt")]
+                measure = gr.Button("Measure", variant="primary", elem_id="measure")
+            with gr.Column(scale=2):
+                measure_out = [gr.Markdown("The toy's protocol (evaluate.py): a classifier judges every image."
+                                           if is_toy else "CLIP zero-shot scores, when a CLIP model is cached here."),
+                               gr.BarPlot(x="score", y="share", color="model", y_lim=[0, 1], x_label_angle=-30,
+                                          label="share of images", height=260),
+                               gr.Image(label="grid: base (top rows) and erased, the same seeds", type="filepath")]
         train_button.click(demo.erase, erase_in, [*erase_out, compare_in[-1], measure_in[0]], api_name="erase",
                            concurrency_limit=1)
         stop_button.click(demo.stop, None, None, api_name="stop", queue=False)
@@ -279,7 +257,7 @@ def main(argv=None):
         os.makedirs(OUTPUTS, exist_ok=True)
         demo = Demo(args.model, args.prediction_type)
         ui(demo).queue().launch(server_name=args.host, server_port=args.port, max_file_size=demo.upload_limit,
-                                ssr_mode=False)
+                                ssr_mode=False, show_error=True)  # every error's message in the page
     except (files.LoadError, OSError) as e:  # a missing model; the port taken since, an unwritable folder
         p.exit(2, f"error: {e if isinstance(e, files.LoadError) else files.first_line(e)}\n")
 
