@@ -3,15 +3,14 @@
     pip install -r requirements-app.txt && python app.py   # the shipped toy, offline, at http://127.0.0.1:7860
     python app.py --model CompVis/stable-diffusion-v1-4    # a real SD (a GPU); --host, --port as usual
 
-UI only: training is train.train, sampling sampler.generate, scores evaluate.evaluate, deltas delta.py.
-"""
+UI only: training is train.train, sampling sampler.generate, scores evaluate.evaluate, deltas delta.py."""
 import copy
 import dataclasses
-import itertools
 import math
 import os
 import threading
 import time
+import uuid
 
 import pandas as pd  # gradio's own dependency: its plots take DataFrames
 import torch
@@ -34,23 +33,22 @@ UPDATE_S = 1.0  # the Erase tab's update interval while training (target: at mos
 PREVIEW_S, PREVIEW_SHARE = 3.0, 0.05  # a preview at most every 3 s, and at most 5% of the training time on them
 PREVIEW_SEED, CELL = 0, 192  # the previews' noise; images are shown at least CELL pixels wide (the toy's enlarged)
 MAX_PROMPTS, MAX_SEEDS, MAX_STEPS = 8, 16, 999  # per request
-NO_CLIP = f"No scores: CLIP ({evaluate.CLIP_MODEL}) is not in the Hugging Face cache; the demo downloads nothing."
 
 
-def lines(text):
-    return [p.strip() for p in (text or "").splitlines() if p.strip()]
+def prompt_lines(text):
+    """The prompts of a text box, one a line: 1 to MAX_PROMPTS of them, else ValueError."""
+    prompts = [p.strip() for p in (text or "").splitlines() if p.strip()]
+    if not 0 < len(prompts) <= MAX_PROMPTS:
+        raise ValueError(f"type 1 to {MAX_PROMPTS} prompts, one a line")
+    return prompts
 
 
 def number(value, name, kind=float, low=-math.inf, high=math.inf):
     """`value` as an int or a finite float in [low, high], else ValueError (its message is shown in the page)."""
-    try:
-        x = kind(value)
-    except (TypeError, ValueError, OverflowError):  # None (an empty field), NaN or infinity for an int
-        x = math.nan
-    if not (math.isfinite(x) and low <= x <= high):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):  # None: an empty field
         within = f" in {low}..{high}" if math.isfinite(low) else ""
         raise ValueError(f"{name} must be a {'whole' if kind is int else 'finite'} number{within}")
-    return x
+    return kind(value)
 
 
 class Run:
@@ -60,12 +58,10 @@ class Run:
         self.config, self.concepts, self.sd, self.session, self.sampling = config, concepts, sd, session, sampling
         self.losses, self.stop, self.thread = [], threading.Event(), threading.Thread(target=self._train, daemon=True)
         self.error = self.image = self.before = None
-        self.started = self.next_preview = 0.0
+        self.started = time.time()  # (and next_preview: the first preview sets it, before any step)
 
     def _train(self):
-        # One torch thread: beside the server's OpenMP teams, the toy trained 2.7x slower on 2 cores; on one, as fast.
-        torch.set_num_threads(1)
-        self.started = time.time()
+        torch.set_num_threads(1)  # beside the server's OpenMP teams, two made the toy train 2.7x slower on 2 cores
         try:
             self.image = self._preview(0)
             train.train(self.config, self.sd, self.concepts, on_step=self._on_step)
@@ -85,15 +81,14 @@ class Run:
         image = sample.to_pil(sampler.generate(self.sd, self.concepts[:1], [PREVIEW_SEED], **self.sampling))[0]
         self.before = self.before or image
         self.next_preview = time.time() + max(PREVIEW_S, (time.time() - t0) / PREVIEW_SHARE)
-        titles = (f"{self.concepts[0]!r}, seed {PREVIEW_SEED}: before", f"iteration {iteration}")
-        return sample.grid([[self.before, image]], titles, cell=CELL)
+        return sample.grid([[self.before, image]], (f"{self.concepts[0]}: before", f"iteration {iteration}"), cell=CELL)
 
     def progress(self):
         """The status line and the loss curve."""
         done, total = len(self.losses), self.config.iterations
         left = (time.time() - self.started) / max(done, 1) * (total - done)
-        status = f"Iteration **{done}/{total}** · loss {self.losses[-1]:.4f} · {left:.0f} s left" if done else "Starting…"
-        return status, pd.DataFrame({"iteration": range(1, done + 1), "loss": self.losses})
+        status = f"Iteration **{done}/{total}** · loss {self.losses[done - 1]:.4f} · {left:.0f} s left" if done else "Starting…"
+        return status, pd.DataFrame({"iteration": range(1, done + 1), "loss": self.losses[:done]})  # (it grows)
 
 
 class Demo:
@@ -103,20 +98,18 @@ class Demo:
     def __init__(self, source, prediction_type=None):
         self.defaults = train.parse_args([f"--model={source}", "--no-eval"])  # train.py's (the toy's for the toy)
         self.view = load_sd.load(source, device=self.defaults.device, prediction_type=prediction_type)
-        self.is_toy, size = source == "toy", self.view.image_size
+        self.is_toy = source == "toy"
         self.sampling = toy.SAMPLING if self.is_toy else dict(steps=sample.DDIM_STEPS, guidance=sample.GUIDANCE,
-                                                              height=size, width=size)
+                                                              height=self.view.image_size, width=self.view.image_size)
         self.lock, self.run = threading.Lock(), None  # the view's weights are the original's while the lock is free
-        self.count = itertools.count(1)  # files written: unique names
         fp32 = sum(p.numel() * 4 for m in (self.view.unet, self.view.vae, self.view.text_encoder) for p in m.parameters())
         self.upload_limit = int(1.5 * fp32) + 2 ** 20  # 1.5x the whole model: the 2023 compvis .pt holds all of it
 
     def output(self, name):
-        return os.path.join(OUTPUTS, f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self.count)}-{name}")
+        return os.path.join(OUTPUTS, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}-{name}")
 
     def erase(self, concept, method, eta, iterations, lr, xt_from, seed, request: gr.Request):
-        """Train with train.py's code, streaming its progress; the delta saved under OUTPUTS. One run at a time:
-        the queue holds the others (concurrency_limit=1), and their pages show their place in it."""
+        """train.train in a Run, its progress streamed; the delta saved under OUTPUTS. One at a time (concurrency_limit=1)."""
         slug = "".join(ch if ch.isalnum() else "_" for ch in str(concept))[:64]
         config = dataclasses.replace(self.defaults, concept=concept, method=method, xt_from=xt_from,
                                      negative_guidance=number(eta, "η"), iterations=number(iterations, "iterations", int),
@@ -128,21 +121,19 @@ class Demo:
         self.run = run = Run(config, concepts, sd, request.session_hash, self.sampling)
         run.thread.start()
         try:
-            shown = None
             while run.thread.is_alive():
                 run.thread.join(UPDATE_S)
-                image, shown = run.image if run.image is not shown else gr.skip(), run.image  # a new preview only
-                yield *run.progress(), image, *[gr.skip()] * 3
+                yield *run.progress(), run.image, *[gr.skip()] * 3  # the latest preview (gradio caches it by hash)
         finally:
             run.stop.set()  # also when the page goes away: the run stops, saved as it is
             run.thread.join()
             self.run = None
         if run.error:
             raise gr.Error(run.error)
-        done, name = len(run.losses), os.path.basename(config.output)
+        done = len(run.losses)
         how = "Done" if done == config.iterations else f"Stopped at iteration {done}/{config.iterations}"
-        yield (f"{how} in {time.time() - run.started:.0f} s; saved **{name}**.", run.progress()[1], run.image,
-               *[config.output] * 3)  # to download, and to Compare's and Measure's delta
+        yield (f"{how} in {time.time() - run.started:.0f} s; saved **{os.path.basename(config.output)}**.",
+               run.progress()[1], run.image, *[config.output] * 3)  # to download, and to Compare's and Measure's delta
 
     def stop(self, request: gr.Request):
         """Stop this session's training, if it is the one running; what was trained is saved."""
@@ -152,36 +143,32 @@ class Demo:
 
     def compare(self, prompts, seed, steps, guidance, edit):
         """The original above the erased model: the same prompts and noise, without and with the delta `edit`."""
-        prompts, seeds = lines(prompts), [number(seed, "seed", int, 0, 2 ** 63 - 1)]
+        prompts, seeds = prompt_lines(prompts), [number(seed, "seed", int, 0, 2 ** 63 - 1)]
         settings = dict(self.sampling, steps=number(steps, "steps", int, 1, MAX_STEPS), guidance=number(guidance, "guidance"))
-        if not 0 < len(prompts) <= MAX_PROMPTS:
-            raise ValueError(f"type 1 to {MAX_PROMPTS} prompts, one a line")
-        images = []
+        rows = []
         with self.lock:
             for edits in ([], [edit]) if edit else ([],):  # the original weights, then (given a delta) the erased
                 with delta.applied(self.view.unet, *edits):  # the original weights back afterwards, always
                     generated = sampler.generate(self.view, prompts, seeds, **settings)
-                images.append(sample.grid([sample.to_pil(generated)], prompts, cell=CELL))
-        erased = dict(value=images[1], label="erased") if edit else dict(value=None, label="erased: give a delta")
-        return images[0], gr.update(**erased)  # short labels: they lie over the image
+                rows.append(sample.grid([sample.to_pil(generated)], prompts, cell=CELL))
+        return rows[0], gr.update(value=rows[-1] if edit else None, label="erased" if edit else "erased: give a delta")
 
     def measure(self, edit, concept, prompts, seeds):
         """evaluate.py's protocol, base against erased: its report, a bar chart and its grid."""
-        prompts, seeds = None if self.is_toy else lines(prompts), number(seeds, "seeds", int, 1, MAX_SEEDS)
-        if edit is None or prompts == []:
-            raise ValueError("train or upload a delta to measure" if edit is None else "type prompts, one a line")
-        concept = ((concept or "").strip() or delta.load(edit)[1].get("concept", "")).split(",")[0].strip()
+        if edit is None:
+            raise ValueError("train or upload a delta to measure")
+        prompts, seeds = None if self.is_toy else prompt_lines(prompts), number(seeds, "seeds", int, 1, MAX_SEEDS)
+        concept = ((concept or "").strip() or files.read_metadata(edit).get("concept", "")).split(",")[0].strip()
         if not concept:
             raise ValueError("type the erased concept: this delta does not name it")
         with self.lock:
-            grid = self.output(f"measure-{concept.replace(' ', '_')}.png")
+            grid = self.output("measure.png")
             result = evaluate.evaluate(self.view, edit, concept, prompts=prompts, seeds=range(seeds), grid=grid)
         report = f"**{os.path.basename(edit)}**\n```\n{evaluate.format_report(result)}\n```"
-        if not result["base"]:
-            return f"{report}\n\n{NO_CLIP}", None, grid
-        label = {k: k.replace(concept, "concept").replace("_", " ") for k in result["base"]}
-        bars = pd.DataFrame([{"score": f"{label[k]}: {run}", "model": run, "share": result[key][k]}
-                             for k in label for run, key in (("base", "base"), ("erased", "edited"))])
+        if not result["base"]:  # no CLIP in the local cache: the report says so in one line
+            return report, None, grid
+        bars = pd.DataFrame([{"score": f"{k}: {run}", "model": run, "share": result[key][k]}  # the report's names
+                             for k in result["base"] for run, key in (("base", "base"), ("erased", "edited"))])
         return report, gr.update(value=bars, sort=list(bars["score"])), grid  # in the report's order
 
 
@@ -191,8 +178,7 @@ def ui(demo):
     delta_file = dict(label="delta: the one trained here, or upload one (.safetensors, official ESD .pt)",
                       type="filepath", file_types=[".safetensors", ".pt"])
     with gr.Blocks(title="ESD: erasing concepts", analytics_enabled=False) as blocks:
-        gr.Markdown(f"## ESD: erasing concepts from diffusion models\nModel `{demo.view.source}`. **Erase** a concept "
-                    "and watch it go, **Compare** original and erased images, **Measure** what the erasure did.")
+        gr.Markdown(f"## ESD: erasing concepts from diffusion models\nModel `{demo.view.source}`")
         with gr.Tab("Erase"), gr.Row():
             with gr.Column():
                 erase_in = [gr.Textbox(label="concept to erase ('a, b' erases both)", elem_id="concept",
@@ -237,11 +223,10 @@ def ui(demo):
                                gr.BarPlot(x="score", y="share", color="model", y_lim=[0, 1], x_label_angle=-30,
                                           label="share of images", height=260),
                                gr.Image(label="grid: base (top rows) and erased, the same seeds", type="filepath")]
-        train_button.click(demo.erase, erase_in, [*erase_out, compare_in[-1], measure_in[0]], api_name="erase",
-                           concurrency_limit=1)
-        stop_button.click(demo.stop, None, None, api_name="stop", queue=False)
-        generate.click(demo.compare, compare_in, compare_out, api_name="compare", concurrency_limit=1)
-        measure.click(demo.measure, measure_in, measure_out, api_name="measure", concurrency_limit=1)
+        train_button.click(demo.erase, erase_in, [*erase_out, compare_in[-1], measure_in[0]], concurrency_limit=1)
+        stop_button.click(demo.stop, queue=False)
+        generate.click(demo.compare, compare_in, compare_out)
+        measure.click(demo.measure, measure_in, measure_out)
     return blocks
 
 
@@ -256,8 +241,7 @@ def main(argv=None):
         files.check_address(args.host, args.port)  # before the model loads
         os.makedirs(OUTPUTS, exist_ok=True)
         demo = Demo(args.model, args.prediction_type)
-        ui(demo).queue().launch(server_name=args.host, server_port=args.port, max_file_size=demo.upload_limit,
-                                ssr_mode=False, show_error=True)  # every error's message in the page
+        ui(demo).launch(server_name=args.host, server_port=args.port, max_file_size=demo.upload_limit, show_error=True)
     except (files.LoadError, OSError) as e:  # a missing model; the port taken since, an unwritable folder
         p.exit(2, f"error: {e if isinstance(e, files.LoadError) else files.first_line(e)}\n")
 

@@ -53,8 +53,11 @@ def read_metadata(path):
     """The string metadata of a .safetensors file ({} for files of other kinds)."""
     if not str(path).endswith(".safetensors"):
         return {}
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # no such file, a truncated or garbage header: bad input, whatever safetensors raises
+        raise LoadError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def atomic_write(path, write):

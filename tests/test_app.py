@@ -189,6 +189,10 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
                                                            api_name="/compare")
     bad[r"cannot read \S+/garbage.safetensors"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, handle_file(garbage),
                                                                     api_name="/compare")
+    bad[r"cannot read \S+/garbage.safetensors: SafetensorError"] = lambda: client.predict(  # its concept: from the file
+        handle_file(garbage), "", "", 1, api_name="/measure")
+    bad["type 1 to 8 prompts, one a line"] = lambda: client.predict("\n".join(["a circle"] * 9), 0, 20, 5.0, None,
+                                                                     api_name="/compare")
     bad["Invalid file type"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, handle_file(text), api_name="/compare")
     bad["the toy concept must be one of"] = lambda: client.predict(handle_file(trained.final[3]), "dog", "", 1,
                                                                    api_name="/measure")
