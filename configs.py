@@ -3,6 +3,7 @@ file's tensor shapes plus what shapes cannot tell, the family's constants (SD v1
 SDXL, CLIP's 64-dim text heads and activations, the prediction type and image size where a file's metadata is
 silent); from and to diffusers' config.json files. LDM configs as in
 https://github.com/Stability-AI/stablediffusion/blob/cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf/configs/stable-diffusion/v2-inference-v.yaml"""
+
 import dataclasses
 import functools
 import re
@@ -15,7 +16,9 @@ from unet import CROSS_DOWN, CROSS_UP, RESNET_EPS, UNetConfig
 from vae import VAEConfig
 
 CLIP_HEAD_DIM = 64  # CLIP text heads are 64 wide (ViT-L/14: 768 = 12 x 64)
-UNET_HEAD_DIM = 64  # SD 2.x and SDXL UNet heads: num_head_channels 64 (v2-inference-v.yaml, sd_xl_base.yaml)
+UNET_HEAD_DIM = (
+    64  # SD 2.x and SDXL UNet heads: num_head_channels 64 (v2-inference-v.yaml, sd_xl_base.yaml)
+)
 CLIP_ACT = "quick_gelu"  # OpenAI CLIP's activation, x * sigmoid(1.702 x)
 OPENCLIP_ACT = "gelu"  # OpenCLIP ViT-H's and bigG's activation: nn.GELU (erf), transformers' "gelu"
 # A single file's family by its text encoder's names; a folder's by its UNet: SDXL's added embedding, else the context
@@ -26,9 +29,15 @@ FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2"}
 # models of 512 px, other SD 2.x files (v2-1_768-ema-pruned) v-models of 768 px, as diffusers takes them; SDXL base
 # is an epsilon model of 1024 px.
 SD1_SIZE, SD2_V_SIZE, SDXL_SIZE = 512, 768, 1024
-RESOLUTION = "modelspec.resolution"  # safetensors metadata "WxH" (Stability's model spec), e.g. "1024x1024"
+RESOLUTION = (
+    "modelspec.resolution"  # safetensors metadata "WxH" (Stability's model spec), e.g. "1024x1024"
+)
 PREDICTION = "modelspec.prediction_type"  # the same spec's "epsilon" or "v"
-SPEC_PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}  # -> PREDICTIONS
+SPEC_PREDICTIONS = {
+    "epsilon": "epsilon",
+    "v": "v_prediction",
+    "v_prediction": "v_prediction",
+}  # -> PREDICTIONS
 
 
 def _shape(sd, key):
@@ -40,14 +49,22 @@ def _numbers(sd, pattern):  # the distinct block numbers `pattern` captures in t
 
 
 def file_family(sd):
-    """"sd1", "sd2" or "sdxl" of an LDM state dict by its text encoder's names; None: none of them."""
-    return next((family for family, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in sd)), None)
+    """ "sd1", "sd2" or "sdxl" of an LDM state dict by its text encoder's names; None: none of them."""
+    return next(
+        (family for family, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in sd)),
+        None,
+    )
 
 
 def folder_family(unet):
-    """"sd1", "sd2" or "sdxl" of a diffusers folder by its UNetConfig."""
-    return "sdxl" if unet.addition_embed_type else FAMILY_BY_CONTEXT.get(
-        unet.cross_attention_dim, "sd2" if unet.use_linear_projection else "sd1")
+    """ "sd1", "sd2" or "sdxl" of a diffusers folder by its UNetConfig."""
+    return (
+        "sdxl"
+        if unet.addition_embed_type
+        else FAMILY_BY_CONTEXT.get(
+            unet.cross_attention_dim, "sd2" if unet.use_linear_projection else "sd1"
+        )
+    )
 
 
 def stated(metadata, family, prediction_type=None):
@@ -65,24 +82,46 @@ def unet_config(sd):
     SD v1's 8 heads for 1x1-conv projections, else 64-dim heads; with label_emb SDXL's size-number width and size."""
     shape, numbers = functools.partial(_shape, sd), functools.partial(_numbers, sd)
     u, label = "model.diffusion_model.", "model.diffusion_model.label_emb.0.0.weight"
-    ops = numbers(re.escape(u) + r"input_blocks\.(\d+)\.0\.op\.")  # downsamplers: input_blocks.{n (i + 1)}
+    ops = numbers(
+        re.escape(u) + r"input_blocks\.(\d+)\.0\.op\."
+    )  # downsamplers: input_blocks.{n (i + 1)}
     n, levels = ops[0], len(ops) + 1
-    attention = [[f"{u}{blocks}.{n * i + first}.1.proj_in.weight" in sd for i in range(levels)]
-                 for blocks, first in (("input_blocks", 1), ("output_blocks", 0))]
-    depth = [len(numbers(rf"{re.escape(u)}input_blocks\.{n * i + 1}\.1\.transformer_blocks\.(\d+)\.")) or 1
-             for i in range(levels)]  # 1 where a level has no attention, as diffusers' configs write it
-    widths = tuple(shape(f"{u}input_blocks.{n * i + 1}.0.in_layers.2.weight")[0] for i in range(levels))
+    attention = [
+        [f"{u}{blocks}.{n * i + first}.1.proj_in.weight" in sd for i in range(levels)]
+        for blocks, first in (("input_blocks", 1), ("output_blocks", 0))
+    ]
+    depth = [
+        len(numbers(rf"{re.escape(u)}input_blocks\.{n * i + 1}\.1\.transformer_blocks\.(\d+)\."))
+        or 1
+        for i in range(levels)
+    ]  # 1 where a level has no attention, as diffusers' configs write it
+    widths = tuple(
+        shape(f"{u}input_blocks.{n * i + 1}.0.in_layers.2.weight")[0] for i in range(levels)
+    )
     linear = len(shape(f"{u}middle_block.1.proj_in.weight")) == 2
-    family = UNetConfig.sdxl() if label in sd else UNetConfig.sd1()  # label_emb: SDXL's added embedding
+    family = (
+        UNetConfig.sdxl() if label in sd else UNetConfig.sd1()
+    )  # label_emb: SDXL's added embedding
     return dataclasses.replace(
-        family, in_channels=shape(f"{u}input_blocks.0.0.weight")[1], out_channels=shape(f"{u}out.2.weight")[0],
-        block_out_channels=widths, layers_per_block=n - 1, use_linear_projection=linear,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention[0]),
+        family,
+        in_channels=shape(f"{u}input_blocks.0.0.weight")[1],
+        out_channels=shape(f"{u}out.2.weight")[0],
+        block_out_channels=widths,
+        layers_per_block=n - 1,
+        use_linear_projection=linear,
+        down_block_types=tuple(
+            "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention[0]
+        ),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[1]),
         cross_attention_dim=shape(f"{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
-        attention_head_dim=tuple(w // UNET_HEAD_DIM for w in widths) if linear else family.attention_head_dim,
-        transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else tuple(depth),  # one value: as configs say
-        projection_class_embeddings_input_dim=shape(label)[1] if label in sd else None)
+        attention_head_dim=tuple(w // UNET_HEAD_DIM for w in widths)
+        if linear
+        else family.attention_head_dim,
+        transformer_layers_per_block=depth[0]
+        if len(set(depth)) == 1
+        else tuple(depth),  # one value: as configs say
+        projection_class_embeddings_input_dim=shape(label)[1] if label in sd else None,
+    )
 
 
 def infer_configs(sd, family="sd1"):
@@ -92,46 +131,87 @@ def infer_configs(sd, family="sd1"):
     v = "first_stage_model."
     unet = unet_config(sd)
     vae = dataclasses.replace(
-        VAEConfig.sdxl() if family == "sdxl" else VAEConfig.sd(), in_channels=shape(f"{v}encoder.conv_in.weight")[1],
-        out_channels=shape(f"{v}decoder.conv_out.weight")[0], latent_channels=shape(f"{v}post_quant_conv.weight")[0],
-        block_out_channels=tuple(shape(f"{v}encoder.down.{i}.block.0.conv2.weight")[0]
-                                 for i in numbers(re.escape(v) + r"encoder\.down\.(\d+)\.")),
-        layers_per_block=len(numbers(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")))
+        VAEConfig.sdxl() if family == "sdxl" else VAEConfig.sd(),
+        in_channels=shape(f"{v}encoder.conv_in.weight")[1],
+        out_channels=shape(f"{v}decoder.conv_out.weight")[0],
+        latent_channels=shape(f"{v}post_quant_conv.weight")[0],
+        block_out_channels=tuple(
+            shape(f"{v}encoder.down.{i}.block.0.conv2.weight")[0]
+            for i in numbers(re.escape(v) + r"encoder\.down\.(\d+)\.")
+        ),
+        layers_per_block=len(numbers(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")),
+    )
     # The text encoders' shapes under transformers' names (OpenCLIP's q, k, v still fused)
-    t = {ldm_to_ours(k, family=family): x for k, x in sd.items() if k.startswith(("cond_stage_model.", "conditioner."))}
+    t = {
+        ldm_to_ours(k, family=family): x
+        for k, x in sd.items()
+        if k.startswith(("cond_stage_model.", "conditioner."))
+    }
     return unet, vae, *(_text_config(t, part, family, sd) for part in TEXT_PARTS[family])
 
 
 def _text_config(t, part, family, sd):
     """The CLIPTextConfig of text encoder `part` from its tensors `t` under our names. A SD 2.x file holding OpenCLIP's
     whole text tower (text_projection tells) has a last block SD 2.x does not use; SDXL's tower is used whole."""
-    p = f"{part}.text_model." if part == "text_encoder_2" else f"{part}."  # CLIPTextModelWithProjection's level
+    p = (
+        f"{part}.text_model." if part == "text_encoder_2" else f"{part}."
+    )  # CLIPTextModelWithProjection's level
     vocab, width = _shape(t, p + "embeddings.token_embedding.weight")
     layers = len(_numbers(t, re.escape(p) + r"encoder\.layers\.(\d+)\."))
     return CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=_shape(t, p + "encoder.layers.0.mlp.fc1.weight")[0],
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=_shape(t, p + "encoder.layers.0.mlp.fc1.weight")[0],
         num_hidden_layers=layers - (family == "sd2" and f"{OPENCLIP}text_projection" in sd),
         num_attention_heads=width // CLIP_HEAD_DIM,
         hidden_act=OPENCLIP_ACT if OPENCLIP_PART.get(family) == part else CLIP_ACT,
         max_position_embeddings=_shape(t, p + "embeddings.position_embedding.weight")[0],
-        **({"projection_dim": _shape(t, TEXT_PROJECTION)[1]} if part == "text_encoder_2" else {}),  # P: [width, dim]
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)  # the tokenizer's, set by load()
+        **(
+            {"projection_dim": _shape(t, TEXT_PROJECTION)[1]} if part == "text_encoder_2" else {}
+        ),  # P: [width, dim]
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )  # the tokenizer's, set by load()
 
 
 # diffusers config.json options -> SD's value (a tuple: any of these); unlisted options must be off (None).
 SD_VALUES = {
     UNetConfig: dict(
-        center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", dropout=0.0, downsample_padding=1,
-        mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, mid_block_scale_factor=1,
-        norm_eps=RESNET_EPS, dual_cross_attention=False, resnet_skip_time_act=False,
-        resnet_time_scale_shift="default", resnet_out_scale_factor=1.0, time_embedding_type="positional",
-        conv_in_kernel=3, conv_out_kernel=3, attention_type="default", class_embeddings_concat=False,
-        addition_embed_type_num_heads=64, down_block_types=(CROSS_DOWN, "DownBlock2D"),
-        up_block_types=(CROSS_UP, "UpBlock2D"), addition_embed_type=(None, "text_time"),  # SDXL's
-        upcast_attention=(False, True, None)),  # an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it
-    VAEConfig: dict(down_block_types="DownEncoderBlock2D", up_block_types="UpDecoderBlock2D", act_fn="silu",
-                    use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
-                    force_upcast=(False, True)),  # a pipeline hint: decode fp16 latents in fp32
+        center_input_sample=False,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        act_fn="silu",
+        dropout=0.0,
+        downsample_padding=1,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        only_cross_attention=False,
+        mid_block_scale_factor=1,
+        norm_eps=RESNET_EPS,
+        dual_cross_attention=False,
+        resnet_skip_time_act=False,
+        resnet_time_scale_shift="default",
+        resnet_out_scale_factor=1.0,
+        time_embedding_type="positional",
+        conv_in_kernel=3,
+        conv_out_kernel=3,
+        attention_type="default",
+        class_embeddings_concat=False,
+        addition_embed_type_num_heads=64,
+        down_block_types=(CROSS_DOWN, "DownBlock2D"),
+        up_block_types=(CROSS_UP, "UpBlock2D"),
+        addition_embed_type=(None, "text_time"),  # SDXL's
+        upcast_attention=(False, True, None),
+    ),  # an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it
+    VAEConfig: dict(
+        down_block_types="DownEncoderBlock2D",
+        up_block_types="UpDecoderBlock2D",
+        act_fn="silu",
+        use_quant_conv=True,
+        use_post_quant_conv=True,
+        mid_block_add_attention=True,
+        force_upcast=(False, True),
+    ),  # a pipeline hint: decode fp16 latents in fp32
 }
 
 
@@ -142,33 +222,64 @@ def config_from_json(cls, d):
         if key.startswith("_") or key in names and key not in sd_values:
             continue  # "_class_name", "_diffusers_version": bookkeeping; and the fields we build from
         allowed = sd_values.get(key, None)
-        values = value if isinstance(value, (list, tuple)) else [value]  # per-level lists: each entry
+        values = (
+            value if isinstance(value, (list, tuple)) else [value]
+        )  # per-level lists: each entry
         if any(v not in (allowed if isinstance(allowed, tuple) else (allowed,)) for v in values):
-            raise ValueError(f"unsupported {cls.__name__} option {key}={value!r}: not Stable Diffusion's")
+            raise ValueError(
+                f"unsupported {cls.__name__} option {key}={value!r}: not Stable Diffusion's"
+            )
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
 
 # SD v1.5's scheduler/scheduler_config.json: the DDIM that sampler.py implements.
-DDIM_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=sampler.NUM_TRAIN_TIMESTEPS,
-                      beta_start=sampler.BETA_START, beta_end=sampler.BETA_END, beta_schedule="scaled_linear",
-                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+DDIM_SCHEDULER = dict(
+    _class_name="DDIMScheduler",
+    num_train_timesteps=sampler.NUM_TRAIN_TIMESTEPS,
+    beta_start=sampler.BETA_START,
+    beta_end=sampler.BETA_END,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 def diffusers_configs(unet, vae, prediction_type, family="sd1"):
     """{file name: dict} of the config files a diffusers StableDiffusionPipeline folder holds (SDXL's
     StableDiffusionXLPipeline: a second text encoder and tokenizer), for our configs."""
     levels = len(vae.block_out_channels)
-    index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False, "safety_checker": [None, None]}
-    if family == "sdxl":  # as the base model's model_index.json: the empty prompt's embeddings are zeros (text.py)
-        index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
-                 "image_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                 "tokenizer_2": ["transformers", "CLIPTokenizer"]}
-    return {"unet/config.json": dict(dataclasses.asdict(unet), _class_name="UNet2DConditionModel"),
-            "vae/config.json": dict(dataclasses.asdict(vae), _class_name="AutoencoderKL",
-                                    down_block_types=["DownEncoderBlock2D"] * levels,
-                                    up_block_types=["UpDecoderBlock2D"] * levels),
-            "scheduler/scheduler_config.json": dict(DDIM_SCHEDULER, prediction_type=prediction_type),
-            "model_index.json": {**index, "feature_extractor": [None, None],
-                                 "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
-                                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-                                 "tokenizer": ["transformers", "CLIPTokenizer"]}}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+    }
+    if (
+        family == "sdxl"
+    ):  # as the base model's model_index.json: the empty prompt's embeddings are zeros (text.py)
+        index = {
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": True,
+            "image_encoder": [None, None],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        }
+    return {
+        "unet/config.json": dict(dataclasses.asdict(unet), _class_name="UNet2DConditionModel"),
+        "vae/config.json": dict(
+            dataclasses.asdict(vae),
+            _class_name="AutoencoderKL",
+            down_block_types=["DownEncoderBlock2D"] * levels,
+            up_block_types=["UpDecoderBlock2D"] * levels,
+        ),
+        "scheduler/scheduler_config.json": dict(DDIM_SCHEDULER, prediction_type=prediction_type),
+        "model_index.json": {
+            **index,
+            "feature_extractor": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+        },
+    }

@@ -7,6 +7,7 @@ diffusers .pt), and train-esd.py's compvis .pt, the whole edited model as an LDM
 (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`): its UNet part, names mapped by
 convert.py; ESD leaves the VAE and text encoder as they were.
 """
+
 import contextlib
 import os
 
@@ -40,7 +41,9 @@ def load_checkpoint(path, mmap=False):
     try:
         state = torch.load(path + RESUME, weights_only=True, mmap=mmap)
         return dict(state, tensors=state["tensors"])  # a dict with tensors, or KeyError / TypeError
-    except Exception as e:  # missing, empty, truncated, pickled code, another kind of file: whatever torch raises
+    except (
+        Exception
+    ) as e:  # missing, empty, truncated, pickled code, another kind of file: whatever torch raises
         raise LoadError(f"cannot resume from {path}{RESUME}: {files.first_line(e)}") from None
 
 
@@ -49,8 +52,11 @@ def load(path, config=None):
     of an LDM state dict (default SD v1's, the model the official ESD weights edit)."""
     tensors = files.read_tensors(str(path))
     if any(k.startswith(LDM_UNET) for k in tensors):  # train-esd.py's whole model: keep its UNet
-        tensors = {convert.ldm_to_ours(k, config).removeprefix("unet."): t
-                   for k, t in tensors.items() if k.startswith(LDM_UNET)}
+        tensors = {
+            convert.ldm_to_ours(k, config).removeprefix("unet."): t
+            for k, t in tensors.items()
+            if k.startswith(LDM_UNET)
+        }
     return tensors, files.read_metadata(path)
 
 
@@ -60,11 +66,15 @@ def apply(unet, tensors):
     params = dict(unet.named_parameters())
     bad = [k for k, v in tensors.items() if k not in params or params[k].shape != v.shape]
     if bad or not tensors:
-        raise LoadError(f"the delta does not fit this UNet: {len(bad)} of {len(tensors)} tensors have unknown "
-                        f"names or other shapes{', e.g. ' + bad[0] if bad else ''}")
+        raise LoadError(
+            f"the delta does not fit this UNet: {len(bad)} of {len(tensors)} tensors have unknown "
+            f"names or other shapes{', e.g. ' + bad[0] if bad else ''}"
+        )
     not_finite = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if not_finite:
-        raise LoadError(f"the delta holds NaN or infinite values in {len(not_finite)} tensors, e.g. {not_finite[0]}")
+        raise LoadError(
+            f"the delta holds NaN or infinite values in {len(not_finite)} tensors, e.g. {not_finite[0]}"
+        )
     for k, v in tensors.items():
         params[k].copy_(v)
     return unet
@@ -79,7 +89,13 @@ def applied(unet, *deltas):
         for d in deltas:
             is_file = isinstance(d, (str, os.PathLike))
             tensors = load(d, unet.config)[0] if is_file else d
-            originals.update({k: params[k].detach().clone() for k in tensors if k in params and k not in originals})
+            originals.update(
+                {
+                    k: params[k].detach().clone()
+                    for k in tensors
+                    if k in params and k not in originals
+                }
+            )
             try:
                 apply(unet, tensors)
             except LoadError as e:

@@ -5,6 +5,7 @@ Official code: train-esd.py (2023, removed in 414dc94) and its rewrite esd_sd.py
 https://github.com/rohitgandikota/erasing/blob/2704f9a28217cedeb7d2f516b9acfc707fd4702a/train-scripts/train-esd.py
 https://github.com/rohitgandikota/erasing/blob/ce8d4d925b25f2566fb59458e056af34cd5534d3/esd_sd.py
 Memory-lean: ONE UNet; frozen θ = that UNet with kept originals of the trained tensors swapped in."""
+
 import random
 
 import torch
@@ -13,7 +14,9 @@ from torch.func import functional_call
 
 import sampler
 
-DDIM_STEPS = 50  # x_t trajectory length (train-esd.py --ddim_steps, esd_sd.py --num_inference_steps)
+DDIM_STEPS = (
+    50  # x_t trajectory length (train-esd.py --ddim_steps, esd_sd.py --num_inference_steps)
+)
 GUIDANCE = 3.0  # CFG scale sampling x_t (train-esd.py --start_guidance, esd_sd.py --guidance_scale)
 # Which weights sample x_t (value: use the frozen originals?). "trained": the paper and train-esd.py,
 # x_t follows the model as it forgets; "frozen": esd_sd.py, x_t never changes (trajectory pools).
@@ -55,15 +58,27 @@ def esd_target(e_0, e_c, negative_guidance, e_a=None):
     return base - negative_guidance * (e_c - e_0)  # ε_θ(x_t, t) − η[ε_θ(x_t, c, t) − ε_θ(x_t, t)]
 
 
-TARGETS = {"esd": esd_target}  # train.py --target NAME; add variants here (README, "Your own target")
+TARGETS = {
+    "esd": esd_target
+}  # train.py --target NAME; add variants here (README, "Your own target")
 
 
 class ESD:
     """The UNet being fine-tuned and the originals of the tensors it trains (the frozen θ): only those require grad, in
     their own dtype (fp32: in bf16 most small Adam updates round away); dtype bf16/fp16 only turns on autocast."""
 
-    def __init__(self, unet, method="esd-x", *, negative_guidance=1.0, target="esd", steps=DDIM_STEPS,
-                 guidance=GUIDANCE, prediction="epsilon", dtype=torch.float32):
+    def __init__(
+        self,
+        unet,
+        method="esd-x",
+        *,
+        negative_guidance=1.0,
+        target="esd",
+        steps=DDIM_STEPS,
+        guidance=GUIDANCE,
+        prediction="epsilon",
+        dtype=torch.float32,
+    ):
         if target not in TARGETS:
             raise ValueError(f"unknown ESD target {target!r}; choose one of: {', '.join(TARGETS)}")
         self.unet = unet.eval().requires_grad_(False)
@@ -72,13 +87,19 @@ class ESD:
         self.negative_guidance, self.target = negative_guidance, TARGETS[target]
         self.steps, self.guidance, self.prediction = steps, guidance, prediction
         self.timesteps = sampler.ddim_timesteps(steps)
-        self.device = next(iter(self.params.values())).device  # move the UNet before, not after, this
-        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        self.device = next(
+            iter(self.params.values())
+        ).device  # move the UNet before, not after, this
+        self.autocast = torch.autocast(
+            self.device.type, dtype=dtype, enabled=dtype != torch.float32
+        )
 
     def eps(self, x, t, cond, frozen=False):
         """ε(x, t, cond) with the weights being trained, or (frozen=True) with the originals; cond: a conditioning
         (sampler.py: a text context, or SDXL's (context, added))."""
-        swapped = self.originals if frozen else {}  # frozen: the same module, the originals in place of the trained
+        swapped = (
+            self.originals if frozen else {}
+        )  # frozen: the same module, the originals in place of the trained
         return functional_call(self.unet, swapped, (x, t, *sampler.inputs(cond)))
 
     @torch.no_grad()
@@ -86,9 +107,17 @@ class ESD:
         """x after `until` guided DDIM steps from noise x_T: it sits at timestep self.timesteps[until].
         trajectory=True: every step's x up to there, [until + 1, B, 4, h, w]."""
         with self.autocast:
-            return sampler.sample(lambda x, t, *c: self.eps(x, t, c, XT_FROM[xt_from]), x_T, cond, uncond,
-                                  steps=self.steps, guidance=self.guidance, prediction=self.prediction, until=until,
-                                  trajectory=trajectory)
+            return sampler.sample(
+                lambda x, t, *c: self.eps(x, t, c, XT_FROM[xt_from]),
+                x_T,
+                cond,
+                uncond,
+                steps=self.steps,
+                guidance=self.guidance,
+                prediction=self.prediction,
+                until=until,
+                trajectory=trajectory,
+            )
 
     def loss(self, x_t, t_enc, cond, uncond, anchor=None):
         """MSE between the trained ε_θ*(x_t, c, t) and the target from the frozen θ; x_t [B, 4, h, w], conditionings
@@ -97,14 +126,25 @@ class ESD:
         # The timestep x_t sits at. train-esd.py instead draws a DDPM t from [t_enc, t_enc + 1) * 1000/steps,
         # but its sampler stops where x is 2-3 DDIM steps less noisy than that t says.
         n = len(x_t)
-        t = self.timesteps[t_enc].expand(n)  # t_enc: one for the batch, or a LongTensor of one per row
-        contexts = [sampler.cat([uncond] * n), cond] + ([sampler.cat([anchor] * n)] if anchor is not None else [])
+        t = self.timesteps[t_enc].expand(
+            n
+        )  # t_enc: one for the batch, or a LongTensor of one per row
+        contexts = [sampler.cat([uncond] * n), cond] + (
+            [sampler.cat([anchor] * n)] if anchor is not None else []
+        )
         with torch.no_grad(), self.autocast:  # frozen θ, ONE batch: [e_0; e_c] (+ e_a)
-            e = self.eps(torch.cat([x_t] * len(contexts)), t.repeat(len(contexts)), sampler.cat(contexts), frozen=True)
+            e = self.eps(
+                torch.cat([x_t] * len(contexts)),
+                t.repeat(len(contexts)),
+                sampler.cat(contexts),
+                frozen=True,
+            )
         e_0, e_c, *e_a = e.float().chunk(len(contexts))
         target = self.target(e_0, e_c, self.negative_guidance, *e_a)
         with self.autocast:
-            e_n = self.eps(x_t, t, contexts[-1] if anchor is not None else cond)  # trained θ*, with grad
+            e_n = self.eps(
+                x_t, t, contexts[-1] if anchor is not None else cond
+            )  # trained θ*, with grad
         return F.mse_loss(e_n.float(), target)
 
     def delta(self):
@@ -120,11 +160,32 @@ class XtSource:
     sampled in one batch, rebuilt every `refresh` iterations (0: never); iteration it reads entries it*B .. it*B+B-1
     (mod N) at its t_enc."""
 
-    def __init__(self, trainer, prompts, uncond, latent_shape, *, seed=0, batch_size=1, pool=0, refresh=0,
-                 xt_from="trained"):
+    def __init__(
+        self,
+        trainer,
+        prompts,
+        uncond,
+        latent_shape,
+        *,
+        seed=0,
+        batch_size=1,
+        pool=0,
+        refresh=0,
+        xt_from="trained",
+    ):
         self.trainer, self.prompts, self.uncond, self.shape = trainer, prompts, uncond, latent_shape
-        self.seed, self.batch_size, self.pool, self.refresh, self.xt_from = seed, batch_size, pool, refresh, xt_from
-        self.concepts, self.paths, self.built = [], None, None  # the pool: a concept and a trajectory per entry
+        self.seed, self.batch_size, self.pool, self.refresh, self.xt_from = (
+            seed,
+            batch_size,
+            pool,
+            refresh,
+            xt_from,
+        )
+        self.concepts, self.paths, self.built = (
+            [],
+            None,
+            None,
+        )  # the pool: a concept and a trajectory per entry
 
     def _draw(self, stream, i):
         """(concept index, t_enc, noise seed) number i of a stream: e.g. iteration it, or pool entry i."""
@@ -135,22 +196,45 @@ class XtSource:
     def _sample(self, concepts, noise_seeds, n, until, trajectory=False):
         """x_t (or the trajectory) of n noises per seed (noise[:1] is the same for every n), each seed its concept's
         prompt, all in one batch."""
-        x_T = torch.cat([torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(s)) for s in noise_seeds])
+        x_T = torch.cat(
+            [
+                torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(s))
+                for s in noise_seeds
+            ]
+        )
         cond = sampler.cat([self.prompts[c] for c in concepts for _ in range(n)])
-        return self.trainer.sample(x_T.to(self.trainer.device), cond, sampler.cat([self.uncond] * len(x_T)), until,
-                                   self.xt_from, trajectory)
+        return self.trainer.sample(
+            x_T.to(self.trainer.device),
+            cond,
+            sampler.cat([self.uncond] * len(x_T)),
+            until,
+            self.xt_from,
+            trajectory,
+        )
 
     def draw(self, it):
         concept, t_enc, noise_seed = self._draw("iteration", it)
         if not self.pool:
-            return [concept] * self.batch_size, t_enc, self._sample([concept], [noise_seed], self.batch_size, t_enc)
+            return (
+                [concept] * self.batch_size,
+                t_enc,
+                self._sample([concept], [noise_seed], self.batch_size, t_enc),
+            )
         generation = it // self.refresh if self.refresh else 0
-        if generation != self.built:  # (re)build, one batch up to the last t_enc this generation serves
+        if (
+            generation != self.built
+        ):  # (re)build, one batch up to the last t_enc this generation serves
             served = range(generation * self.refresh, (generation + 1) * self.refresh)
-            last = max((self._draw("iteration", i)[1] for i in served), default=self.trainer.steps - 1)
-            concepts, _, seeds = zip(*[self._draw(f"pool{generation}", i) for i in range(self.pool)])
+            last = max(
+                (self._draw("iteration", i)[1] for i in served), default=self.trainer.steps - 1
+            )
+            concepts, _, seeds = zip(
+                *[self._draw(f"pool{generation}", i) for i in range(self.pool)]
+            )
             self.concepts, self.built = list(concepts), generation
-            self.paths = self._sample(concepts, seeds, 1, last, trajectory=True)  # [last + 1, N, 4, h, w]
+            self.paths = self._sample(
+                concepts, seeds, 1, last, trajectory=True
+            )  # [last + 1, N, 4, h, w]
         rows = [(it * self.batch_size + j) % self.pool for j in range(self.batch_size)]
         return [self.concepts[i] for i in rows], t_enc, self.paths[t_enc, rows]
 

@@ -2,6 +2,7 @@
 every output path is checked before any work and written to a temporary name then renamed, so a crash never
 leaves half a file where a good one was; a run holds a lock on its output; bad input is one line (LoadError).
 """
+
 import argparse
 import contextlib
 import fcntl
@@ -34,16 +35,26 @@ def refuse(problems):
 
 def first_line(e):
     """`Type: first line of the message` of an exception, for one-line errors."""
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
+    return (
+        f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        if str(e).strip()
+        else type(e).__name__
+    )
 
 
 def read_tensors(path):
     """The tensors of a .safetensors file, or of a .ckpt/.pt/.bin read with weights_only (no pickled code)."""
     try:
-        obj = load_file(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
+        obj = (
+            load_file(path)
+            if path.endswith(".safetensors")
+            else torch.load(path, "cpu", weights_only=True)
+        )
     except Exception as e:  # any file we cannot read is bad input, whatever the library raises
         raise LoadError(f"cannot read {path}: {first_line(e)}") from None
-    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj  # LDM .ckpt: {"state_dict": ...}
+    obj = (
+        obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    )  # LDM .ckpt: {"state_dict": ...}
     if not isinstance(obj, dict):
         raise LoadError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
@@ -56,7 +67,9 @@ def read_metadata(path):
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
-    except Exception as e:  # no such file, a truncated or garbage header: bad input, whatever safetensors raises
+    except (
+        Exception
+    ) as e:  # no such file, a truncated or garbage header: bad input, whatever safetensors raises
         raise LoadError(f"cannot read {path}: {first_line(e)}") from None
 
 
@@ -97,23 +110,35 @@ def check_output(path, *, inputs=(), overwrite=True, folder=False):
     if folder and os.path.lexists(path):
         raise LoadError(f"{path} exists: choose a new folder (nothing is overwritten)")
     if os.path.islink(path) or os.path.lexists(path) and not os.path.isfile(path):
-        kind = "a symlink" if os.path.islink(path) else "a directory" if os.path.isdir(path) else "a device or pipe"
+        kind = (
+            "a symlink"
+            if os.path.islink(path)
+            else "a directory"
+            if os.path.isdir(path)
+            else "a device or pipe"
+        )
         raise LoadError(f"{path} is not a regular file ({kind}): choose another output path")
     real = os.path.realpath(path)
     for source in filter(None, map(str, inputs)):
         if os.path.exists(source) and (real + os.sep).startswith(os.path.realpath(source) + os.sep):
-            raise LoadError(f"{path} is an input of this run ({source}): choose another output path")
+            raise LoadError(
+                f"{path} is an input of this run ({source}): choose another output path"
+            )
     if not overwrite and os.path.lexists(path):
         raise LoadError(f"{path} exists: pass --overwrite to replace it")
     if not os.path.isdir(os.path.dirname(real)):
         raise LoadError(f"output folder does not exist: {os.path.dirname(path) or '.'}")
-    for leftover in glob.glob(glob.escape(path) + ".tmp-*"):  # a dead process's half-written file or folder
+    for leftover in glob.glob(
+        glob.escape(path) + ".tmp-*"
+    ):  # a dead process's half-written file or folder
         if not _alive(leftover.rpartition(".tmp-")[2]):
             if os.path.isdir(leftover):
                 shutil.rmtree(leftover)
             else:
                 os.remove(leftover)
-    probe = f"{path}.tmp-{os.getpid()}"  # the very name atomic_write writes first: can it be made here?
+    probe = (
+        f"{path}.tmp-{os.getpid()}"  # the very name atomic_write writes first: can it be made here?
+    )
     try:
         open(probe, "x").close()
         os.remove(probe)
@@ -125,7 +150,7 @@ def check_output(path, *, inputs=(), overwrite=True, folder=False):
 def check_address(host, port):
     """Refuse (LoadError), before any work, an address a server cannot listen on: a port outside 1..65535, a host
     that is no IPv4 address or name of this machine (gradio 6.31 serves no IPv6), a port in use."""
-    refuse([(not 0 < port < 2 ** 16, f"--port must be in 1..65535, got {port}")])
+    refuse([(not 0 < port < 2**16, f"--port must be in 1..65535, got {port}")])
     try:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
@@ -153,11 +178,15 @@ def locked(path):
     with open(lock, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.stat(lock).st_ino != os.fstat(f.fileno()).st_ino:  # removed by a run that just ended
+            if (
+                os.stat(lock).st_ino != os.fstat(f.fileno()).st_ino
+            ):  # removed by a run that just ended
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):
-            raise LoadError(f"another run is writing {path} ({lock} is locked): wait for it or choose another "
-                            "--output") from None
+            raise LoadError(
+                f"another run is writing {path} ({lock} is locked): wait for it or choose another "
+                "--output"
+            ) from None
         try:
             yield path
         finally:
@@ -175,7 +204,9 @@ def run_cli(work, leftover=lambda: None, smaller="settings"):
     """work() as a CLI's exit code: 0, or one line on stderr and 2 for bad input (LoadError), 1 for a run that
     failed (a NaN loss, a full disk, a failed allocation: try a `smaller` setting), 130 for Ctrl-C or SIGTERM.
     leftover(): what a run that failed or was stopped leaves behind, e.g. its last checkpoint, for that line."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill, schedulers, containers: the same as Ctrl-C
+    signal.signal(
+        signal.SIGTERM, signal.default_int_handler
+    )  # kill, schedulers, containers: the same as Ctrl-C
     try:
         work()
         return 0
@@ -185,10 +216,17 @@ def run_cli(work, leftover=lambda: None, smaller="settings"):
     except KeyboardInterrupt:
         code, line = 130, "interrupted"
     except (FloatingPointError, OSError, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not (isinstance(e, torch.OutOfMemoryError) or "allocate memory" in str(e)):
+        if isinstance(e, RuntimeError) and not (
+            isinstance(e, torch.OutOfMemoryError) or "allocate memory" in str(e)
+        ):
             raise  # a bug, not the machine: its traceback is what a report needs
         code = 1
-        line = (f"cannot write {e.filename}: {e.strerror}" if isinstance(e, OSError) else str(e)
-                if isinstance(e, FloatingPointError) else f"out of memory ({first_line(e)}): try a smaller {smaller}")
+        line = (
+            f"cannot write {e.filename}: {e.strerror}"
+            if isinstance(e, OSError)
+            else str(e)
+            if isinstance(e, FloatingPointError)
+            else f"out of memory ({first_line(e)}): try a smaller {smaller}"
+        )
     print(f"error: {line}; {leftover() or 'nothing saved'}", file=sys.stderr)
     return code

@@ -5,6 +5,7 @@
 
 Image i of --num-images has seed --seed + i: the image diffusers' StableDiffusionPipeline (DDIM) draws for it.
 """
+
 import json
 import math
 import os
@@ -20,12 +21,19 @@ import load_sd
 import sampler
 
 DDIM_STEPS, GUIDANCE = 50, 7.5  # SD's usual sampling, diffusers' pipeline defaults
-MIN_CELL, MAX_GRID = 96, 64  # grid cells are at least 96 px wide (small images enlarged); 64 images at most
+MIN_CELL, MAX_GRID = (
+    96,
+    64,
+)  # grid cells are at least 96 px wide (small images enlarged); 64 images at most
 
 
 def to_pil(images):
     """Images [N, 3, H, W] in [-1, 1] -> 8-bit PIL images, clamped and rounded as diffusers' numpy_to_pil."""
-    arrays = ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu() * 255).round().to(torch.uint8)
+    arrays = (
+        ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu() * 255)
+        .round()
+        .to(torch.uint8)
+    )
     return [Image.fromarray(a.numpy()) for a in arrays]
 
 
@@ -37,7 +45,7 @@ def grid(rows, titles=(), cell=MIN_CELL):
     top = 16 if titles else 0
     canvas = Image.new("RGB", (k * w * len(rows[0]), top + k * h * len(rows)), "white")
     for j, title in enumerate(titles):
-        ImageDraw.Draw(canvas).text((j * k * w + 2, 2), title[:k * w // 6], fill="black")
+        ImageDraw.Draw(canvas).text((j * k * w + 2, 2), title[: k * w // 6], fill="black")
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             canvas.paste(image.resize((k * w, k * h), Image.NEAREST), (j * k * w, top + i * k * h))
@@ -47,52 +55,114 @@ def grid(rows, titles=(), cell=MIN_CELL):
 def infotext(p):
     """A1111's `parameters` text: the prompt, its negative prompt, then one line of "Key: value" settings."""
     negative = [f"Negative prompt: {p['negative_prompt']}"] if p["negative_prompt"] else []
-    model = os.path.basename(p["model"].rstrip("/")).removesuffix(".safetensors").removesuffix(".ckpt")
-    settings = (f"Steps: {p['steps']}, Sampler: DDIM, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
-                f"Size: {p['width']}x{p['height']}, Model: {model}")
+    model = (
+        os.path.basename(p["model"].rstrip("/")).removesuffix(".safetensors").removesuffix(".ckpt")
+    )
+    settings = (
+        f"Steps: {p['steps']}, Sampler: DDIM, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
+        f"Size: {p['width']}x{p['height']}, Model: {model}"
+    )
     return "\n".join([p["prompt"], *negative, settings])
 
 
 def parse_args(argv=None):
     p = files.ArgumentParser(description="Generate images with Stable Diffusion (DDIM + CFG).")
-    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="file, diffusers folder, hub id or 'toy'")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)")
+    p.add_argument(
+        "--model",
+        default="CompVis/stable-diffusion-v1-4",
+        help="file, diffusers folder, hub id or 'toy'",
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)"
+    )
     p.add_argument("--revision", default=None, help="hub models: branch, tag or commit")
-    p.add_argument("--variant", default=None, help="weight files *.VARIANT.* (folders, hub), e.g. fp16")
-    p.add_argument("--prediction-type", default=None, choices=load_sd.PREDICTIONS, help=load_sd.PREDICTION_HELP)
+    p.add_argument(
+        "--variant", default=None, help="weight files *.VARIANT.* (folders, hub), e.g. fp16"
+    )
+    p.add_argument(
+        "--prediction-type", default=None, choices=load_sd.PREDICTIONS, help=load_sd.PREDICTION_HELP
+    )
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
-    p.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch of CFG")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i has seed + i")
+    p.add_argument(
+        "--negative-prompt", default="", help="prompt for the unconditional branch of CFG"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the first image; image i has seed + i"
+    )
     p.add_argument("--steps", type=int, default=DDIM_STEPS, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's size; the toy's 32)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's size; the toy's 32)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt, seeds --seed, --seed + 1, ...")
-    p.add_argument("--batch-size", type=int, default=8, help="images generated at once (then written)")
+    p.add_argument(
+        "--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale"
+    )
+    p.add_argument(
+        "--height", type=int, default=None, help="pixels (default: the model's size; the toy's 32)"
+    )
+    p.add_argument(
+        "--width", type=int, default=None, help="pixels (default: the model's size; the toy's 32)"
+    )
+    p.add_argument(
+        "--num-images", type=int, default=1, help="images per prompt, seeds --seed, --seed + 1, ..."
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="images generated at once (then written)"
+    )
     p.add_argument("--output", default="sample.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=load_sd.DTYPES)
-    p.add_argument("--delta", action="append", default=[], help="ESD delta file to apply (repeatable)")
-    p.add_argument("--compare", action="store_true", help="one grid: the original's images (top row) above the edited")
+    p.add_argument(
+        "--delta", action="append", default=[], help="ESD delta file to apply (repeatable)"
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="one grid: the original's images (top row) above the edited",
+    )
     return p.parse_args(argv)
 
 
 def check_args(args):
     """The output paths, after refusing (LoadError: one line, exit 2) any value or path no run could succeed with."""
     images = len(args.prompt) * args.num_images
-    files.refuse([
-        (not 1 <= args.steps < 1000, "--steps must be in 1..999"),
-        (not abs(args.guidance) < float("inf"), "--guidance must be a finite number"),
-        (not 0 <= args.seed <= 2 ** 63 - args.num_images, "--seed must be in 0..2**63-1 (image i has seed + i)"),
-        (min(args.num_images, args.batch_size) < 1, "--num-images and --batch-size must be at least 1"),
-        (any(s is not None and (s % 8 or not 8 <= s <= files.MAX_SIDE) for s in (args.height, args.width)),
-         f"--height and --width must be multiples of 8 in 8..{files.MAX_SIDE}"),
-        (args.compare and not args.delta, "--compare needs at least one --delta to compare against"),
-        (args.compare and images > MAX_GRID, f"--compare draws one grid of at most {MAX_GRID} images"),
-        (any(not os.path.isfile(d) for d in args.delta), "no such --delta file: " + ", ".join(args.delta)),
-    ])
-    stem, ext = os.path.splitext(args.output)  # out.png for one image; out-0.png, out-1.png, ... for several
-    paths = [args.output] if images == 1 or args.compare else [f"{stem}-{i}{ext or '.png'}" for i in range(images)]
+    files.refuse(
+        [
+            (not 1 <= args.steps < 1000, "--steps must be in 1..999"),
+            (not abs(args.guidance) < float("inf"), "--guidance must be a finite number"),
+            (
+                not 0 <= args.seed <= 2**63 - args.num_images,
+                "--seed must be in 0..2**63-1 (image i has seed + i)",
+            ),
+            (
+                min(args.num_images, args.batch_size) < 1,
+                "--num-images and --batch-size must be at least 1",
+            ),
+            (
+                any(
+                    s is not None and (s % 8 or not 8 <= s <= files.MAX_SIDE)
+                    for s in (args.height, args.width)
+                ),
+                f"--height and --width must be multiples of 8 in 8..{files.MAX_SIDE}",
+            ),
+            (
+                args.compare and not args.delta,
+                "--compare needs at least one --delta to compare against",
+            ),
+            (
+                args.compare and images > MAX_GRID,
+                f"--compare draws one grid of at most {MAX_GRID} images",
+            ),
+            (
+                any(not os.path.isfile(d) for d in args.delta),
+                "no such --delta file: " + ", ".join(args.delta),
+            ),
+        ]
+    )
+    stem, ext = os.path.splitext(
+        args.output
+    )  # out.png for one image; out-0.png, out-1.png, ... for several
+    paths = (
+        [args.output]
+        if images == 1 or args.compare
+        else [f"{stem}-{i}{ext or '.png'}" for i in range(images)]
+    )
     return [files.check_output(p, inputs=(args.model, args.tokenizer, *args.delta)) for p in paths]
 
 
@@ -101,28 +171,59 @@ def main(argv=None):
 
     def work():
         paths = check_args(args)  # (a multiple of 8 fits every SD VAE: 8x, and the toy's 4x)
-        sd = load_sd.load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=load_sd.DTYPES[args.dtype],
-                          revision=args.revision, variant=args.variant, prediction_type=args.prediction_type)
+        sd = load_sd.load(
+            args.model,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=load_sd.DTYPES[args.dtype],
+            revision=args.revision,
+            variant=args.variant,
+            prediction_type=args.prediction_type,
+        )
         args.height, args.width = args.height or sd.image_size, args.width or sd.image_size
-        settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                        height=args.height, width=args.width, batch_size=args.batch_size)
+        settings = dict(
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance=args.guidance,
+            height=args.height,
+            width=args.width,
+            batch_size=args.batch_size,
+        )
         seeds = list(range(args.seed, args.seed + args.num_images))
-        per_batch = max(1, args.batch_size // len(args.prompt))  # seeds per batch, each with every prompt
-        outputs = zip(paths, [dict(vars(args), prompts=args.prompt, prompt=prompt, seed=seed)
-                              for seed in seeds for prompt in args.prompt])  # generate's order: seed-major
+        per_batch = max(
+            1, args.batch_size // len(args.prompt)
+        )  # seeds per batch, each with every prompt
+        outputs = zip(
+            paths,
+            [
+                dict(vars(args), prompts=args.prompt, prompt=prompt, seed=seed)
+                for seed in seeds
+                for prompt in args.prompt
+            ],
+        )  # generate's order: seed-major
 
         def write(images):  # each image to its own path, with its own prompt and seed, as it comes
             for image, (path, parameters) in zip(images, outputs):
-                files.save_png(image, path, {"parameters": infotext(parameters), "esd": json.dumps(parameters)})
+                files.save_png(
+                    image, path, {"parameters": infotext(parameters), "esd": json.dumps(parameters)}
+                )
                 tqdm.write(f"wrote {path}")
+
         with delta.applied(sd.unet, *args.delta):  # without --delta: the model as it is
-            batches = [seeds] if args.compare else [seeds[i:i + per_batch] for i in range(0, len(seeds), per_batch)]
+            batches = (
+                [seeds]
+                if args.compare
+                else [seeds[i : i + per_batch] for i in range(0, len(seeds), per_batch)]
+            )
             for batch in tqdm(batches, desc="batches", disable=len(batches) == 1):
                 images = to_pil(sampler.generate(sd, args.prompt, batch, **settings))
                 if not args.compare:
                     write(images)
-        if args.compare:  # one grid: the same prompts and noise through the original weights, above the edited
+        if (
+            args.compare
+        ):  # one grid: the same prompts and noise through the original weights, above the edited
             write([grid([to_pil(sampler.generate(sd, args.prompt, seeds, **settings)), images])])
+
     return files.run_cli(work, smaller="--height and --width, or --batch-size")
 
 

@@ -6,6 +6,7 @@ DDIM: Song et al., arXiv 2010.02502, eq. 12 (the update) and eq. 16 (sigma_t fro
 alpha_t is DDPM's alpha_bar_t, the cumulative product, and that is the name used here.
 v-prediction: Salimans & Ho, arXiv 2202.00512, sec. 4. Guidance: Ho & Salimans, arXiv 2207.12598, eq. 6.
 Mirrors LDM's DDIMSampler, https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/models/diffusion/ddim.py"""
+
 import torch
 from tqdm import tqdm
 
@@ -13,12 +14,15 @@ from tqdm import tqdm
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
 BETA_END = 0.012
-PREDICTIONS = ("epsilon", "v_prediction")  # what the UNet outputs: eps (SD v1, v2-base) or v (SD v2 768)
+PREDICTIONS = (
+    "epsilon",
+    "v_prediction",
+)  # what the UNet outputs: eps (SD v1, v2-base) or v (SD v2 768)
 
 
 def betas(dtype=torch.float32):
     """beta_t for t = 0..999: "scaled_linear", linear in sqrt(beta) (LDM's "linear" schedule)."""
-    return torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=dtype) ** 2
+    return torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=dtype) ** 2
 
 
 def alphas_cumprod():
@@ -30,27 +34,39 @@ def alphas_cumprod():
 def ddim_timesteps(steps):
     """The `steps` timesteps DDIM visits, descending: LDM's "uniform" spacing plus 1 (50 -> 981, 961, ..., 1),
     diffusers' DDIMScheduler "leading" spacing with steps_offset=1."""
-    if not 1 <= steps < NUM_TRAIN_TIMESTEPS:  # 1000 steps would start at t = 1000, past the schedule's end
+    if (
+        not 1 <= steps < NUM_TRAIN_TIMESTEPS
+    ):  # 1000 steps would start at t = 1000, past the schedule's end
         raise ValueError(f"steps must be in 1..{NUM_TRAIN_TIMESTEPS - 1}, got {steps}")
     stride = NUM_TRAIN_TIMESTEPS // steps
-    return (torch.arange(steps) * stride + 1).flip(0)  # +1: LDM's offset, so the last step lands on t=1
+    return (torch.arange(steps) * stride + 1).flip(
+        0
+    )  # +1: LDM's offset, so the last step lands on t=1
 
 
-def ddim_step(x_t, model_out, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None, prediction="epsilon"):
+def ddim_step(
+    x_t, model_out, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None, prediction="epsilon"
+):
     """One DDIM update x_t -> x_prev (eq. 12). `model_out` is eps or v (per `prediction`);
     `noise` ~ N(0, I) shaped like x_t is needed only when eta > 0."""
     if prediction == "epsilon":
         eps = model_out
-        x0_pred = (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t ** 0.5  # eq. 12, "predicted x_0"
-    elif prediction == "v_prediction":  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, solved for x_0 and eps
-        x0_pred = alpha_bar_t ** 0.5 * x_t - (1 - alpha_bar_t) ** 0.5 * model_out
-        eps = alpha_bar_t ** 0.5 * model_out + (1 - alpha_bar_t) ** 0.5 * x_t
+        x0_pred = (
+            x_t - (1 - alpha_bar_t) ** 0.5 * eps
+        ) / alpha_bar_t**0.5  # eq. 12, "predicted x_0"
+    elif (
+        prediction == "v_prediction"
+    ):  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, solved for x_0 and eps
+        x0_pred = alpha_bar_t**0.5 * x_t - (1 - alpha_bar_t) ** 0.5 * model_out
+        eps = alpha_bar_t**0.5 * model_out + (1 - alpha_bar_t) ** 0.5 * x_t
     else:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     # eq. 16: sigma_t = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
-    sigma_t = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
-    dir_xt = (1 - alpha_bar_prev - sigma_t ** 2) ** 0.5 * eps  # eq. 12, "direction pointing to x_t"
-    x_prev = alpha_bar_prev ** 0.5 * x0_pred + dir_xt  # eq. 12 without its random term
+    sigma_t = (
+        eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
+    )
+    dir_xt = (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps  # eq. 12, "direction pointing to x_t"
+    x_prev = alpha_bar_prev**0.5 * x0_pred + dir_xt  # eq. 12 without its random term
     if eta > 0:
         x_prev = x_prev + sigma_t * noise  # eq. 12, random term sigma_t * eps_t
     return x_prev
@@ -73,8 +89,21 @@ def inputs(cond):
 
 
 @torch.no_grad()
-def sample(unet, x_T, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, prediction="epsilon",
-           generator=None, until=None, trajectory=False, progress=False):
+def sample(
+    unet,
+    x_T,
+    cond,
+    uncond=None,
+    *,
+    steps=50,
+    guidance=7.5,
+    eta=0.0,
+    prediction="epsilon",
+    generator=None,
+    until=None,
+    trajectory=False,
+    progress=False,
+):
     """Run DDIM from noise x_T [B,4,h,w] and return the latents.
     unet(x, t, *inputs(c)) -> eps or v; cond, uncond: conditionings (text contexts [B,77,D], or tuples). With uncond
     given and guidance != 1, the UNet sees [uncond; cond] as ONE batch of 2B per step.
@@ -95,10 +124,18 @@ def sample(unet, x_T, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, pre
         # The step after the last has no timestep: its alpha_bar_prev is alphas_cumprod[0], as in LDM and
         # in diffusers with set_alpha_to_one=False (SD's scheduler config), not 1.
         alpha_bar_prev = alpha_bar[timesteps[i + 1]] if i + 1 < steps else alpha_bar[0]
-        model_out = unet(torch.cat([x, x]) if guided else x, t, *inputs(context))  # guided: [uncond; cond], 2B
-        model_out = cfg(*model_out.chunk(2), guidance) if guided else model_out  # (2B, 4, h, w) -> 2 x (B, ...)
+        model_out = unet(
+            torch.cat([x, x]) if guided else x, t, *inputs(context)
+        )  # guided: [uncond; cond], 2B
+        model_out = (
+            cfg(*model_out.chunk(2), guidance) if guided else model_out
+        )  # (2B, 4, h, w) -> 2 x (B, ...)
         device = generator.device if generator is not None else x.device
-        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device) if eta > 0 else None
+        noise = (
+            torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+            if eta > 0
+            else None
+        )
         x = ddim_step(x, model_out, alpha_bar[t], alpha_bar_prev, eta, noise, prediction)
         xs += [x] if trajectory else []
     return torch.stack(xs) if trajectory else x
@@ -111,20 +148,40 @@ def initial_noise(seed, latent_shape):
 
 
 @torch.no_grad()
-def generate(sd, prompts, seeds, *, negative_prompt="", steps=50, guidance=7.5, height=512, width=512,
-             batch_size=None, progress=False):
+def generate(
+    sd,
+    prompts,
+    seeds,
+    *,
+    negative_prompt="",
+    steps=50,
+    guidance=7.5,
+    height=512,
+    width=512,
+    batch_size=None,
+    progress=False,
+):
     """Images [len(seeds) * len(prompts), 3, H, W] in [-1, 1] of a loaded model `sd`, seed-major: image
     (s, p) starts from seed s's noise. Batches of `batch_size` images (default: one seed's prompts)."""
     param = next(sd.unet.parameters())
     pairs = [(seed, prompt) for seed in seeds for prompt in prompts]
     batch_size = batch_size or len(prompts)
-    uncond = sd.encode_prompts([negative_prompt], (height, width))  # (SDXL: the image size is conditioning too)
+    uncond = sd.encode_prompts(
+        [negative_prompt], (height, width)
+    )  # (SDXL: the image size is conditioning too)
     images = []
     for i in range(0, len(pairs), batch_size):
-        batch_seeds, batch_prompts = zip(*pairs[i:i + batch_size])
+        batch_seeds, batch_prompts = zip(*pairs[i : i + batch_size])
         x_T = torch.cat([initial_noise(s, sd.latent_shape(height, width)) for s in batch_seeds])
-        latents = sample(sd.unet, x_T.to(param.device, param.dtype), sd.encode_prompts(batch_prompts, (height, width)),
-                         cat([uncond] * len(x_T)), steps=steps, guidance=guidance,
-                         prediction=sd.prediction_type, progress=progress)
+        latents = sample(
+            sd.unet,
+            x_T.to(param.device, param.dtype),
+            sd.encode_prompts(batch_prompts, (height, width)),
+            cat([uncond] * len(x_T)),
+            steps=steps,
+            guidance=guidance,
+            prediction=sd.prediction_type,
+            progress=progress,
+        )
         images.append(sd.decode_latents(latents).clamp(-1, 1).float().cpu())
     return torch.cat(images)

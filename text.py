@@ -7,6 +7,7 @@ configs.infer_configs builds that as a CLIPTextModel one layer short of the towe
 context is the text encoder's last_hidden_state. SDXL (Podell et al., arXiv 2307.01952, Sec. 2.1-2.2) adds the
 `added` vector of unet.py: see encode_xl.
 """
+
 import os
 import sys
 
@@ -17,12 +18,17 @@ from convert import OPENCLIP_PART, TEXT_PARTS
 from files import LoadError, first_line
 
 CLIP_MAX_LEN = 77  # CLIP's context length: prompts are padded/truncated to 77 tokens
-DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"  # SD v1's FrozenCLIPEmbedder (v1-inference.yaml)
+DEFAULT_TOKENIZER = (
+    "openai/clip-vit-large-patch14"  # SD v1's FrozenCLIPEmbedder (v1-inference.yaml)
+)
 # OpenCLIP's tokenizer has OpenAI CLIP's vocabulary (open_clip's bpe_simple_vocab_16e6) but pads with token 0, "!"
 # (the pad_token of stabilityai/stable-diffusion-2's tokenizer and of SDXL's tokenizer_2); OpenAI's pads with its
 # end token. SD 2.x's text encoder and SDXL's second were trained with OpenCLIP's padding.
 OPENCLIP_PAD = "!"
-CROP = (0, 0)  # SDXL's crop (top, left) numbers: 0, 0 asks for an uncropped image (Podell et al. Sec. 2.2)
+CROP = (
+    0,
+    0,
+)  # SDXL's crop (top, left) numbers: 0, 0 asks for an uncropped image (Podell et al. Sec. 2.2)
 
 
 def load_tokenizer(name, vocab_size, pad=None):
@@ -34,7 +40,9 @@ def load_tokenizer(name, vocab_size, pad=None):
     except Exception as e:  # offline hub, missing folder: whatever transformers raises
         problem = first_line(e)
     if problem:
-        raise LoadError(f"cannot load the CLIP tokenizer {name} (offline? pass a folder): {problem}")
+        raise LoadError(
+            f"cannot load the CLIP tokenizer {name} (offline? pass a folder): {problem}"
+        )
     tok.pad_token = pad or tok.pad_token
     return tok
 
@@ -50,7 +58,12 @@ def load_tokenizers(source, name, family, text_configs):
         pad = OPENCLIP_PAD if OPENCLIP_PART.get(family) == part and not own else None
         tokenizers.append(load_tokenizer(own or name or DEFAULT_TOKENIZER, config.vocab_size, pad))
         if not os.path.isdir(source):
-            config.update({f"{s}_token_id": getattr(tokenizers[-1], f"{s}_token_id") for s in ("bos", "eos", "pad")})
+            config.update(
+                {
+                    f"{s}_token_id": getattr(tokenizers[-1], f"{s}_token_id")
+                    for s in ("bos", "eos", "pad")
+                }
+            )
     return tokenizers
 
 
@@ -59,18 +72,30 @@ def tokenize(tokenizer, prompts, warned):
     gains them), say so."""
     for prompt in set(prompts) - warned:
         warned.add(prompt)
-        ids = tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=10 ** 6).input_ids
+        ids = tokenizer(
+            prompt, add_special_tokens=False, truncation=True, max_length=10**6
+        ).input_ids
         if len(ids) > CLIP_MAX_LEN - 2:  # 75 fit between the start and end tokens
-            print(f"warning: {prompt[:40]!r}... is longer than CLIP's {CLIP_MAX_LEN} tokens and cut; the "
-                  f"first dropped word: {tokenizer.decode(ids[CLIP_MAX_LEN - 2:][:1])!r}", file=sys.stderr)
-    return tokenizer(list(prompts), padding="max_length", max_length=CLIP_MAX_LEN, truncation=True,
-                     return_tensors="pt").input_ids
+            print(
+                f"warning: {prompt[:40]!r}... is longer than CLIP's {CLIP_MAX_LEN} tokens and cut; the "
+                f"first dropped word: {tokenizer.decode(ids[CLIP_MAX_LEN - 2 :][:1])!r}",
+                file=sys.stderr,
+            )
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=CLIP_MAX_LEN,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 @torch.no_grad()
 def encode(tokenizer, text_encoder, prompts, warned):
     """SD v1 and 2.x: prompts -> the text encoder's last hidden states [B, 77, D]."""
-    return text_encoder(tokenize(tokenizer, prompts, warned).to(text_encoder.device)).last_hidden_state
+    return text_encoder(
+        tokenize(tokenizer, prompts, warned).to(text_encoder.device)
+    ).last_hidden_state
 
 
 @torch.no_grad()
@@ -83,10 +108,16 @@ def encode_xl(tokenizers, text_encoders, prompts, size, warned):
     The empty prompt is all zeros but for the size numbers: SDXL base learned "no caption" as zero embeddings (sgm's
     conditioner drops captions by zeroing them), as diffusers' pipeline (force_zeros_for_empty_prompt) zeros the
     negative context and pooled embedding when no negative prompt is given; it encodes an explicit "" as text."""
-    states = [encoder(tokenize(tokenizer, prompts, warned).to(encoder.device), output_hidden_states=True)
-              for tokenizer, encoder in zip(tokenizers, text_encoders)]
+    states = [
+        encoder(tokenize(tokenizer, prompts, warned).to(encoder.device), output_hidden_states=True)
+        for tokenizer, encoder in zip(tokenizers, text_encoders)
+    ]
     context = torch.cat([s.hidden_states[-2] for s in states], dim=-1)  # [B, 77, 768 + 1280]
     pooled = states[-1].text_embeds  # CLIPTextModelWithProjection's projected EOS token
     empty = torch.tensor([prompt == "" for prompt in prompts], device=context.device)[:, None]
-    numbers = torch.tensor([*size, *CROP, *size], dtype=pooled.dtype, device=pooled.device).expand(len(prompts), -1)
-    return context.masked_fill(empty[:, :, None], 0), torch.cat([pooled.masked_fill(empty, 0), numbers], dim=-1)
+    numbers = torch.tensor([*size, *CROP, *size], dtype=pooled.dtype, device=pooled.device).expand(
+        len(prompts), -1
+    )
+    return context.masked_fill(empty[:, :, None], 0), torch.cat(
+        [pooled.masked_fill(empty, 0), numbers], dim=-1
+    )

@@ -6,6 +6,7 @@ schedule, saved as an official SD v1 single file (LDM names, arXiv 2112.10752): 
 
     python toy.py train            # all stages, ~29 minutes on 2 CPU cores; writes assets/toy/
 """
+
 import argparse
 import dataclasses
 import json
@@ -28,15 +29,28 @@ from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
 # Each shape: is the point (dx, dy) from its centre inside it, for half-size r (y grows downwards).
-SHAPES = {"circle": lambda dx, dy, r: dx ** 2 + dy ** 2 <= r ** 2,
-          "square": lambda dx, dy, r: dx.abs().maximum(dy.abs()) <= 0.85 * r,  # about the circle's area
-          "triangle": lambda dx, dy, r: (dy >= -r) & (dy <= 0.8 * r) & (dx.abs() <= (dy + r) / 1.8),  # apex up
-          "cross": lambda dx, dy, r: (dx.abs().minimum(dy.abs()) <= r / 3) & (dx.abs().maximum(dy.abs()) <= r)}
-COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.2, 0.3, 1.0), "yellow": (1.0, 0.9, 0.1)}
+SHAPES = {
+    "circle": lambda dx, dy, r: dx**2 + dy**2 <= r**2,
+    "square": lambda dx, dy, r: dx.abs().maximum(dy.abs()) <= 0.85 * r,  # about the circle's area
+    "triangle": lambda dx, dy, r: (
+        (dy >= -r) & (dy <= 0.8 * r) & (dx.abs() <= (dy + r) / 1.8)
+    ),  # apex up
+    "cross": lambda dx, dy, r: (
+        (dx.abs().minimum(dy.abs()) <= r / 3) & (dx.abs().maximum(dy.abs()) <= r)
+    ),
+}
+COLORS = {
+    "red": (1.0, 0.1, 0.1),
+    "green": (0.1, 0.8, 0.1),
+    "blue": (0.2, 0.3, 1.0),
+    "yellow": (1.0, 0.9, 0.1),
+}
 WORDS = ("a", *COLORS, *SHAPES, "shape")  # the toy language; each word is one token
 IMAGE_SIZE, DDIM_STEPS, GUIDANCE = 32, 20, 5.0  # image side in pixels; the toy's sampling defaults
 # train.py --model toy: ESD's settings for the toy, under any flag given (README's measurements use them).
-SAMPLING = dict(steps=DDIM_STEPS, guidance=GUIDANCE, height=IMAGE_SIZE, width=IMAGE_SIZE)  # sampler.generate's
+SAMPLING = dict(
+    steps=DDIM_STEPS, guidance=GUIDANCE, height=IMAGE_SIZE, width=IMAGE_SIZE
+)  # sampler.generate's
 ESD = dict(resolution=IMAGE_SIZE, steps=DDIM_STEPS, lr=1e-3, iterations=350, device="cpu")
 SUPERSAMPLE = 4  # shapes are drawn on a 4x finer grid and averaged down: anti-aliased edges
 RADIUS = (5.0, 11.0)  # shape half-size range in pixels
@@ -46,12 +60,25 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy
 CHECKPOINT, CLASSIFIER = "toy.safetensors", "classifier.safetensors"  # file names in ASSETS
 # SD v1 constants kept (GroupNorm 32, 8 heads, 64-wide CLIP heads, quick_gelu, 77 positions): load_sd infers these
 # configs from shapes. Cross-attention only at 4x4 and 2x2 (SD: the 3 finest levels): at 8x8 it doubles the CPU time.
-UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=8)
-VAE_CONFIG = dict(block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=IMAGE_SIZE)  # 4x down
-TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-            max_position_embeddings=CLIP_MAX_LEN, hidden_act=CLIP_ACT)
+UNET = dict(
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    cross_attention_dim=64,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    sample_size=8,
+)
+VAE_CONFIG = dict(
+    block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=IMAGE_SIZE
+)  # 4x down
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    max_position_embeddings=CLIP_MAX_LEN,
+    hidden_act=CLIP_ACT,
+)
 BATCH = {"vae": 32, "classifier": 128, "unet": 64}  # images per Adam step, per stage
 LR = {"vae": 1e-3, "classifier": 2e-3, "unet": 1e-3}  # peak Adam learning rates, per stage
 KL_WEIGHT = 1e-6  # LDM's kl_weight for its autoencoders
@@ -70,41 +97,77 @@ class TrainConfig:
 def render(shape, color, cx, cy, r):
     """Images [N,3,32,32] in [-1,1]: shape[i] (index into SHAPES) in color[i] centred at (cx, cy), on black."""
     g = (torch.arange(IMAGE_SIZE * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # sub-pixel centres, in pixels
-    dx, dy, r = g[None, None, :] - cx[:, None, None], g[None, :, None] - cy[:, None, None], r[:, None, None]
+    dx, dy, r = (
+        g[None, None, :] - cx[:, None, None],
+        g[None, :, None] - cy[:, None, None],
+        r[:, None, None],
+    )
     inside = torch.zeros(len(shape), len(g), len(g), dtype=torch.bool)  # (N, 128, 128)
     for k, is_inside in enumerate(SHAPES.values()):
         inside[shape == k] = is_inside(dx[shape == k], dy[shape == k], r[shape == k])
-    cover = F.avg_pool2d(inside[:, None].float(), SUPERSAMPLE)  # (N, 1, 32, 32): anti-aliased coverage
+    cover = F.avg_pool2d(
+        inside[:, None].float(), SUPERSAMPLE
+    )  # (N, 1, 32, 32): anti-aliased coverage
     return cover * torch.tensor(list(COLORS.values()))[color][:, :, None, None] * 2 - 1
 
 
 def make_dataset(n, seed):
     """(images [n,3,32,32], shapes [n], colors [n]): random shape, color, size and position; same seed, same data."""
     g = torch.Generator().manual_seed(seed)
-    shape, color = torch.randint(len(SHAPES), (n,), generator=g), torch.randint(len(COLORS), (n,), generator=g)
+    shape, color = (
+        torch.randint(len(SHAPES), (n,), generator=g),
+        torch.randint(len(COLORS), (n,), generator=g),
+    )
     r = RADIUS[0] + (RADIUS[1] - RADIUS[0]) * torch.rand(n, generator=g)
-    cx, cy = r + 1 + (IMAGE_SIZE - 2 * r - 2) * torch.rand(2, n, generator=g)  # the whole shape in view
-    return torch.cat([render(*v) for v in zip(*(t.split(2048) for t in (shape, color, cx, cy, r)))]), shape, color
+    cx, cy = (
+        r + 1 + (IMAGE_SIZE - 2 * r - 2) * torch.rand(2, n, generator=g)
+    )  # the whole shape in view
+    return (
+        torch.cat([render(*v) for v in zip(*(t.split(2048) for t in (shape, color, cx, cy, r)))]),
+        shape,
+        color,
+    )
 
 
 def captions(shape, color, generator):
     """One random caption per image (CAPTION_KINDS), e.g. "a red circle", "circle", "a red shape", ""."""
-    kinds = torch.multinomial(torch.tensor(list(CAPTION_KINDS.values())), len(shape), True, generator=generator)
+    kinds = torch.multinomial(
+        torch.tensor(list(CAPTION_KINDS.values())), len(shape), True, generator=generator
+    )
     drop_a = (torch.rand(len(shape), generator=generator) < 0.5).tolist()
-    texts = [("a {c} {s}", "a {s}", "a {c} shape", "")[k].format(c=list(COLORS)[c], s=list(SHAPES)[s])
-             for k, s, c in zip(kinds.tolist(), shape.tolist(), color.tolist())]
+    texts = [
+        ("a {c} {s}", "a {s}", "a {c} shape", "")[k].format(c=list(COLORS)[c], s=list(SHAPES)[s])
+        for k, s, c in zip(kinds.tolist(), shape.tolist(), color.tolist())
+    ]
     return [t[2:] if d else t for t, d in zip(texts, drop_a)]  # "" stays "": t[2:] of "" is ""
 
 
 def write_tokenizer(folder):
     """A CLIP BPE tokenizer saved in `folder`: the 256 byte symbols of GPT-2/CLIP's reversible table (so any
     prompt encodes), and each of WORDS as one token, made by merges that join its letters left to right."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(256 - len(keep))]  # unprintable bytes: 256 + n
-    words = [[*w[:-1], w[-1] + "</w>"] for w in sorted(WORDS, key=len, reverse=True)]  # longest first: "re" of
-    merges = list(dict.fromkeys(("".join(p[:k]), p[k]) for p in words for k in range(1, len(p))))  # red can't split green
-    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=CLIP_MAX_LEN)
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = [chr(b) for b in keep] + [
+        chr(256 + i) for i in range(256 - len(keep))
+    ]  # unprintable bytes: 256 + n
+    words = [
+        [*w[:-1], w[-1] + "</w>"] for w in sorted(WORDS, key=len, reverse=True)
+    ]  # longest first: "re" of
+    merges = list(
+        dict.fromkeys(("".join(p[:k]), p[k]) for p in words for k in range(1, len(p)))
+    )  # red can't split green
+    vocab = (
+        chars
+        + [c + "</w>" for c in chars]
+        + [a + b for a, b in merges]
+        + ["<|startoftext|>", "<|endoftext|>"]
+    )
+    tok = CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=CLIP_MAX_LEN
+    )
     tok.save_pretrained(folder)
     return tok
 
@@ -112,9 +175,16 @@ def write_tokenizer(folder):
 def classifier_net(width=48):
     """Small CNN judge: images [B,3,32,32] in [-1,1] -> logits [B,8], the shape's 4 then the color's 4."""
     conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
-    return nn.Sequential(*conv(3, width), nn.MaxPool2d(2), *conv(width, 2 * width), nn.MaxPool2d(2),
-                         *conv(2 * width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(2 * width, len(SHAPES) + len(COLORS)))
+    return nn.Sequential(
+        *conv(3, width),
+        nn.MaxPool2d(2),
+        *conv(width, 2 * width),
+        nn.MaxPool2d(2),
+        *conv(2 * width, 2 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, len(SHAPES) + len(COLORS)),
+    )
 
 
 @torch.no_grad()
@@ -123,14 +193,18 @@ def classify(images, classifier=None):
     if classifier is None:
         classifier = classifier_net()
         classifier.load_state_dict(load_file(os.path.join(ASSETS, CLASSIFIER)))
-    shape, color = classifier.eval()(images.float().cpu().clamp(-1, 1)).split([len(SHAPES), len(COLORS)], 1)
+    shape, color = classifier.eval()(images.float().cpu().clamp(-1, 1)).split(
+        [len(SHAPES), len(COLORS)], 1
+    )
     return shape.argmax(1), color.argmax(1)
 
 
 def fit(model, stage, steps, loss_fn):
     """Adam, linear warm-up then cosine decay to zero (arXiv 1608.03983); loss_fn() -> this step's loss."""
     opt = torch.optim.Adam(model.parameters(), LR[stage])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / 100) * (1 + math.cos(math.pi * i / steps)) / 2)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1, (i + 1) / 100) * (1 + math.cos(math.pi * i / steps)) / 2
+    )
     for _ in (bar := tqdm(range(steps), stage)):
         loss = loss_fn()
         opt.zero_grad(set_to_none=True), loss.backward(), opt.step(), sched.step()
@@ -145,9 +219,14 @@ def train_vae(images, config, g):
     def loss():
         x = images[torch.randint(len(images), (BATCH["vae"],), generator=g)]
         mean, logvar = vae.encode(x)
-        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)  # reparametrisation trick
-        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()  # Kingma & Welling App. B
+        z = mean + (0.5 * logvar).exp() * torch.randn(
+            mean.shape, generator=g
+        )  # reparametrisation trick
+        kl = (
+            0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
+        )  # Kingma & Welling App. B
         return F.mse_loss(vae.decode(z), x) + KL_WEIGHT * kl
+
     return standardize(fit(vae, "vae", config.vae_steps, loss).requires_grad_(False), images)
 
 
@@ -155,7 +234,12 @@ def train_vae(images, config, g):
 def standardize(vae, images):
     """Make SD's fixed scaling factor (0.18215; a single file has no other) right for this VAE: fold
     z' = (z - m) / c, c = std(z) * 0.18215 per channel, into quant_conv and post_quant_conv. Exact."""
-    z, n, q, p = encode(vae, images), vae.config.latent_channels, vae.quant_conv, vae.post_quant_conv
+    z, n, q, p = (
+        encode(vae, images),
+        vae.config.latent_channels,
+        vae.quant_conv,
+        vae.post_quant_conv,
+    )
     m, c = z.mean((0, 2, 3)), z.std((0, 2, 3)) * vae.config.scaling_factor
     q.weight[:n] /= c[:, None, None, None]
     q.bias[:n] = (q.bias[:n] - m) / c
@@ -176,30 +260,50 @@ def train_classifier(vae, config, g):
     model = classifier_net()
 
     def loss():
-        x, s, c = make_dataset(BATCH["classifier"], int(torch.randint(2 ** 62, (), generator=g)))
+        x, s, c = make_dataset(BATCH["classifier"], int(torch.randint(2**62, (), generator=g)))
         with torch.no_grad():
-            x = torch.cat([x[:len(x) // 2], vae.decode(vae.encode(x[len(x) // 2:])[0]).clamp(-1, 1)])
+            x = torch.cat(
+                [x[: len(x) // 2], vae.decode(vae.encode(x[len(x) // 2 :])[0]).clamp(-1, 1)]
+            )
         shape_logits, color_logits = model(x).split([len(SHAPES), len(COLORS)], 1)
         return F.cross_entropy(shape_logits, s) + F.cross_entropy(color_logits, c)
+
     return fit(model, "classifier", config.classifier_steps, loss)
 
 
 def train_unet(latents, shapes, colors, tok, config, g):
     """UNet and text encoder together on the eps loss over SD's schedule: DDPM eq. 14 (L_simple)."""
     unet = UNet(UNetConfig(**UNET))
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TEXT))
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **TEXT,
+        )
+    )
     alpha_bar = sampler.alphas_cumprod()
 
     def loss():
         i = torch.randint(len(latents), (BATCH["unet"],), generator=g)
         texts = captions(shapes[i], colors[i], g)
-        unique = sorted(set(texts))  # each distinct caption of the batch through the text encoder once
-        ids = tok(unique, padding="max_length", max_length=CLIP_MAX_LEN, return_tensors="pt").input_ids
+        unique = sorted(
+            set(texts)
+        )  # each distinct caption of the batch through the text encoder once
+        ids = tok(
+            unique, padding="max_length", max_length=CLIP_MAX_LEN, return_tensors="pt"
+        ).input_ids
         context = text(ids).last_hidden_state[[unique.index(t) for t in texts]]
-        t, eps = torch.randint(sampler.NUM_TRAIN_TIMESTEPS, (len(i),), generator=g), torch.randn(latents[i].shape, generator=g)
+        t, eps = (
+            torch.randint(sampler.NUM_TRAIN_TIMESTEPS, (len(i),), generator=g),
+            torch.randn(latents[i].shape, generator=g),
+        )
         a = alpha_bar[t][:, None, None, None]
-        return F.mse_loss(unet(a.sqrt() * latents[i] + (1 - a).sqrt() * eps, t, context), eps)  # eq. 4's x_t in eq. 14
+        return F.mse_loss(
+            unet(a.sqrt() * latents[i] + (1 - a).sqrt() * eps, t, context), eps
+        )  # eq. 4's x_t in eq. 14
+
     fit(nn.ModuleList([unet, text]), "unet", config.unet_steps, loss)
     return unet, text
 
@@ -207,34 +311,67 @@ def train_unet(latents, shapes, colors, tok, config, g):
 def accuracy(classifier, images, shapes, colors):
     """{"shape": share right, "color": share right} of the classifier on labelled images."""
     s, c = classify(images, classifier)
-    return {"shape": (s == shapes).float().mean().item(), "color": (c == colors).float().mean().item()}
+    return {
+        "shape": (s == shapes).float().mean().item(),
+        "color": (c == colors).float().mean().item(),
+    }
 
 
 def train(config):
     """All stages (each progress bar shows its time); writes config.output; returns (sd, classifier, report)."""
-    torch.manual_seed(config.seed)  # initial weights; each stage's data comes from its own generator
+    torch.manual_seed(
+        config.seed
+    )  # initial weights; each stage's data comes from its own generator
     g = [torch.Generator().manual_seed(config.seed * 100 + k) for k in range(3)]
-    tok, (images, shapes, colors) = write_tokenizer(os.path.join(config.output, "tokenizer")), make_dataset(config.images, config.seed)
+    tok, (images, shapes, colors) = (
+        write_tokenizer(os.path.join(config.output, "tokenizer")),
+        make_dataset(config.images, config.seed),
+    )
     vae = train_vae(images, config, g[0])
     classifier = train_classifier(vae, config, g[1])
-    unet, text = train_unet(encode(vae, images) * vae.config.scaling_factor, shapes, colors, tok, config, g[2])
+    unet, text = train_unet(
+        encode(vae, images) * vae.config.scaling_factor, shapes, colors, tok, config, g[2]
+    )
     sd, n = load_sd.StableDiffusion(unet, vae, text, tok, "sd1", "epsilon", "toy", IMAGE_SIZE), 8
-    images, shapes, colors = make_dataset(2000, seed=config.seed + 10 ** 6)  # held out: a seed no stage draws
+    images, shapes, colors = make_dataset(
+        2000, seed=config.seed + 10**6
+    )  # held out: a seed no stage draws
     prompts = [(f"a {c} {s}", i, j) for i, s in enumerate(SHAPES) for j, c in enumerate(COLORS)]
-    report = {"config": dataclasses.asdict(config), "classifier_held_out": accuracy(classifier, images, shapes, colors),
-              "classifier_held_out_vae": accuracy(classifier, sd.vae.decode(encode(vae, images)), shapes, colors),
-              "generations": accuracy(classifier, sampler.generate(sd, [p[0] for p in prompts], range(n), **SAMPLING),
-                                      *torch.tensor([p[1:] for p in prompts]).repeat(n, 1).T)}
-    load_sd.save_single_file(sd, os.path.join(config.output, CHECKPOINT), {"toy": json.dumps(report)})
+    report = {
+        "config": dataclasses.asdict(config),
+        "classifier_held_out": accuracy(classifier, images, shapes, colors),
+        "classifier_held_out_vae": accuracy(
+            classifier, sd.vae.decode(encode(vae, images)), shapes, colors
+        ),
+        "generations": accuracy(
+            classifier,
+            sampler.generate(sd, [p[0] for p in prompts], range(n), **SAMPLING),
+            *torch.tensor([p[1:] for p in prompts]).repeat(n, 1).T,
+        ),
+    }
+    load_sd.save_single_file(
+        sd, os.path.join(config.output, CHECKPOINT), {"toy": json.dumps(report)}
+    )
     save_file(classifier.state_dict(), os.path.join(config.output, CLASSIFIER))
     return sd, classifier, report
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train"], help="train: all stages (data, VAE, classifier, UNet + text)")
-    for f in dataclasses.fields(TrainConfig):  # typed overrides, e.g. --unet-steps 200 for a quick try
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=f.default, help=f"(default: {f.default})")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "command", choices=["train"], help="train: all stages (data, VAE, classifier, UNet + text)"
+    )
+    for f in dataclasses.fields(
+        TrainConfig
+    ):  # typed overrides, e.g. --unet-steps 200 for a quick try
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=f.type,
+            default=f.default,
+            help=f"(default: {f.default})",
+        )
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if k != "command"}
     print(json.dumps(train(TrainConfig(**args))[2], indent=1))
 

@@ -5,6 +5,7 @@
     python train.py --concept "Van Gogh" --method esd-u --negative-guidance 1 --iterations 1000
 
 Writes a delta (.safetensors of the trained tensors only, diffusers UNet names) for `sample.py --delta`."""
+
 import argparse
 import dataclasses
 import sys
@@ -27,41 +28,89 @@ def opt(default, help, **argparse_kw):
 
 @dataclasses.dataclass
 class TrainConfig:  # every field is a command-line flag: --negative-guidance for negative_guidance
-    model: str = opt("CompVis/stable-diffusion-v1-4", "single file, diffusers folder, hub id, or 'toy'")
+    model: str = opt(
+        "CompVis/stable-diffusion-v1-4", "single file, diffusers folder, hub id, or 'toy'"
+    )
     tokenizer: str = opt(None, "tokenizer folder or hub id, for single-file models")
     revision: str = opt(None, "hub models: branch, tag or commit")
-    variant: str = opt(None, "diffusers folders and hub models: weight files *.VARIANT.*, e.g. fp16")
+    variant: str = opt(
+        None, "diffusers folders and hub models: weight files *.VARIANT.*, e.g. fp16"
+    )
     prediction_type: str = opt(None, load_sd.PREDICTION_HELP, choices=list(load_sd.PREDICTIONS))
     concept: str = opt(None, "what to erase; 'a, b' erases both (one drawn per iteration)")
-    method: str = opt("esd-x", "which weights train: " + "; ".join(f"{k}, {v}" for k, v in esd.METHODS.items()),
-                      choices=list(esd.FILTERS))
+    method: str = opt(
+        "esd-x",
+        "which weights train: " + "; ".join(f"{k}, {v}" for k, v in esd.METHODS.items()),
+        choices=list(esd.FILTERS),
+    )
     target: str = opt("esd", "what the trained prediction is pulled toward (esd.py TARGETS)")
     negative_guidance: float = opt(1.0, "the paper's η in e_0 - η (e_c - e_0)")
-    erase_from: str = opt(None, "anchor concept a: erase the concept from a's images (target base e_a)")
-    xt_from: str = opt("trained", "weights that sample x_t: the model being trained (paper) or the frozen one",
-                       choices=list(esd.XT_FROM))
-    trajectory_pool: int = opt(4, "x_t from N trajectories per batch row, re-sampled every R iterations (0: the paper)")
+    erase_from: str = opt(
+        None, "anchor concept a: erase the concept from a's images (target base e_a)"
+    )
+    xt_from: str = opt(
+        "trained",
+        "weights that sample x_t: the model being trained (paper) or the frozen one",
+        choices=list(esd.XT_FROM),
+    )
+    trajectory_pool: int = opt(
+        4, "x_t from N trajectories per batch row, re-sampled every R iterations (0: the paper)"
+    )
     pool_refresh: int = opt(40, "R: re-sample the trajectory pool every R iterations (0: never)")
     iterations: int = opt(1000, "optimizer steps")
-    batch_size: int = opt(1, "x_t per step, all at one t_enc (the paper: 1; more: a steadier gradient)")
+    batch_size: int = opt(
+        1, "x_t per step, all at one t_enc (the paper: 1; more: a steadier gradient)"
+    )
     lr: float = opt(1e-5, "Adam learning rate")
     seed: int = opt(0, "seeds the concept, t_enc and noise of every iteration")
     steps: int = opt(esd.DDIM_STEPS, "DDIM steps of the x_t trajectories")
-    resolution: int = opt(0, "image side in pixels (0: the model's, e.g. 512 for SD v1, 1024 for SDXL)")
+    resolution: int = opt(
+        0, "image side in pixels (0: the model's, e.g. 512 for SD v1, 1024 for SDXL)"
+    )
     guidance: float = opt(esd.GUIDANCE, "classifier-free guidance scale while sampling x_t")
     device: str = opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
-    dtype: str = opt("float32", "autocast compute dtype; trained weights stay float32", choices=list(load_sd.DTYPES))
-    output: str = opt(None, "delta file (default: <method>-<concept>.safetensors, e.g. esd-x-car.safetensors)")
+    dtype: str = opt(
+        "float32",
+        "autocast compute dtype; trained weights stay float32",
+        choices=list(load_sd.DTYPES),
+    )
+    output: str = opt(
+        None, "delta file (default: <method>-<concept>.safetensors, e.g. esd-x-car.safetensors)"
+    )
     save_every: int = opt(0, "also checkpoint every N iterations (0: only at the end)")
-    resume: bool = opt(False, "continue from --output and its .resume.pt checkpoint", action="store_true")
-    export_full: str = opt(None, "also write the edited model as an official single file (.safetensors)")
+    resume: bool = opt(
+        False, "continue from --output and its .resume.pt checkpoint", action="store_true"
+    )
+    export_full: str = opt(
+        None, "also write the edited model as an official single file (.safetensors)"
+    )
     export_diffusers: str = opt(None, "also write the edited model as a diffusers folder")
-    overwrite: bool = opt(False, "replace an existing --output (and --export-full)", action="store_true")
-    no_eval: bool = opt(False, "toy model: skip the erasure measurement at the end", action="store_true")
+    overwrite: bool = opt(
+        False, "replace an existing --output (and --export-full)", action="store_true"
+    )
+    no_eval: bool = opt(
+        False, "toy model: skip the erasure measurement at the end", action="store_true"
+    )
 
 
-RESUME_SAME = ("model", "prediction_type", "concept", "method", "target", "negative_guidance", "erase_from", "xt_from",
-               "trajectory_pool", "pool_refresh", "batch_size", "lr", "seed", "steps", "resolution", "guidance")  # per iteration
+RESUME_SAME = (
+    "model",
+    "prediction_type",
+    "concept",
+    "method",
+    "target",
+    "negative_guidance",
+    "erase_from",
+    "xt_from",
+    "trajectory_pool",
+    "pool_refresh",
+    "batch_size",
+    "lr",
+    "seed",
+    "steps",
+    "resolution",
+    "guidance",
+)  # per iteration
 
 
 def parse_args(argv=None):
@@ -69,8 +118,12 @@ def parse_args(argv=None):
     p = files.ArgumentParser(description="Erase a concept from Stable Diffusion with ESD.")
     for f in dataclasses.fields(TrainConfig):
         kind = {} if "action" in f.metadata else {"type": f.type}  # typed: "--lr 1e-5" is a float
-        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                       **kind, **dict(f.metadata, help=f"{f.metadata['help']} (default: {f.default})"))
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            default=argparse.SUPPRESS,
+            **kind,
+            **dict(f.metadata, help=f"{f.metadata['help']} (default: {f.default})"),
+        )
     given = vars(p.parse_args(argv))
     return TrainConfig(**{**(toy.ESD if given.get("model") == "toy" else {}), **given})
 
@@ -79,37 +132,70 @@ def check(config):
     """The concept list, after refusing (LoadError: one line, exit 2) every setting and output path no run could
     succeed with, before the model loads; sets the default --output."""
     concepts = [c.strip() for c in (config.concept or "").split(",") if c.strip()]
-    files.refuse([
-        (not concepts, "--concept is required, e.g. --concept \"car\""),
-        (config.target not in esd.TARGETS, f"--target must be one of: {', '.join(esd.TARGETS)}"),
-        (not 0 < config.lr < float("inf"), "--lr must be a positive number"),  # NaN compares false: refused
-        (not abs(config.negative_guidance) < float("inf") or not abs(config.guidance) < float("inf"),
-         "--negative-guidance and --guidance must be finite numbers"),
-        (min(config.iterations, config.batch_size) < 1 or not 1 <= config.steps < 1000,
-         "--iterations and --batch-size must be at least 1, --steps in 1..999"),
-        (not 0 <= config.seed < 2 ** 63, "--seed must be in 0..2**63-1"),
-        (config.resolution % 8 or not 0 <= config.resolution <= files.MAX_SIDE,
-         f"--resolution must be a multiple of 8 in 8..{files.MAX_SIDE} (or 0, the model's size)"),
-        (min(config.trajectory_pool, config.pool_refresh, config.save_every) < 0,
-         "--trajectory-pool, --pool-refresh and --save-every cannot be negative"),
-    ])
-    slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in concepts)[:64]  # a short file name
+    files.refuse(
+        [
+            (not concepts, '--concept is required, e.g. --concept "car"'),
+            (
+                config.target not in esd.TARGETS,
+                f"--target must be one of: {', '.join(esd.TARGETS)}",
+            ),
+            (
+                not 0 < config.lr < float("inf"),
+                "--lr must be a positive number",
+            ),  # NaN compares false: refused
+            (
+                not abs(config.negative_guidance) < float("inf")
+                or not abs(config.guidance) < float("inf"),
+                "--negative-guidance and --guidance must be finite numbers",
+            ),
+            (
+                min(config.iterations, config.batch_size) < 1 or not 1 <= config.steps < 1000,
+                "--iterations and --batch-size must be at least 1, --steps in 1..999",
+            ),
+            (not 0 <= config.seed < 2**63, "--seed must be in 0..2**63-1"),
+            (
+                config.resolution % 8 or not 0 <= config.resolution <= files.MAX_SIDE,
+                f"--resolution must be a multiple of 8 in 8..{files.MAX_SIDE} (or 0, the model's size)",
+            ),
+            (
+                min(config.trajectory_pool, config.pool_refresh, config.save_every) < 0,
+                "--trajectory-pool, --pool-refresh and --save-every cannot be negative",
+            ),
+        ]
+    )
+    slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in concepts)[
+        :64
+    ]  # a short file name
     config.output = config.output or f"{config.method}-{slug}.safetensors"
     inputs = (config.model, config.tokenizer, load_sd.TOY_DIR if config.model == "toy" else None)
     files.check_output(config.output, inputs=inputs, overwrite=config.overwrite or config.resume)
     files.check_output(config.output + ".resume.pt", inputs=inputs)
-    files.check_output(config.export_full, inputs=inputs, overwrite=config.overwrite)  # (None: not asked for)
+    files.check_output(
+        config.export_full, inputs=inputs, overwrite=config.overwrite
+    )  # (None: not asked for)
     files.check_output(config.export_diffusers, inputs=inputs, folder=True)
     return concepts
 
 
 def save(config, trainer, optimizer, xt_source, iteration):
     """The delta and, written first, what --resume needs: the trained tensors, Adam's state, the x_t pool, the settings."""
-    meta = dict(concept=config.concept, method=config.method, target=config.target, iterations=iteration,
-                negative_guidance=config.negative_guidance, erase_from=config.erase_from or "", lr=config.lr,
-                seed=config.seed, base_model=config.model)
-    state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "x_t pool": xt_source.state(),
-             "config": dataclasses.asdict(config)}
+    meta = dict(
+        concept=config.concept,
+        method=config.method,
+        target=config.target,
+        iterations=iteration,
+        negative_guidance=config.negative_guidance,
+        erase_from=config.erase_from or "",
+        lr=config.lr,
+        seed=config.seed,
+        base_model=config.model,
+    )
+    state = {
+        "iteration": iteration,
+        "optimizer": optimizer.state_dict(),
+        "x_t pool": xt_source.state(),
+        "config": dataclasses.asdict(config),
+    }
     delta.save_checkpoint(config.output, trainer.delta(), meta, state)
 
 
@@ -118,34 +204,67 @@ def resume(config, trainer, optimizer, xt_source):
     state = delta.load_checkpoint(config.output)
     changed = [k for k in RESUME_SAME if state.get("config", {}).get(k) != getattr(config, k)]
     if changed:
-        raise files.LoadError(f"--resume with other settings than the checkpoint: {', '.join(changed)}")
+        raise files.LoadError(
+            f"--resume with other settings than the checkpoint: {', '.join(changed)}"
+        )
     if state["iteration"] > config.iterations:
-        raise files.LoadError(f"--iterations {config.iterations}: the checkpoint is at iteration {state['iteration']}")
+        raise files.LoadError(
+            f"--iterations {config.iterations}: the checkpoint is at iteration {state['iteration']}"
+        )
     try:
         delta.apply(trainer.unet, state["tensors"])
         optimizer.load_state_dict(state["optimizer"])
         xt_source.restore(state["x_t pool"])
-    except (files.LoadError, ValueError, KeyError) as e:  # tensors of another model, an optimizer of other shapes
-        raise files.LoadError(f"cannot resume from {config.output}{delta.RESUME}: {files.first_line(e)}") from None
+    except (
+        files.LoadError,
+        ValueError,
+        KeyError,
+    ) as e:  # tensors of another model, an optimizer of other shapes
+        raise files.LoadError(
+            f"cannot resume from {config.output}{delta.RESUME}: {files.first_line(e)}"
+        ) from None
     return state["iteration"]
 
 
 def train(config, sd, concepts, on_step=None):
     """ESD (the paper's Algorithm 1) on `sd`'s UNet; its trainer. on_step(iteration, loss), if given, runs
     after every step (the demo's progress); when it returns True the run stops there, saved as it is."""
-    trainer = esd.ESD(sd.unet, config.method, negative_guidance=config.negative_guidance, target=config.target,
-                      steps=config.steps, guidance=config.guidance, prediction=sd.prediction_type,
-                      dtype=load_sd.DTYPES[config.dtype])
-    tqdm.write(f"{config.method}: training {len(trainer.params)} tensors, "
-               f"{sum(p.numel() for p in trainer.params.values()):,} parameters")
+    trainer = esd.ESD(
+        sd.unet,
+        config.method,
+        negative_guidance=config.negative_guidance,
+        target=config.target,
+        steps=config.steps,
+        guidance=config.guidance,
+        prediction=sd.prediction_type,
+        dtype=load_sd.DTYPES[config.dtype],
+    )
+    tqdm.write(
+        f"{config.method}: training {len(trainer.params)} tensors, "
+        f"{sum(p.numel() for p in trainer.params.values()):,} parameters"
+    )
     optimizer = torch.optim.Adam(trainer.params.values(), lr=config.lr)
-    size = (config.resolution or sd.image_size,) * 2  # (height, width): SDXL conditions on it too (text.py)
-    uncond, *conds = [sd.encode_prompts([prompt], size) for prompt in ["", *concepts]]  # conditionings, computed once
-    anchor = sd.encode_prompts([config.erase_from], size) if config.erase_from else None  # x_t: the anchor's images
+    size = (
+        config.resolution or sd.image_size,
+    ) * 2  # (height, width): SDXL conditions on it too (text.py)
+    uncond, *conds = [
+        sd.encode_prompts([prompt], size) for prompt in ["", *concepts]
+    ]  # conditionings, computed once
+    anchor = (
+        sd.encode_prompts([config.erase_from], size) if config.erase_from else None
+    )  # x_t: the anchor's images
     pool = config.trajectory_pool * config.batch_size  # a batch never reads one trajectory twice
-    xt_source = esd.XtSource(trainer, conds if anchor is None else [anchor] * len(conds), uncond,
-                             sd.latent_shape(*size), seed=config.seed, batch_size=config.batch_size,
-                             pool=pool, refresh=config.pool_refresh, xt_from=config.xt_from)
+    xt_source = esd.XtSource(
+        trainer,
+        conds if anchor is None else [anchor] * len(conds),
+        uncond,
+        sd.latent_shape(*size),
+        seed=config.seed,
+        batch_size=config.batch_size,
+        pool=pool,
+        refresh=config.pool_refresh,
+        xt_from=config.xt_from,
+    )
     start = resume(config, trainer, optimizer, xt_source) if config.resume else 0
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="ESD")
     for it in bar:
@@ -162,7 +281,11 @@ def train(config, sd, concepts, on_step=None):
         # Log; checkpoint every --save-every iterations, at the end, and where on_step stops the run.
         bar.set_postfix(loss=f"{loss.item():.4f}", concept=concepts[concept[0]])
         done, stop = it + 1, on_step is not None and on_step(it + 1, loss.item())
-        if stop or done == config.iterations or (config.save_every and done % config.save_every == 0):
+        if (
+            stop
+            or done == config.iterations
+            or (config.save_every and done % config.save_every == 0)
+        ):
             save(config, trainer, optimizer, xt_source, done)
         if stop:
             break
@@ -175,7 +298,9 @@ def kept(config):
         state = delta.load_checkpoint(config.output, mmap=True)
     except files.LoadError:  # none yet
         return None
-    if all(state["config"].get(k) == getattr(config, k) for k in RESUME_SAME):  # this run's, not another's
+    if all(
+        state["config"].get(k) == getattr(config, k) for k in RESUME_SAME
+    ):  # this run's, not another's
         return f"the checkpoint of iteration {state['iteration']} is kept ({config.output}): continue it with --resume"
 
 
@@ -185,16 +310,34 @@ def main(argv=None):
     def work():
         concepts = check(config)
         with files.locked(config.output):
-            sd = load_sd.load(config.model, tokenizer=config.tokenizer, device=config.device,
-                              revision=config.revision, variant=config.variant, prediction_type=config.prediction_type)
+            sd = load_sd.load(
+                config.model,
+                tokenizer=config.tokenizer,
+                device=config.device,
+                revision=config.revision,
+                variant=config.variant,
+                prediction_type=config.prediction_type,
+            )
             train(config, sd, concepts)
             if config.export_full:
-                load_sd.save_single_file(sd, config.export_full, {"esd": f"{config.method} {config.concept}"})
+                load_sd.save_single_file(
+                    sd, config.export_full, {"esd": f"{config.method} {config.concept}"}
+                )
             if config.export_diffusers:
                 load_sd.save_diffusers(sd, config.export_diffusers)
-        tqdm.write("wrote " + ", ".join(filter(None, (config.output, config.export_full, config.export_diffusers))))
-        if config.model == "toy" and not config.no_eval:  # the toy's measurement: erased-concept rate before and after
-            print(evaluate.format_report(evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])))
+        tqdm.write(
+            "wrote "
+            + ", ".join(filter(None, (config.output, config.export_full, config.export_diffusers)))
+        )
+        if (
+            config.model == "toy" and not config.no_eval
+        ):  # the toy's measurement: erased-concept rate before and after
+            print(
+                evaluate.format_report(
+                    evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])
+                )
+            )
+
     smaller = f"--resolution (now {config.resolution or 'the model size'}) or --batch-size (now {config.batch_size})"
     return files.run_cli(work, leftover=lambda: kept(config), smaller=smaller)
 

@@ -7,6 +7,7 @@ Sec. 2.1-2.2): deeper transformers, no attention at the first level, image size 
 Attribute names equal diffusers' UNet2DConditionModel, so its state dicts load with strict=True:
 https://github.com/huggingface/diffusers/blob/dbbfe89b9297c416ad1037e80f13e3fa7a7f8d34/src/diffusers/models/unets/unet_2d_condition.py
 """
+
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-MAX_PERIOD = 10_000      # timestep_embedding(max_period=10000) in LDM openaimodel.py
-TIME_EMBED_MULT = 4      # time_embed_dim = model_channels * 4 (LDM UNetModel)
-FF_MULT = 4              # FeedForward(mult=4) in LDM attention.py
-RESNET_EPS = 1e-5        # UNet GroupNorms: torch's default eps (LDM GroupNorm32, diffusers norm_eps)
+MAX_PERIOD = 10_000  # timestep_embedding(max_period=10000) in LDM openaimodel.py
+TIME_EMBED_MULT = 4  # time_embed_dim = model_channels * 4 (LDM UNetModel)
+FF_MULT = 4  # FeedForward(mult=4) in LDM attention.py
+RESNET_EPS = 1e-5  # UNet GroupNorms: torch's default eps (LDM GroupNorm32, diffusers norm_eps)
 TRANSFORMER_GN_EPS = 1e-6  # GroupNorm before proj_in: LDM Normalize(eps=1e-6)
 CROSS_DOWN, CROSS_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
 
@@ -33,15 +34,23 @@ class UNetConfig:
     down_block_types: tuple = (CROSS_DOWN, CROSS_DOWN, CROSS_DOWN, "DownBlock2D")
     up_block_types: tuple = ("UpBlock2D", CROSS_UP, CROSS_UP, CROSS_UP)
     layers_per_block: int = 2
-    cross_attention_dim: int = 768   # width of the text encoder's hidden states
+    cross_attention_dim: int = 768  # width of the text encoder's hidden states
     attention_head_dim: int | tuple = 8  # a head COUNT (diffusers' misnomer), shared or per level
-    use_linear_projection: bool = False  # proj_in/proj_out: Linear (SD v2) instead of 1x1 conv (SD v1)
-    transformer_layers_per_block: int | tuple = 1  # transformer blocks per attention, shared or per level
+    use_linear_projection: bool = (
+        False  # proj_in/proj_out: Linear (SD v2) instead of 1x1 conv (SD v1)
+    )
+    transformer_layers_per_block: int | tuple = (
+        1  # transformer blocks per attention, shared or per level
+    )
     norm_num_groups: int = 32
-    sample_size: int = 64            # latent side of the training resolution (512 px / 8)
-    addition_embed_type: str | None = None  # "text_time": SDXL's pooled text + size numbers (forward's `added`)
+    sample_size: int = 64  # latent side of the training resolution (512 px / 8)
+    addition_embed_type: str | None = (
+        None  # "text_time": SDXL's pooled text + size numbers (forward's `added`)
+    )
     addition_time_embed_dim: int | None = None  # sinusoidal width of each size number
-    projection_class_embeddings_input_dim: int | None = None  # add_embedding's input: pooled + numbers x width
+    projection_class_embeddings_input_dim: int | None = (
+        None  # add_embedding's input: pooled + numbers x width
+    )
 
     @classmethod
     def sd1(cls):
@@ -53,8 +62,12 @@ class UNetConfig:
     def sd2(cls):
         """SD v2.x: v2-inference-v.yaml: num_head_channels 64 (so 320/64=5, 10, 20, 20 heads),
         context_dim 1024 (OpenCLIP ViT-H), use_linear_in_transformer; 768 px, so 96 latents."""
-        return cls(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                   use_linear_projection=True, sample_size=96)
+        return cls(
+            cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True,
+            sample_size=96,
+        )
 
     @classmethod
     def sdxl(cls):
@@ -62,11 +75,19 @@ class UNetConfig:
         (model_channels 320, channel_mult [1, 2, 4], attention_resolutions [4, 2]: none at the first level,
         transformer_depth [1, 2, 10] (the first unused), num_head_channels 64, context_dim 2048 = CLIP-L 768 +
         bigG 1280, adm_in_channels 2816 = pooled bigG 1280 + 6 x 256) = the base model's unet/config.json; 1024 px."""
-        return cls(block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", CROSS_DOWN, CROSS_DOWN),
-                   up_block_types=(CROSS_UP, CROSS_UP, "UpBlock2D"), cross_attention_dim=2048,
-                   attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
-                   sample_size=128, addition_embed_type="text_time", addition_time_embed_dim=256,
-                   projection_class_embeddings_input_dim=2816)
+        return cls(
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", CROSS_DOWN, CROSS_DOWN),
+            up_block_types=(CROSS_UP, CROSS_UP, "UpBlock2D"),
+            cross_attention_dim=2048,
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2, 10),
+            sample_size=128,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
 
 
 def per_level(value, levels):
@@ -76,13 +97,17 @@ def per_level(value, levels):
 
 def mlp(dim_in, dim):
     """diffusers' TimestepEmbedding (LDM's time_embed / label_emb Sequentials): Linear, SiLU, Linear."""
-    return nn.Sequential(OrderedDict(linear_1=nn.Linear(dim_in, dim), act=nn.SiLU(), linear_2=nn.Linear(dim, dim)))
+    return nn.Sequential(
+        OrderedDict(linear_1=nn.Linear(dim_in, dim), act=nn.SiLU(), linear_2=nn.Linear(dim, dim))
+    )
 
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of [B] timesteps, cos half first (flip_sin_to_cos=True, freq_shift=0)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device) / half)  # 10000^(-i/half)
+    freqs = torch.exp(
+        -math.log(MAX_PERIOD) * torch.arange(half, device=t.device) / half
+    )  # 10000^(-i/half)
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -102,8 +127,10 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        q, k, v = (f(y).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
-                   for f, y in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        q, k, v = (
+            f(y).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
+            for f, y in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
         out = F.scaled_dot_product_attention(q, k, v)  # Vaswani eq. 1, scale 1/sqrt(d)
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, N, heads * d)
 
@@ -124,7 +151,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim):
         super().__init__()
         # Positional slots as in the checkpoints (net.0.proj, net.2): slot 1 held a Dropout.
-        self.net = nn.Sequential(GEGLU(dim, FF_MULT * dim), nn.Identity(), nn.Linear(FF_MULT * dim, dim))
+        self.net = nn.Sequential(
+            GEGLU(dim, FF_MULT * dim), nn.Identity(), nn.Linear(FF_MULT * dim, dim)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -153,8 +182,9 @@ class Transformer2DModel(nn.Module):
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GN_EPS)
         proj = nn.Linear if linear else partial(nn.Conv2d, kernel_size=1)
         self.proj_in, self.proj_out = proj(channels, channels), proj(channels, channels)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)
-                                                 for _ in range(layers)])
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, heads, context_dim) for _ in range(layers)]
+        )
 
     def forward(self, x, context):
         B, C, H, W = x.shape
@@ -172,9 +202,15 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, in_ch, out_ch, temb_ch=None, groups=32, eps=RESNET_EPS):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, in_ch, eps), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm1, self.conv1 = (
+            nn.GroupNorm(groups, in_ch, eps),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1),
+        )
         self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch else None
-        self.norm2, self.conv2 = nn.GroupNorm(groups, out_ch, eps), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = (
+            nn.GroupNorm(groups, out_ch, eps),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        )
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, temb=None):
@@ -191,7 +227,10 @@ class Downsample2D(nn.Module):
 
     def __init__(self, channels, pad=None):
         super().__init__()
-        self.pad, self.conv = pad, nn.Conv2d(channels, channels, 3, stride=2, padding=0 if pad else 1)
+        self.pad, self.conv = (
+            pad,
+            nn.Conv2d(channels, channels, 3, stride=2, padding=0 if pad else 1),
+        )
 
     def forward(self, x):
         return self.conv(F.pad(x, self.pad) if self.pad else x)
@@ -205,7 +244,9 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
-        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
+        return self.conv(
+            F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        )
 
 
 class DownBlock2D(nn.Module):
@@ -277,37 +318,60 @@ class UNet(nn.Module):
         self.config, self.gradient_checkpointing = config, False
         c, ch, lpb = config, list(config.block_out_channels), config.layers_per_block
         n = len(ch)
-        heads, depth = per_level(c.attention_head_dim, n), per_level(c.transformer_layers_per_block, n)
+        heads, depth = (
+            per_level(c.attention_head_dim, n),
+            per_level(c.transformer_layers_per_block, n),
+        )
         temb = ch[0] * TIME_EMBED_MULT
         resnet = partial(ResnetBlock2D, temb_ch=temb, groups=c.norm_num_groups)
 
         def attentions(level, count):  # a level's transformers: its channels, heads and depth
-            return [Transformer2DModel(ch[level], heads[level], c.cross_attention_dim, c.use_linear_projection,
-                                       c.norm_num_groups, depth[level]) for _ in range(count)]
+            return [
+                Transformer2DModel(
+                    ch[level],
+                    heads[level],
+                    c.cross_attention_dim,
+                    c.use_linear_projection,
+                    c.norm_num_groups,
+                    depth[level],
+                )
+                for _ in range(count)
+            ]
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = mlp(ch[0], temb)  # on the sinusoidal embedding of t
         # SDXL: on [pooled text, the size numbers' sinusoidal embeddings] (LDM label_emb), added to the time's
-        self.add_embedding = mlp(c.projection_class_embeddings_input_dim, temb) if c.addition_embed_type else None
+        self.add_embedding = (
+            mlp(c.projection_class_embeddings_input_dim, temb) if c.addition_embed_type else None
+        )
         self.down_blocks, self.up_blocks = nn.ModuleList(), nn.ModuleList()
         skip_ch = [ch[0]]  # channels of every tensor the down path stores for the up path
         for i, kind in enumerate(c.down_block_types):
             last = i == n - 1
-            self.down_blocks.append(DownBlock2D(
-                [resnet(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(lpb)],
-                attentions(i, lpb) if kind == CROSS_DOWN else [],
-                None if last else Downsample2D(ch[i])))
+            self.down_blocks.append(
+                DownBlock2D(
+                    [resnet(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(lpb)],
+                    attentions(i, lpb) if kind == CROSS_DOWN else [],
+                    None if last else Downsample2D(ch[i]),
+                )
+            )
             skip_ch += [ch[i]] * (lpb + (not last))
-        self.mid_block = MidBlock2D([resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], attentions(n - 1, 1))
+        self.mid_block = MidBlock2D(
+            [resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], attentions(n - 1, 1)
+        )
         x_ch = ch[-1]
         for i, kind in enumerate(c.up_block_types):
             level, resnets = n - 1 - i, []
             for _ in range(lpb + 1):  # one more than going down: also takes the downsampler's skip
                 resnets.append(resnet(x_ch + skip_ch.pop(), ch[level]))
                 x_ch = ch[level]
-            self.up_blocks.append(UpBlock2D(
-                resnets, attentions(level, len(resnets)) if kind == CROSS_UP else [],
-                Upsample2D(ch[level]) if level > 0 else None))
+            self.up_blocks.append(
+                UpBlock2D(
+                    resnets,
+                    attentions(level, len(resnets)) if kind == CROSS_UP else [],
+                    Upsample2D(ch[level]) if level > 0 else None,
+                )
+            )
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=RESNET_EPS)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
@@ -315,8 +379,10 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # number, 0-dim or [B] -> [B]
         temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
         if (added is None) != (self.add_embedding is None):
-            raise ValueError(f"this UNet (addition_embed_type {self.config.addition_embed_type}) "
-                             f"{'needs' if added is None else 'takes no'} `added` conditioning")
+            raise ValueError(
+                f"this UNet (addition_embed_type {self.config.addition_embed_type}) "
+                f"{'needs' if added is None else 'takes no'} `added` conditioning"
+            )
         if added is not None:
             temb = temb + self.add_embedding(self.added_features(added).to(x.dtype))
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -338,6 +404,10 @@ class UNet(nn.Module):
         """[B, P + n] pooled text and n numbers -> [B, P + n * d]: the pooled embedding, then each number's
         sinusoidal embedding of width d (as a timestep's), add_embedding's input (sgm's vector `y`)."""
         d = self.config.addition_time_embed_dim
-        n = (self.add_embedding.linear_1.in_features - added.shape[-1]) // (d - 1)  # (P + n d) - (P + n) = n (d - 1)
+        n = (self.add_embedding.linear_1.in_features - added.shape[-1]) // (
+            d - 1
+        )  # (P + n d) - (P + n) = n (d - 1)
         pooled, numbers = added[:, :-n], added[:, -n:]
-        return torch.cat([pooled, timestep_embedding(numbers.flatten(), d).view(len(added), n * d)], dim=-1)
+        return torch.cat(
+            [pooled, timestep_embedding(numbers.flatten(), d).view(len(added), n * d)], dim=-1
+        )

@@ -5,18 +5,29 @@ the posterior is a diagonal Gaussian (mean, logvar), Kingma & Welling arXiv:1312
 unet.py's blocks; attribute names equal diffusers' AutoencoderKL, so its state dicts load strictly:
 https://github.com/huggingface/diffusers/blob/9578d7e80409e05b031ba5ff664242744fb528f4/src/diffusers/models/autoencoders/vae.py
 """
+
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import nn
 
-from unet import Attention, DownBlock2D, Downsample2D, MidBlock2D, ResnetBlock2D, UpBlock2D, Upsample2D
+from unet import (
+    Attention,
+    DownBlock2D,
+    Downsample2D,
+    MidBlock2D,
+    ResnetBlock2D,
+    UpBlock2D,
+    Upsample2D,
+)
 
-VAE_EPS = 1e-6                       # every VAE GroupNorm: LDM Normalize(eps=1e-6)
-VAE_SCALE = 0.18215                  # latent scaling: v1-inference.yaml `scale_factor`
-VAE_SCALE_XL = 0.13025               # SDXL's (sd_xl_base.yaml `scale_factor`): the same VAE architecture, retrained
+VAE_EPS = 1e-6  # every VAE GroupNorm: LDM Normalize(eps=1e-6)
+VAE_SCALE = 0.18215  # latent scaling: v1-inference.yaml `scale_factor`
+VAE_SCALE_XL = (
+    0.13025  # SDXL's (sd_xl_base.yaml `scale_factor`): the same VAE architecture, retrained
+)
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp in LDM's DiagonalGaussianDistribution
-VAE_PAD = (0, 1, 0, 1)               # LDM Downsample pads right and bottom, then a stride-2 conv
+VAE_PAD = (0, 1, 0, 1)  # LDM Downsample pads right and bottom, then a stride-2 conv
 
 
 @dataclass
@@ -68,10 +79,18 @@ class Encoder(nn.Module):
         super().__init__()
         ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList(DownBlock2D(
-            [ResnetBlock2D(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], groups=g, eps=VAE_EPS)
-             for j in range(c.layers_per_block)],
-            downsample=Downsample2D(ch[i], VAE_PAD) if i < n - 1 else None) for i in range(n))
+        self.down_blocks = nn.ModuleList(
+            DownBlock2D(
+                [
+                    ResnetBlock2D(
+                        ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], groups=g, eps=VAE_EPS
+                    )
+                    for j in range(c.layers_per_block)
+                ],
+                downsample=Downsample2D(ch[i], VAE_PAD) if i < n - 1 else None,
+            )
+            for i in range(n)
+        )
         self.mid_block = mid_block(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=VAE_EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
@@ -91,10 +110,18 @@ class Decoder(nn.Module):
         ch, g, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
         self.mid_block = mid_block(ch[0], g)
-        self.up_blocks = nn.ModuleList(UpBlock2D(
-            [ResnetBlock2D(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], groups=g, eps=VAE_EPS)
-             for j in range(c.layers_per_block + 1)],
-            upsample=Upsample2D(ch[i]) if i < n - 1 else None) for i in range(n))
+        self.up_blocks = nn.ModuleList(
+            UpBlock2D(
+                [
+                    ResnetBlock2D(
+                        ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], groups=g, eps=VAE_EPS
+                    )
+                    for j in range(c.layers_per_block + 1)
+                ],
+                upsample=Upsample2D(ch[i]) if i < n - 1 else None,
+            )
+            for i in range(n)
+        )
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=VAE_EPS)
         self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
 

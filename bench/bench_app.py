@@ -6,6 +6,7 @@ ratios; the targets (issue 12): app <= CLI + 10%, an update at least every 2 s, 
 
     pip install -r requirements-app.txt && python bench/bench_app.py [--rounds 3] [--iterations N]
 """
+
 import argparse
 import os
 import socket
@@ -30,8 +31,13 @@ def serve(work):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--port", str(port)], cwd=work,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "app.py"), "--port", str(port)],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     url = f"http://127.0.0.1:{port}"
     while True:
         try:
@@ -45,7 +51,9 @@ def serve(work):
 def erase_in_app(client, iterations):
     """Seconds from Train to Done, the gaps between the page's updates, the delta."""
     started = time.monotonic()
-    job = client.submit("circle", "esd-x", 1.0, iterations, toy.ESD["lr"], "trained", 0, api_name="/erase")
+    job = client.submit(
+        "circle", "esd-x", 1.0, iterations, toy.ESD["lr"], "trained", 0, api_name="/erase"
+    )
     arrivals = [time.monotonic() for _ in job]
     final = job.outputs()[-1]
     assert final[0].startswith("Done"), final[0]
@@ -54,16 +62,36 @@ def erase_in_app(client, iterations):
 
 def erase_in_cli(work, iterations, i):
     started = time.monotonic()
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "toy", "--concept", "circle", "--no-eval",
-                    "--iterations", str(iterations), "--output", os.path.join(work, f"cli-{i}.safetensors")],
-                   check=True, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--model",
+            "toy",
+            "--concept",
+            "circle",
+            "--no-eval",
+            "--iterations",
+            str(iterations),
+            "--output",
+            os.path.join(work, f"cli-{i}.safetensors"),
+        ],
+        check=True,
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.monotonic() - started
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="app.py against train.py: the default toy erase, and Compare.")
+    p = argparse.ArgumentParser(
+        description="app.py against train.py: the default toy erase, and Compare."
+    )
     p.add_argument("--rounds", type=int, default=3, help="erases in each, taken in turns")
-    p.add_argument("--iterations", type=int, default=toy.ESD["iterations"], help="(default: the toy's)")
+    p.add_argument(
+        "--iterations", type=int, default=toy.ESD["iterations"], help="(default: the toy's)"
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         proc, url = serve(work)
@@ -73,20 +101,29 @@ def main(argv=None):
                 cli_s.append(erase_in_cli(work, args.iterations, i))
                 seconds, round_gaps, edit = erase_in_app(client, args.iterations)
                 app_s.append(seconds)
-                gaps.extend(round_gaps[1:-1])  # while training: the first waits for the start, the last for the save
-                print(f"round {i}: app {seconds:.1f} s, train.py {cli_s[-1]:.1f} s, ratio {seconds / cli_s[-1]:.2f}, "
-                      f"updates every {np.median(round_gaps):.2f} s (longest {round_gaps.max():.2f})", flush=True)
+                gaps.extend(
+                    round_gaps[1:-1]
+                )  # while training: the first waits for the start, the last for the save
+                print(
+                    f"round {i}: app {seconds:.1f} s, train.py {cli_s[-1]:.1f} s, ratio {seconds / cli_s[-1]:.2f}, "
+                    f"updates every {np.median(round_gaps):.2f} s (longest {round_gaps.max():.2f})",
+                    flush=True,
+                )
             compare_s = []
             for _ in range(3):
                 started = time.monotonic()
-                client.predict(PROMPTS, 0, toy.DDIM_STEPS, toy.GUIDANCE, handle_file(edit), api_name="/compare")
+                client.predict(
+                    PROMPTS, 0, toy.DDIM_STEPS, toy.GUIDANCE, handle_file(edit), api_name="/compare"
+                )
                 compare_s.append(time.monotonic() - started)
         finally:
             proc.terminate()
             proc.wait()
-    print(f"erase: app / train.py = {sum(app_s) / sum(cli_s):.2f} over {args.rounds} rounds (target <= 1.10); "
-          f"longest gap between updates {max(gaps, default=0):.2f} s (target <= 2); "
-          f"Compare, 3 prompts and a delta: {min(compare_s):.2f}-{max(compare_s):.2f} s (target <= 5)")
+    print(
+        f"erase: app / train.py = {sum(app_s) / sum(cli_s):.2f} over {args.rounds} rounds (target <= 1.10); "
+        f"longest gap between updates {max(gaps, default=0):.2f} s (target <= 2); "
+        f"Compare, 3 prompts and a delta: {min(compare_s):.2f}-{max(compare_s):.2f} s (target <= 5)"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Writes docs/erasure_vs_time.json (every point), prints the table (markdown), dra
 (matplotlib). "Equal erasure" is the README's rule: alone at most 5 points above the paper path's end,
 in context at most 10 above, other shapes at most 2 below, colours at most 2 below.
 """
+
 import argparse
 import dataclasses
 import json
@@ -33,7 +34,10 @@ import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "erasure_vs_time.json")
-METHODS = {"esd-x": [], "esd-u": ["--method", "esd-u", "--lr", "2e-4", "--negative-guidance", "2", "--batch-size", "8"]}
+METHODS = {
+    "esd-x": [],
+    "esd-u": ["--method", "esd-u", "--lr", "2e-4", "--negative-guidance", "2", "--batch-size", "8"],
+}
 PAPER = ["--trajectory-pool", "0"]  # x_t sampled every iteration with the model being trained
 STRATEGIES = {  # name -> train.py flags (the toy's: 20 DDIM steps); pool N/R: N trajectories per batch row, every R
     # (train.py's default: pool 4/40)
@@ -47,33 +51,64 @@ STRATEGIES = {  # name -> train.py flags (the toy's: 20 DDIM steps); pool N/R: N
     "frozen pool 16": ["--trajectory-pool", "16", "--pool-refresh", "0", "--xt-from", "frozen"],
     "path 4": PAPER,  # bench-only (PathBatch): 4 timesteps of each trajectory per step, a quarter of the iterations
 }
-PAPER_ITERATIONS = 300  # the paper path's length on the toy (its default before x_t pools): the reference
+PAPER_ITERATIONS = (
+    300  # the paper path's length on the toy (its default before x_t pools): the reference
+)
 LONGER = 4 / 3  # strategies other than the paper train this much longer, to show where they get to
 RATES = ("circle_alone", "circle_in_context", "other_shapes", "colors")
-EQUAL = {"circle_alone": 0.05, "circle_in_context": 0.10, "other_shapes": -0.02, "colors": -0.02}  # allowed change
+EQUAL = {
+    "circle_alone": 0.05,
+    "circle_in_context": 0.10,
+    "other_shapes": -0.02,
+    "colors": -0.02,
+}  # allowed change
 
 
 class PathBatch(esd.XtSource):
     """Bench-only: each step reads K timesteps of each batch row's trajectory, sampled to the deepest of them."""
+
     k = 4
 
     def draw(self, it):
         concept, _, noise_seed = self._draw("iteration", it)
         t_enc = torch.tensor(sorted(self._draw(f"path{it}", j)[1] for j in range(self.k)))
-        paths = self._sample([concept], [noise_seed], self.batch_size, int(t_enc[-1]), trajectory=True)
-        return [concept] * self.k * self.batch_size, t_enc.repeat_interleave(self.batch_size), paths[t_enc].flatten(0, 1)
+        paths = self._sample(
+            [concept], [noise_seed], self.batch_size, int(t_enc[-1]), trajectory=True
+        )
+        return (
+            [concept] * self.k * self.batch_size,
+            t_enc.repeat_interleave(self.batch_size),
+            paths[t_enc].flatten(0, 1),
+        )
 
 
 def run(method, strategy, seed, every, out, longer=LONGER):
     """One training (in this process): snapshots every `every` iterations, each judged afterwards."""
     torch.set_num_threads(1)
-    config = train.parse_args(["--model", "toy", "--concept", "circle", "--seed", str(seed), "--no-eval",
-                               "--output", out, "--overwrite", *METHODS[method], *STRATEGIES[strategy]])
+    config = train.parse_args(
+        [
+            "--model",
+            "toy",
+            "--concept",
+            "circle",
+            "--seed",
+            str(seed),
+            "--no-eval",
+            "--output",
+            out,
+            "--overwrite",
+            *METHODS[method],
+            *STRATEGIES[strategy],
+        ]
+    )
     default = config.iterations = PAPER_ITERATIONS
     if strategy != "paper":
         config.iterations = round(config.iterations * longer)
     if strategy == "path 4":
-        default, config.iterations = default // PathBatch.k, config.iterations // PathBatch.k  # as many x_t
+        default, config.iterations = (
+            default // PathBatch.k,
+            config.iterations // PathBatch.k,
+        )  # as many x_t
         esd.XtSource = PathBatch
     concepts, sd, points = train.check(config), load_sd.load("toy"), []
     names = list(esd.select(sd.unet, config.method))
@@ -85,17 +120,31 @@ def run(method, strategy, seed, every, out, longer=LONGER):
         clock["wall"] += wall - clock["since"][1]
         if iteration % every == 0 or iteration == config.iterations:
             params = dict(sd.unet.named_parameters())
-            points.append(dict(iteration=iteration, cpu_s=clock["cpu"], wall_s=clock["wall"],
-                               tensors={n: params[n].detach().clone() for n in names}))
+            points.append(
+                dict(
+                    iteration=iteration,
+                    cpu_s=clock["cpu"],
+                    wall_s=clock["wall"],
+                    tensors={n: params[n].detach().clone() for n in names},
+                )
+            )
         clock["since"] = (time.process_time(), time.perf_counter())
 
     train.train(config, sd, concepts, on_step=on_step)
     base = load_sd.load("toy")
     for point in points:
         with delta.applied(base.unet, point.pop("tensors")):
-            point.update(evaluate.evaluate(base, None, "circle")["base"])  # the edited model's scores
-    return dict(method=method, strategy=strategy, seed=seed, default=default, config=dataclasses.asdict(config),
-                points=points)
+            point.update(
+                evaluate.evaluate(base, None, "circle")["base"]
+            )  # the edited model's scores
+    return dict(
+        method=method,
+        strategy=strategy,
+        seed=seed,
+        default=default,
+        config=dataclasses.asdict(config),
+        points=points,
+    )
 
 
 def equal_erasure(rates, paper_end):
@@ -104,18 +153,25 @@ def equal_erasure(rates, paper_end):
 
 def report(results):
     """Markdown table: per method, strategy and seed, the paper-equal point's time, rates and speed-up."""
-    rows = ["| method | strategy | seed | iterations | CPU s | alone | in context | other shapes | colours | "
-            "time to the paper's erasure | speed-up |", "|" + "---|" * 11]
+    rows = [
+        "| method | strategy | seed | iterations | CPU s | alone | in context | other shapes | colours | "
+        "time to the paper's erasure | speed-up |",
+        "|" + "---|" * 11,
+    ]
     paper = {(r["method"], r["seed"]): r["points"][-1] for r in results if r["strategy"] == "paper"}
     for r in results:
         end = paper.get((r["method"], r["seed"]))
         hit = next((p for p in r["points"] if end and equal_erasure(p, end)), None)
-        last = min(r["points"], key=lambda p: abs(p["iteration"] - r["default"]))  # at the default length
+        last = min(
+            r["points"], key=lambda p: abs(p["iteration"] - r["default"])
+        )  # at the default length
         rates = " | ".join(f"{last[k]:.1%}" for k in RATES)
         reach = f"{hit['cpu_s']:.0f} s ({hit['iteration']} it)" if hit else "not reached"
         speed = f"{end['cpu_s'] / hit['cpu_s']:.2f}x" if hit and end else ""
-        rows.append(f"| {r['method']} | {r['strategy']} | {r['seed']} | {last['iteration']} | {last['cpu_s']:.0f} | "
-                    f"{rates} | {reach} | {speed} |")
+        rows.append(
+            f"| {r['method']} | {r['strategy']} | {r['seed']} | {last['iteration']} | {last['cpu_s']:.0f} | "
+            f"{rates} | {reach} | {speed} |"
+        )
     return "\n".join(rows)
 
 
@@ -123,28 +179,50 @@ def plot(results, path, strategies=None):
     """Per method: alone, in context and other shapes against training CPU seconds, a line per strategy (mean of
     the seeds, point by point)."""
     import matplotlib  # bench-only: pip install matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     methods = sorted({r["method"] for r in results})
     keys = ("circle_alone", "circle_in_context", "other_shapes")
-    fig, axes = plt.subplots(len(methods), len(keys), figsize=(5 * len(keys), 4 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(methods), len(keys), figsize=(5 * len(keys), 4 * len(methods)), squeeze=False
+    )
     for row, method in enumerate(methods):
         for i, strategy in enumerate(strategies or STRATEGIES):
-            runs = [r["points"] for r in results if (r["method"], r["strategy"]) == (method, strategy)]
+            runs = [
+                r["points"] for r in results if (r["method"], r["strategy"]) == (method, strategy)
+            ]
             if not runs:
                 continue
             n = min(len(points) for points in runs)
-            mean = {k: [sum(points[j][k] for points in runs) / len(runs) for j in range(n)] for k in (*keys, "cpu_s")}
+            mean = {
+                k: [sum(points[j][k] for points in runs) / len(runs) for j in range(n)]
+                for k in (*keys, "cpu_s")
+            }
             for col, key in enumerate(keys):
-                axes[row][col].plot(mean["cpu_s"], mean[key], "o-" if strategy == "paper" else ".-", ms=4,
-                                    color=f"C{i}", lw=2.5 if strategy == "paper" else 1.2, label=strategy)
+                axes[row][col].plot(
+                    mean["cpu_s"],
+                    mean[key],
+                    "o-" if strategy == "paper" else ".-",
+                    ms=4,
+                    color=f"C{i}",
+                    lw=2.5 if strategy == "paper" else 1.2,
+                    label=strategy,
+                )
         for col, key in enumerate(keys):
-            axes[row][col].set(title=f"{method}: {key.replace('_', ' ')}", xlabel="training CPU seconds (one thread)",
-                               ylabel="share of images", ylim=(0.7, 1) if key == "other_shapes" else (0, 1))
+            axes[row][col].set(
+                title=f"{method}: {key.replace('_', ' ')}",
+                xlabel="training CPU seconds (one thread)",
+                ylabel="share of images",
+                ylim=(0.7, 1) if key == "other_shapes" else (0, 1),
+            )
             axes[row][col].grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"ESD on the toy: erasure against training time (mean of {len({r['seed'] for r in results})} seeds, "
-                 "evaluate.py's protocol)")
+    fig.suptitle(
+        f"ESD on the toy: erasure against training time (mean of {len({r['seed'] for r in results})} seeds, "
+        "evaluate.py's protocol)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -155,35 +233,65 @@ def main(argv=None):
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--every", type=int, default=50, help="snapshot every N iterations")
-    p.add_argument("--longer", type=float, default=LONGER, help="strategies but the paper train this much longer")
+    p.add_argument(
+        "--longer",
+        type=float,
+        default=LONGER,
+        help="strategies but the paper train this much longer",
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
-    p.add_argument("--report", action="store_true", help="only the table and plot from the saved results")
+    p.add_argument(
+        "--report", action="store_true", help="only the table and plot from the saved results"
+    )
     p.add_argument("--again", action="store_true", help="rerun runs already in the saved results")
     p.add_argument("--one", nargs=3, metavar=("METHOD", "STRATEGY", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:  # a worker: one run, its result as JSON on stdout's last line
         method, strategy, seed = args.one
-        out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"erasure-vs-time-{os.getpid()}.safetensors")
+        out = os.path.join(
+            os.environ.get("TMPDIR", "/tmp"), f"erasure-vs-time-{os.getpid()}.safetensors"
+        )
         print(json.dumps(run(method, strategy, int(seed), args.every, out, args.longer)))
         return
     results = json.load(open(RESULTS)) if os.path.exists(RESULTS) else []
     if not args.report:
-        done = {(r["method"], r["strategy"], r["seed"]) for r in results}  # an interrupted run goes on
-        todo = [(m, s, seed) for m in args.methods for s in args.strategies for seed in args.seeds
-                if args.again or (m, s, seed) not in done]
+        done = {
+            (r["method"], r["strategy"], r["seed"]) for r in results
+        }  # an interrupted run goes on
+        todo = [
+            (m, s, seed)
+            for m in args.methods
+            for s in args.strategies
+            for seed in args.seeds
+            if args.again or (m, s, seed) not in done
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1")
 
         def work(job):
-            command = [sys.executable, os.path.abspath(__file__), "--one", job[0], job[1], str(job[2]),
-                       "--every", str(args.every), "--longer", str(args.longer)]
-            out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+            command = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--one",
+                job[0],
+                job[1],
+                str(job[2]),
+                "--every",
+                str(args.every),
+                "--longer",
+                str(args.longer),
+            ]
+            out = subprocess.run(
+                command, capture_output=True, text=True, env=env, check=True
+            ).stdout
             print(f"done {job}", file=sys.stderr, flush=True)
             return json.loads(out.strip().splitlines()[-1])
 
         with ThreadPoolExecutor(args.jobs) as pool:
             for result in pool.map(work, todo):
                 key = (result["method"], result["strategy"], result["seed"])
-                results = [r for r in results if (r["method"], r["strategy"], r["seed"]) != key] + [result]
+                results = [r for r in results if (r["method"], r["strategy"], r["seed"]) != key] + [
+                    result
+                ]
                 with open(RESULTS + ".tmp", "w") as f:
                     json.dump(results, f, indent=1)
                 os.replace(RESULTS + ".tmp", RESULTS)

@@ -1,6 +1,7 @@
 """app.py as a person and a program meet it: a real server on a free port, driven through its API with
 gradio_client (erase, stop, compare, measure, download, bad input, one training at a time) and through the
 page in headless Chromium (type, train, compare, download; the README's screenshot docs/app.png)."""
+
 import json
 import os
 import shutil
@@ -24,9 +25,13 @@ import sample
 import sampler
 import toy
 
-IN_CI = os.environ.get("CI") == "true"  # .ci/run installs the demo's packages and Chromium: there nothing skips
+IN_CI = (
+    os.environ.get("CI") == "true"
+)  # .ci/run installs the demo's packages and Chromium: there nothing skips
 if not IN_CI:
-    pytest.importorskip("gradio_client", reason="the demo's packages: pip install -r requirements-app.txt")
+    pytest.importorskip(
+        "gradio_client", reason="the demo's packages: pip install -r requirements-app.txt"
+    )
 import httpx  # noqa: E402  (gradio's own dependency)
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
@@ -46,7 +51,9 @@ def free_port():
 
 
 def run_app(*args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(cwd / "gradio"))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(cwd / "gradio")
+    )
     return [sys.executable, os.path.join(ROOT, "app.py"), *map(str, args)], dict(cwd=cwd, env=env)
 
 
@@ -63,7 +70,9 @@ def server(tmp_path_factory):
             urllib.request.urlopen(url, timeout=5)
             break
         except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, (work / "server.log").read_text()
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                work / "server.log"
+            ).read_text()
             time.sleep(0.5)
     yield SimpleNamespace(url=url, port=port, work=work, proc=proc)
     proc.terminate()
@@ -84,7 +93,9 @@ def trained(server):
     for out in job:
         arrivals.append(time.monotonic())
         outputs.append(out)
-    return SimpleNamespace(client=client, outputs=outputs, arrivals=arrivals, final=job.outputs()[-1])
+    return SimpleNamespace(
+        client=client, outputs=outputs, arrivals=arrivals, final=job.outputs()[-1]
+    )
 
 
 def pixels(path):
@@ -101,35 +112,58 @@ def expected_row(sd, prompts, edit=None):
 def test_erase_streams_progress_and_saves_the_delta(server, trained, toy_sd):
     status, curve, preview, download, compare_delta, measure_delta = trained.final
     assert status.startswith("Done") and "saved" in status, status
-    assert any(out[0].startswith("Iteration") for out in trained.outputs[:-1]), "progress was streamed"
-    gaps = np.diff(trained.arrivals)  # app.UPDATE_S is 1 s (target: at most 2); a loaded CI machine may stall
-    assert np.median(gaps) < 1.5 and gaps.max() < 3, f"the page went {gaps.max():.1f} s without an update"
+    assert any(out[0].startswith("Iteration") for out in trained.outputs[:-1]), (
+        "progress was streamed"
+    )
+    gaps = np.diff(
+        trained.arrivals
+    )  # app.UPDATE_S is 1 s (target: at most 2); a loaded CI machine may stall
+    assert np.median(gaps) < 1.5 and gaps.max() < 3, (
+        f"the page went {gaps.max():.1f} s without an update"
+    )
     iterations, losses = zip(*curve["data"])
     assert iterations == tuple(range(1, 21)) and all(np.isfinite(losses)), "a loss per iteration"
     assert pixels(preview).shape[1] >= 2 * CELL, "the preview: before and now, enlarged"
-    tensors, meta = delta.load(download)  # what the page offers for download, loaded by the project's loader
+    tensors, meta = delta.load(
+        download
+    )  # what the page offers for download, loaded by the project's loader
     assert set(tensors) == {k for k, _ in toy_sd.unet.named_parameters() if "attn2" in k}
-    assert (meta["concept"], meta["method"], meta["iterations"], meta["base_model"]) == ("circle", "esd-x", "20", "toy")
+    assert (meta["concept"], meta["method"], meta["iterations"], meta["base_model"]) == (
+        "circle",
+        "esd-x",
+        "20",
+        "toy",
+    )
     name = os.path.basename(download)
     for given in (compare_delta, measure_delta):  # the Compare and Measure tabs get it too
         assert open(given, "rb").read() == open(download, "rb").read()
     saved = os.listdir(server.work / "outputs")
     assert name in saved and not [f for f in saved if ".tmp-" in f or f.endswith(".lock")], saved
-    assert all(torch.equal(tensors[k], t) for k, t in delta.load(server.work / "outputs" / name)[0].items())
+    assert all(
+        torch.equal(tensors[k], t) for k, t in delta.load(server.work / "outputs" / name)[0].items()
+    )
 
 
 def test_compare_original_above_erased_from_the_same_noise(server, trained, toy_sd):
     name, client = os.path.basename(trained.final[3]), trained.client
-    original, erased = client.predict(PROMPTS, 0, 20, 5.0, handle_file(trained.final[4]), api_name="/compare")
+    original, erased = client.predict(
+        PROMPTS, 0, 20, 5.0, handle_file(trained.final[4]), api_name="/compare"
+    )
     started = time.monotonic()
     plain, no_delta = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
     assert time.monotonic() - started < 5, "Compare answers in at most 5 s"
     assert no_delta["value"] is None
     prompts, path = PROMPTS.splitlines(), str(server.work / "outputs" / name)
-    assert np.array_equal(pixels(original), expected_row(toy_sd, prompts)), "the original weights, exactly"
+    assert np.array_equal(pixels(original), expected_row(toy_sd, prompts)), (
+        "the original weights, exactly"
+    )
     assert np.array_equal(pixels(plain), pixels(original)), "the delta was taken off again"
-    assert np.array_equal(pixels(erased["value"]), expected_row(toy_sd, prompts, path)), "this delta, applied"
-    assert not np.array_equal(pixels(erased["value"]), pixels(original)), "erasing changed the images"
+    assert np.array_equal(pixels(erased["value"]), expected_row(toy_sd, prompts, path)), (
+        "this delta, applied"
+    )
+    assert not np.array_equal(pixels(erased["value"]), pixels(original)), (
+        "erasing changed the images"
+    )
     assert pixels(original).shape[1] >= 3 * CELL, "the toy's 32 px images enlarged"
 
 
@@ -138,76 +172,130 @@ def test_compare_takes_uploads_ours_and_the_official_pt_formats(server, trained,
     want = expected_row(toy_sd, PROMPTS.splitlines(), path)
     tensors = delta.load(trained.final[3])[0]
     torch.save(tensors, tmp_path / "diffusers-names.pt")  # the 2023 code's diffusers .pt
-    torch.save({"state_dict": {convert.ours_to_ldm("unet." + k, toy_sd.unet.config): t for k, t in tensors.items()}},
-               tmp_path / "compvis.pt")  # its compvis .pt: an LDM state dict (here only the edited tensors)
+    torch.save(
+        {
+            "state_dict": {
+                convert.ours_to_ldm("unet." + k, toy_sd.unet.config): t for k, t in tensors.items()
+            }
+        },
+        tmp_path / "compvis.pt",
+    )  # its compvis .pt: an LDM state dict (here only the edited tensors)
     for upload in (trained.final[3], tmp_path / "diffusers-names.pt", tmp_path / "compvis.pt"):
         _, erased = client.predict(PROMPTS, 0, 20, 5.0, handle_file(upload), api_name="/compare")
         assert np.array_equal(pixels(erased["value"]), want), upload
 
 
 def test_measure_is_evaluate_protocol(server, trained, toy_sd):
-    report, bars, grid = trained.client.predict(handle_file(trained.final[5]), "", "", 2, api_name="/measure")
+    report, bars, grid = trained.client.predict(
+        handle_file(trained.final[5]), "", "", 2, api_name="/measure"
+    )
     want = evaluate.evaluate(toy_sd, trained.final[3], "circle", seeds=range(2))
-    assert evaluate.format_report(want) in report, "evaluate.py's own report, computed here from the same delta"
+    assert evaluate.format_report(want) in report, (
+        "evaluate.py's own report, computed here from the same delta"
+    )
     assert "21 prompts x 2 seeds" in report and "circle_in_context" in report
-    assert [tuple(r[1:]) for r in bars["value"]["data"]] == [(run, pytest.approx(want[key][k])) for k in want["base"]
-                                                             for run, key in (("base", "base"), ("erased", "edited"))]
+    assert [tuple(r[1:]) for r in bars["value"]["data"]] == [
+        (run, pytest.approx(want[key][k]))
+        for k in want["base"]
+        for run, key in (("base", "base"), ("erased", "edited"))
+    ]
     assert bars["sort"] == [r[0] for r in bars["value"]["data"]], "bars in the report's order"
     assert pixels(grid).shape[1] == 21 * 96, "the grid: a column per prompt"
 
 
 def call_raw(server, api, data):
     """One request through gradio's HTTP API, the body as written (NaN included, which gradio_client refuses)."""
-    request = urllib.request.Request(f"{server.url}/gradio_api/call/{api}", json.dumps({"data": data}).encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{server.url}/gradio_api/call/{api}",
+        json.dumps({"data": data}).encode(),
+        {"Content-Type": "application/json"},
+    )
     event = json.load(urllib.request.urlopen(request, timeout=30))["event_id"]
-    return urllib.request.urlopen(f"{server.url}/gradio_api/call/{api}/{event}", timeout=120).read().decode()
+    return (
+        urllib.request.urlopen(f"{server.url}/gradio_api/call/{api}/{event}", timeout=120)
+        .read()
+        .decode()
+    )
 
 
 def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, tmp_path):
     client, erase = trained.client, ("esd-x", 1.0, 5, 1e-3, "trained", 0)
     bad = {
         "--concept is required": lambda: client.predict("  ", *erase, api_name="/erase"),
-        "iterations must be a whole number": lambda: client.predict("circle", "esd-x", 1.0, None, 1e-3, "trained", 0,
-                                                                     api_name="/erase"),
-        "--lr must be a positive number": lambda: client.predict("circle", "esd-x", 1.0, 5, -1, "trained", 0,
-                                                                  api_name="/erase"),
-        "not in the list of choices": lambda: client.predict("circle", "esd-q", 1.0, 5, 1e-3, "trained", 0,
-                                                              api_name="/erase"),
+        "iterations must be a whole number": lambda: client.predict(
+            "circle", "esd-x", 1.0, None, 1e-3, "trained", 0, api_name="/erase"
+        ),
+        "--lr must be a positive number": lambda: client.predict(
+            "circle", "esd-x", 1.0, 5, -1, "trained", 0, api_name="/erase"
+        ),
+        "not in the list of choices": lambda: client.predict(
+            "circle", "esd-q", 1.0, 5, 1e-3, "trained", 0, api_name="/erase"
+        ),
         "type 1 to 8 prompts": lambda: client.predict("", 0, 20, 5.0, None, api_name="/compare"),
-        "steps must be a whole number in 1..999": lambda: client.predict(PROMPTS, 0, 0, 5.0, None, api_name="/compare"),
-        "train or upload a delta to measure": lambda: client.predict(None, "", "", 2, api_name="/measure"),
+        "steps must be a whole number in 1..999": lambda: client.predict(
+            PROMPTS, 0, 0, 5.0, None, api_name="/compare"
+        ),
+        "train or upload a delta to measure": lambda: client.predict(
+            None, "", "", 2, api_name="/measure"
+        ),
     }
-    garbage, text, code, shapes = (tmp_path / f for f in ("garbage.safetensors", "notes.txt", "code.pt", "other.pt"))
+    garbage, text, code, shapes = (
+        tmp_path / f for f in ("garbage.safetensors", "notes.txt", "code.pt", "other.pt")
+    )
     garbage.write_bytes(b"\x00garbage" * 100)
     text.write_text("not a delta")
-    torch.save({"weights": Pickled(str(tmp_path / "ran"))}, code)  # pickled code: refused (weights_only), never run
-    torch.save({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(3, 3)}, shapes)
-    bad[r"cannot read \S+/code.pt: UnpicklingError: Weights only load failed"] = lambda: client.predict(
-        PROMPTS, 0, 20, 5.0, handle_file(code), api_name="/compare")
-    bad["does not fit this UNet"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, handle_file(shapes),
-                                                           api_name="/compare")
-    bad[r"cannot read \S+/garbage.safetensors"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, handle_file(garbage),
-                                                                    api_name="/compare")
-    bad[r"cannot read \S+/garbage.safetensors: SafetensorError"] = lambda: client.predict(  # its concept: from the file
-        handle_file(garbage), "", "", 1, api_name="/measure")
-    bad["type 1 to 8 prompts, one a line"] = lambda: client.predict("\n".join(["a circle"] * 9), 0, 20, 5.0, None,
-                                                                     api_name="/compare")
-    bad["Invalid file type"] = lambda: client.predict(PROMPTS, 0, 20, 5.0, handle_file(text), api_name="/compare")
-    bad["the toy concept must be one of"] = lambda: client.predict(handle_file(trained.final[3]), "dog", "", 1,
-                                                                   api_name="/measure")
+    torch.save(
+        {"weights": Pickled(str(tmp_path / "ran"))}, code
+    )  # pickled code: refused (weights_only), never run
+    torch.save(
+        {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(3, 3)},
+        shapes,
+    )
+    bad[r"cannot read \S+/code.pt: UnpicklingError: Weights only load failed"] = lambda: (
+        client.predict(PROMPTS, 0, 20, 5.0, handle_file(code), api_name="/compare")
+    )
+    bad["does not fit this UNet"] = lambda: client.predict(
+        PROMPTS, 0, 20, 5.0, handle_file(shapes), api_name="/compare"
+    )
+    bad[r"cannot read \S+/garbage.safetensors"] = lambda: client.predict(
+        PROMPTS, 0, 20, 5.0, handle_file(garbage), api_name="/compare"
+    )
+    bad[r"cannot read \S+/garbage.safetensors: SafetensorError"] = lambda: (
+        client.predict(  # its concept: from the file
+            handle_file(garbage), "", "", 1, api_name="/measure"
+        )
+    )
+    bad["type 1 to 8 prompts, one a line"] = lambda: client.predict(
+        "\n".join(["a circle"] * 9), 0, 20, 5.0, None, api_name="/compare"
+    )
+    bad["Invalid file type"] = lambda: client.predict(
+        PROMPTS, 0, 20, 5.0, handle_file(text), api_name="/compare"
+    )
+    bad["the toy concept must be one of"] = lambda: client.predict(
+        handle_file(trained.final[3]), "dog", "", 1, api_name="/measure"
+    )
     for message, call in bad.items():
         with pytest.raises(AppError, match=message.replace("(", r"\(")):
             call()
     for eta in (float("nan"), float("inf")):  # sent as NaN and Infinity
         reply = call_raw(server, "erase", ["circle", "esd-x", eta, 5, 1e-3, "trained", 0])
         assert "event: error" in reply and "must be a finite number" in reply, reply
-    big = b"\x00" * 20_000_000  # past the upload limit (1.5x the toy's whole fp32 model), refused by the server
-    reply = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("big.safetensors", big)}, timeout=60)
+    big = (
+        b"\x00" * 20_000_000
+    )  # past the upload limit (1.5x the toy's whole fp32 model), refused by the server
+    reply = httpx.post(
+        f"{server.url}/gradio_api/upload", files={"files": ("big.safetensors", big)}, timeout=60
+    )
     assert reply.status_code == 413 and "maximum allowed size" in reply.text, reply.text
-    original, _ = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")  # still serving, and right
-    assert np.array_equal(pixels(original), expected_row(toy_sd, PROMPTS.splitlines())), "no half-applied delta left"
-    assert server.proc.poll() is None and not os.path.exists(tmp_path / "ran"), "the pickled code never ran"
+    original, _ = client.predict(
+        PROMPTS, 0, 20, 5.0, None, api_name="/compare"
+    )  # still serving, and right
+    assert np.array_equal(pixels(original), expected_row(toy_sd, PROMPTS.splitlines())), (
+        "no half-applied delta left"
+    )
+    assert server.proc.poll() is None and not os.path.exists(tmp_path / "ran"), (
+        "the pickled code never ran"
+    )
 
 
 class Pickled:
@@ -237,12 +325,19 @@ def wait_for(predicate, timeout=120, what="condition"):
 def test_one_training_at_a_time_stop_keeps_it_and_compare_never_sees_it(server, trained, toy_sd):
     first, second, third = (Client(server.url, verbose=False) for _ in range(3))
     long = first.submit("circle", "esd-x", 1.0, 5000, 1e-3, "trained", 0, api_name="/erase")
-    wait_for(lambda: any(o[0].startswith("Iteration") for o in long.outputs()), what="the first run to train")
+    wait_for(
+        lambda: any(o[0].startswith("Iteration") for o in long.outputs()),
+        what="the first run to train",
+    )
     waiting = second.submit("square", "esd-x", 1.0, 3, 1e-3, "trained", 0, api_name="/erase")
     wait_for(lambda: waiting.status().code == Status.IN_QUEUE, what="the second run to be queued")
     assert waiting.status().rank is not None  # what its page shows: its place in the queue
-    original, _ = third.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")  # during the training
-    assert np.array_equal(pixels(original), expected_row(toy_sd, PROMPTS.splitlines())), "never half-trained weights"
+    original, _ = third.predict(
+        PROMPTS, 0, 20, 5.0, None, api_name="/compare"
+    )  # during the training
+    assert np.array_equal(pixels(original), expected_row(toy_sd, PROMPTS.splitlines())), (
+        "never half-trained weights"
+    )
     third.predict(api_name="/stop")  # another person's Stop leaves this run alone
     time.sleep(1.5)
     assert not long.done() and waiting.status().code == Status.IN_QUEUE
@@ -255,44 +350,72 @@ def test_one_training_at_a_time_stop_keeps_it_and_compare_never_sees_it(server, 
 
 
 def test_bad_flags_are_one_line_and_exit_2(server, tmp_path):
-    cases = {"--port must be in 1..65535": ["--port", "70000"], "invalid int value": ["--port", "http"],
-             "no such file": ["--model", "missing.safetensors"], "Address already in use": ["--port", server.port],
-             "cannot serve on no.such.host.invalid": ["--host", "no.such.host.invalid"],
-             "--prediction-type: invalid choice": ["--prediction-type", "v"]}
+    cases = {
+        "--port must be in 1..65535": ["--port", "70000"],
+        "invalid int value": ["--port", "http"],
+        "no such file": ["--model", "missing.safetensors"],
+        "Address already in use": ["--port", server.port],
+        "cannot serve on no.such.host.invalid": ["--host", "no.such.host.invalid"],
+        "--prediction-type: invalid choice": ["--prediction-type", "v"],
+    }
     runs = {}
-    for message, args in cases.items():  # at once: each spends its seconds importing torch and gradio
+    for (
+        message,
+        args,
+    ) in cases.items():  # at once: each spends its seconds importing torch and gradio
         command, kw = run_app(*args, cwd=tmp_path)
-        runs[message] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+        runs[message] = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+        )
     for message, proc in runs.items():
         _, stderr = proc.communicate(timeout=180)
         assert proc.returncode == 2, stderr
-        assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr, stderr
+        assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr, (
+            stderr
+        )
 
 
 def test_a_person_erases_compares_and_downloads_in_chromium(server, tmp_path):
     """As a person would: type a concept, press Train, wait, download the delta, open Compare, press Generate."""
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
-        assert not IN_CI, "CI must run the browser test: .ci/run installs chromium and chromium-driver"
-        pytest.skip("Chromium is absent (apt-get install chromium chromium-driver; .ci/run installs them)")
+        assert not IN_CI, (
+            "CI must run the browser test: .ci/run installs chromium and chromium-driver"
+        )
+        pytest.skip(
+            "Chromium is absent (apt-get install chromium chromium-driver; .ci/run installs them)"
+        )
     if not IN_CI:
         pytest.importorskip("selenium", reason="pip install selenium (.ci/run installs it)")
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1100"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1100",
+    ):
         options.add_argument(flag)
-    options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(tmp_path), "download.prompt_for_download": False},
+    )
     driver = webdriver.Chrome(service=webdriver.ChromeService(chromedriver), options=options)
     try:
         driver.get(server.url)
-        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#concept textarea"), what="the page")
+        wait_for(
+            lambda: driver.find_elements(By.CSS_SELECTOR, "#concept textarea"), what="the page"
+        )
         time.sleep(2)  # the page hydrates before it takes input
         driver.find_element(By.CSS_SELECTOR, "#concept textarea").send_keys("circle")
-        driver.find_element(By.CSS_SELECTOR, "#iterations input").send_keys(Keys.CONTROL, "a", Keys.NULL, "60")
+        driver.find_element(By.CSS_SELECTOR, "#iterations input").send_keys(
+            Keys.CONTROL, "a", Keys.NULL, "60"
+        )
         driver.find_element(By.ID, "train").click()
         status = lambda: driver.find_element(By.ID, "status").text  # noqa: E731
         wait_for(lambda: "Iteration" in status(), what="progress in the page")
@@ -304,16 +427,27 @@ def test_a_person_erases_compares_and_downloads_in_chromium(server, tmp_path):
         driver.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Compare']").click()
         driver.find_element(By.ID, "generate").click()
         shown = "#original img, #erased img"
-        wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, shown)) == 2, what="the two images")
-        original, erased = (pixels(urllib.request.urlopen(image.get_attribute("src")))
-                            for image in driver.find_elements(By.CSS_SELECTOR, shown))
-        assert original.shape == erased.shape and not np.array_equal(original, erased), "the erased image differs"
-        resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        wait_for(
+            lambda: len(driver.find_elements(By.CSS_SELECTOR, shown)) == 2, what="the two images"
+        )
+        original, erased = (
+            pixels(urllib.request.urlopen(image.get_attribute("src")))
+            for image in driver.find_elements(By.CSS_SELECTOR, shown)
+        )
+        assert original.shape == erased.shape and not np.array_equal(original, erased), (
+            "the erased image differs"
+        )
+        resources = driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
         outside = [u for u in resources if not u.startswith((server.url, "data:", "blob:"))]
         assert not outside, f"the page fetched from outside: {outside[:3]}"
         driver.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Erase']").click()
         ticks = "#curve g.role-axis-label text"  # the loss curve drawn to its last iteration
-        wait_for(lambda: "60" in [t.text for t in driver.find_elements(By.CSS_SELECTOR, ticks)], what="the curve")
+        wait_for(
+            lambda: "60" in [t.text for t in driver.find_elements(By.CSS_SELECTOR, ticks)],
+            what="the curve",
+        )
         time.sleep(1)
         # The README's picture: ESD_SCREENSHOT=docs/app.png pytest tests/test_app.py -k chromium remakes it.
         driver.save_screenshot(os.environ.get("ESD_SCREENSHOT", str(tmp_path / "app.png")))

@@ -1,6 +1,7 @@
 """Every bad input to train.py, sample.py and evaluate.py, as a hostile user would try it on the toy model: one
 row each (the command, the exit code, a piece of the one error line, the files that must not change). A bad
 input is refused with one line on stderr, no traceback, before any work, and destroys nothing."""
+
 import dataclasses
 import errno
 import hashlib
@@ -26,8 +27,14 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "assets", "toy")
-QUICK = ["--iterations", "2", "--no-eval"]  # a train.py run that gets as far as training: two toy iterations
-LONG_CONCEPT = " ".join(["circle"] * 100)  # 100 words: past CLIP's 77 tokens, and past a file name's 255 bytes
+QUICK = [
+    "--iterations",
+    "2",
+    "--no-eval",
+]  # a train.py run that gets as far as training: two toy iterations
+LONG_CONCEPT = " ".join(
+    ["circle"] * 100
+)  # 100 words: past CLIP's 77 tokens, and past a file name's 255 bytes
 XL_TOKENIZER = ["--tokenizer", "{base}/xl/diffusers/tokenizer"]
 
 
@@ -45,7 +52,11 @@ class Row:
 
 def same_tensors(a, b):
     (x, meta), (y, _) = delta.load(a), delta.load(b)
-    return meta["iterations"] == "3" and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    return (
+        meta["iterations"] == "3"
+        and x.keys() == y.keys()
+        and all(torch.equal(x[k], y[k]) for k in x)
+    )
 
 
 def no_space(*args, **kwargs):
@@ -63,145 +74,469 @@ class Payload:
 
 ROWS = [
     # 1. Output paths that would destroy things
-    Row("train output is a device", "train", ["--output", "{ws}/full"], says="not a regular file", unchanged=("{ws}/full",)),
-    Row("sample output is a device", "sample", ["--output", "{ws}/full"], says="not a regular file", unchanged=("{ws}/full",)),
-    Row("evaluate output is a device", "evaluate", ["--output", "{ws}/dev"], says="not a regular file",
-        unchanged=("{ws}/dev.json",)),
-    Row("train output is a symlink", "train", ["--output", "{ws}/link.safetensors"], says="symlink",
-        unchanged=("{ws}/existing.safetensors", "{ws}/link.safetensors")),
-    Row("sample output is a symlink", "sample", ["--output", "{ws}/link.png"], says="symlink",
-        unchanged=("{ws}/target.png",)),
-    Row("train output is the model", "train", ["--model", "{ws}/model.safetensors", "--tokenizer", f"{TOY}/tokenizer",
-                                               "--output", "{ws}/model.safetensors"], says="is an input",
-        unchanged=("{ws}/model.safetensors",)),
-    Row("train output is the model, spelled otherwise", "train",
-        ["--model", "{ws}/model.safetensors", "--tokenizer", f"{TOY}/tokenizer", "--output", "{ws}/sub/../model.safetensors"],
-        says="is an input", unchanged=("{ws}/model.safetensors",)),
-    Row("train output is the shipped toy", "train", ["--output", f"{TOY}/toy.safetensors", "--overwrite"],
-        says="is an input", unchanged=(f"{TOY}/toy.safetensors",)),
-    Row("sample output is its delta", "sample", ["--delta", "{ws}/existing.safetensors", "--output",
-                                                 "{ws}/existing.safetensors"], says="is an input",
-        unchanged=("{ws}/existing.safetensors",)),
-    Row("train overwrites an existing delta", "train", ["--output", "{ws}/existing.safetensors"], says="--overwrite",
-        unchanged=("{ws}/existing.safetensors", "{ws}/existing.safetensors.resume.pt")),
-    Row("train --overwrite replaces it", "train", ["--output", "{ws}/existing.safetensors", "--overwrite", *QUICK], 0,
-        then=lambda ws: delta.load(f"{ws}/existing.safetensors")[1]["iterations"] == "2"),
-    Row("export-diffusers folder exists", "train", ["--export-diffusers", "{ws}/sub", *QUICK], says="exists",
-        unchanged=("{ws}/sub",), then=lambda ws: not os.path.exists(f"{ws}/esd-x-circle.safetensors")),
-    Row("output in /proc (not writable, even for root)", "train", ["--output", "/proc/esd.safetensors"],
-        says="cannot write"),
+    Row(
+        "train output is a device",
+        "train",
+        ["--output", "{ws}/full"],
+        says="not a regular file",
+        unchanged=("{ws}/full",),
+    ),
+    Row(
+        "sample output is a device",
+        "sample",
+        ["--output", "{ws}/full"],
+        says="not a regular file",
+        unchanged=("{ws}/full",),
+    ),
+    Row(
+        "evaluate output is a device",
+        "evaluate",
+        ["--output", "{ws}/dev"],
+        says="not a regular file",
+        unchanged=("{ws}/dev.json",),
+    ),
+    Row(
+        "train output is a symlink",
+        "train",
+        ["--output", "{ws}/link.safetensors"],
+        says="symlink",
+        unchanged=("{ws}/existing.safetensors", "{ws}/link.safetensors"),
+    ),
+    Row(
+        "sample output is a symlink",
+        "sample",
+        ["--output", "{ws}/link.png"],
+        says="symlink",
+        unchanged=("{ws}/target.png",),
+    ),
+    Row(
+        "train output is the model",
+        "train",
+        [
+            "--model",
+            "{ws}/model.safetensors",
+            "--tokenizer",
+            f"{TOY}/tokenizer",
+            "--output",
+            "{ws}/model.safetensors",
+        ],
+        says="is an input",
+        unchanged=("{ws}/model.safetensors",),
+    ),
+    Row(
+        "train output is the model, spelled otherwise",
+        "train",
+        [
+            "--model",
+            "{ws}/model.safetensors",
+            "--tokenizer",
+            f"{TOY}/tokenizer",
+            "--output",
+            "{ws}/sub/../model.safetensors",
+        ],
+        says="is an input",
+        unchanged=("{ws}/model.safetensors",),
+    ),
+    Row(
+        "train output is the shipped toy",
+        "train",
+        ["--output", f"{TOY}/toy.safetensors", "--overwrite"],
+        says="is an input",
+        unchanged=(f"{TOY}/toy.safetensors",),
+    ),
+    Row(
+        "sample output is its delta",
+        "sample",
+        ["--delta", "{ws}/existing.safetensors", "--output", "{ws}/existing.safetensors"],
+        says="is an input",
+        unchanged=("{ws}/existing.safetensors",),
+    ),
+    Row(
+        "train overwrites an existing delta",
+        "train",
+        ["--output", "{ws}/existing.safetensors"],
+        says="--overwrite",
+        unchanged=("{ws}/existing.safetensors", "{ws}/existing.safetensors.resume.pt"),
+    ),
+    Row(
+        "train --overwrite replaces it",
+        "train",
+        ["--output", "{ws}/existing.safetensors", "--overwrite", *QUICK],
+        0,
+        then=lambda ws: delta.load(f"{ws}/existing.safetensors")[1]["iterations"] == "2",
+    ),
+    Row(
+        "export-diffusers folder exists",
+        "train",
+        ["--export-diffusers", "{ws}/sub", *QUICK],
+        says="exists",
+        unchanged=("{ws}/sub",),
+        then=lambda ws: not os.path.exists(f"{ws}/esd-x-circle.safetensors"),
+    ),
+    Row(
+        "output in /proc (not writable, even for root)",
+        "train",
+        ["--output", "/proc/esd.safetensors"],
+        says="cannot write",
+    ),
     Row("sample output in /sys", "sample", ["--output", "/sys/esd.png"], says="cannot write"),
     # 2. Failures that used to come after the work
-    Row("train output is a directory", "train", ["--output", "{ws}/sub"], says="not a regular file",
-        unchanged=("{ws}/sub",)),
-    Row("a 500-word concept gets a short default name", "train", ["--concept", " ".join(["circle"] * 500), *QUICK], 0,
-        says="longer than", then=lambda ws: any(f.startswith("esd-x-circle") and len(f) < 120 for f in os.listdir(ws))),
-    Row("an explicit file name too long", "train", ["--output", "{ws}/" + "x" * 300 + ".safetensors"],
-        says="cannot write"),
-    Row("export-full into a directory", "train", ["--export-full", "{ws}/sub", *QUICK], says="not a regular file",
-        unchanged=("{ws}/sub",), then=lambda ws: not os.path.exists(f"{ws}/esd-x-circle.safetensors")),
-    Row("export-full into /proc", "train", ["--export-full", "/proc/full.safetensors", *QUICK], says="cannot write",
-        then=lambda ws: not os.path.exists(f"{ws}/esd-x-circle.safetensors")),
-    Row("export-full is the model", "train", ["--model", "{ws}/model.safetensors", "--tokenizer", f"{TOY}/tokenizer",
-                                              "--export-full", "{ws}/model.safetensors", *QUICK],
-        says="is an input", unchanged=("{ws}/model.safetensors",)),
-    Row("disk full while saving the delta", "train", ["--output", "{ws}/full.safetensors", *QUICK], 1,
-        says="No space left on device; the checkpoint of iteration 2 is kept", patch=("delta.save_file", no_space),
-        then=lambda ws: not os.path.exists(f"{ws}/full.safetensors")),
-    Row("disk full while saving the checkpoint", "train", ["--output", "{ws}/full.safetensors", *QUICK], 1,
-        says="No space left on device; nothing saved", patch=("torch.save", no_space),
-        then=lambda ws: not any(f.startswith("full.safetensors") for f in os.listdir(ws))),
-    Row("sample output folder missing", "sample", ["--output", "{ws}/missing/x.png"], says="folder"),
-    Row("evaluate output folder missing", "evaluate", ["--output", "{ws}/missing/e"], says="folder"),
+    Row(
+        "train output is a directory",
+        "train",
+        ["--output", "{ws}/sub"],
+        says="not a regular file",
+        unchanged=("{ws}/sub",),
+    ),
+    Row(
+        "a 500-word concept gets a short default name",
+        "train",
+        ["--concept", " ".join(["circle"] * 500), *QUICK],
+        0,
+        says="longer than",
+        then=lambda ws: any(f.startswith("esd-x-circle") and len(f) < 120 for f in os.listdir(ws)),
+    ),
+    Row(
+        "an explicit file name too long",
+        "train",
+        ["--output", "{ws}/" + "x" * 300 + ".safetensors"],
+        says="cannot write",
+    ),
+    Row(
+        "export-full into a directory",
+        "train",
+        ["--export-full", "{ws}/sub", *QUICK],
+        says="not a regular file",
+        unchanged=("{ws}/sub",),
+        then=lambda ws: not os.path.exists(f"{ws}/esd-x-circle.safetensors"),
+    ),
+    Row(
+        "export-full into /proc",
+        "train",
+        ["--export-full", "/proc/full.safetensors", *QUICK],
+        says="cannot write",
+        then=lambda ws: not os.path.exists(f"{ws}/esd-x-circle.safetensors"),
+    ),
+    Row(
+        "export-full is the model",
+        "train",
+        [
+            "--model",
+            "{ws}/model.safetensors",
+            "--tokenizer",
+            f"{TOY}/tokenizer",
+            "--export-full",
+            "{ws}/model.safetensors",
+            *QUICK,
+        ],
+        says="is an input",
+        unchanged=("{ws}/model.safetensors",),
+    ),
+    Row(
+        "disk full while saving the delta",
+        "train",
+        ["--output", "{ws}/full.safetensors", *QUICK],
+        1,
+        says="No space left on device; the checkpoint of iteration 2 is kept",
+        patch=("delta.save_file", no_space),
+        then=lambda ws: not os.path.exists(f"{ws}/full.safetensors"),
+    ),
+    Row(
+        "disk full while saving the checkpoint",
+        "train",
+        ["--output", "{ws}/full.safetensors", *QUICK],
+        1,
+        says="No space left on device; nothing saved",
+        patch=("torch.save", no_space),
+        then=lambda ws: not any(f.startswith("full.safetensors") for f in os.listdir(ws)),
+    ),
+    Row(
+        "sample output folder missing", "sample", ["--output", "{ws}/missing/x.png"], says="folder"
+    ),
+    Row(
+        "evaluate output folder missing", "evaluate", ["--output", "{ws}/missing/e"], says="folder"
+    ),
     # 3. Resume
-    Row("resume with another lr", "train", ["--output", "{ws}/existing.safetensors", "--resume", "--lr", "0.5",
-                                            "--iterations", "4"], says="lr", unchanged=("{ws}/existing.safetensors",)),
-    Row("resume with another prediction type", "train", ["--output", "{ws}/existing.safetensors", "--resume",
-                                                          "--prediction-type", "v_prediction", "--iterations", "4"],
-        says="prediction_type", unchanged=("{ws}/existing.safetensors",)),
-    Row("resume with fewer iterations", "train", ["--output", "{ws}/existing.safetensors", "--resume", "--iterations",
-                                                  "1"], says="at iteration 2", unchanged=("{ws}/existing.safetensors",)),
-    Row("resume from an empty .resume.pt", "train", ["--output", "{ws}/empty.safetensors", "--resume"],
-        says="cannot resume", unchanged=("{ws}/empty.safetensors", "{ws}/empty.safetensors.resume.pt")),
-    Row("resume from a malformed .resume.pt", "train", ["--output", "{ws}/garbage.safetensors", "--resume"],
-        says="cannot resume", unchanged=("{ws}/garbage.safetensors.resume.pt",)),
-    Row("resume from a pickled-code .resume.pt", "train", ["--output", "{ws}/code.safetensors", "--resume"],
-        says="cannot resume", then=lambda ws: not os.path.exists(f"{ws}/pwned")),
-    Row("resume from a state dict of the wrong kind", "train", ["--output", "{ws}/wrong.safetensors", "--resume"],
-        says="cannot resume"),
-    Row("resume with nothing to resume", "train", ["--output", "{ws}/none.safetensors", "--resume"],
-        says="cannot resume"),
-    Row("resume from a .resume.pt newer than its delta (killed between the writes)", "train",
-        ["--output", "{ws}/mixed.safetensors", "--resume", "--iterations", "3", "--no-eval"], 0,
-        then=lambda ws: same_tensors(f"{ws}/mixed.safetensors", f"{ws}/three.safetensors")),
+    Row(
+        "resume with another lr",
+        "train",
+        ["--output", "{ws}/existing.safetensors", "--resume", "--lr", "0.5", "--iterations", "4"],
+        says="lr",
+        unchanged=("{ws}/existing.safetensors",),
+    ),
+    Row(
+        "resume with another prediction type",
+        "train",
+        [
+            "--output",
+            "{ws}/existing.safetensors",
+            "--resume",
+            "--prediction-type",
+            "v_prediction",
+            "--iterations",
+            "4",
+        ],
+        says="prediction_type",
+        unchanged=("{ws}/existing.safetensors",),
+    ),
+    Row(
+        "resume with fewer iterations",
+        "train",
+        ["--output", "{ws}/existing.safetensors", "--resume", "--iterations", "1"],
+        says="at iteration 2",
+        unchanged=("{ws}/existing.safetensors",),
+    ),
+    Row(
+        "resume from an empty .resume.pt",
+        "train",
+        ["--output", "{ws}/empty.safetensors", "--resume"],
+        says="cannot resume",
+        unchanged=("{ws}/empty.safetensors", "{ws}/empty.safetensors.resume.pt"),
+    ),
+    Row(
+        "resume from a malformed .resume.pt",
+        "train",
+        ["--output", "{ws}/garbage.safetensors", "--resume"],
+        says="cannot resume",
+        unchanged=("{ws}/garbage.safetensors.resume.pt",),
+    ),
+    Row(
+        "resume from a pickled-code .resume.pt",
+        "train",
+        ["--output", "{ws}/code.safetensors", "--resume"],
+        says="cannot resume",
+        then=lambda ws: not os.path.exists(f"{ws}/pwned"),
+    ),
+    Row(
+        "resume from a state dict of the wrong kind",
+        "train",
+        ["--output", "{ws}/wrong.safetensors", "--resume"],
+        says="cannot resume",
+    ),
+    Row(
+        "resume with nothing to resume",
+        "train",
+        ["--output", "{ws}/none.safetensors", "--resume"],
+        says="cannot resume",
+    ),
+    Row(
+        "resume from a .resume.pt newer than its delta (killed between the writes)",
+        "train",
+        ["--output", "{ws}/mixed.safetensors", "--resume", "--iterations", "3", "--no-eval"],
+        0,
+        then=lambda ws: same_tensors(f"{ws}/mixed.safetensors", f"{ws}/three.safetensors"),
+    ),
     # 4. Numbers
-    *[Row(f"train {flag} {value}", "train", [flag, value], says=flag) for flag, value in [
-        ("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"), ("--guidance", "nan"), ("--negative-guidance", "inf"),
-        ("--negative-guidance", "nan"), ("--iterations", "0"), ("--batch-size", "0"), ("--steps", "1000"),
-        ("--steps", "0"), ("--save-every", "-1"), ("--trajectory-pool", "-1"), ("--pool-refresh", "-2"),
-        ("--seed", str(2 ** 70)), ("--seed", "-1"), ("--resolution", "12"), ("--resolution", "100000"),
-        ("--resolution", "-8")]],
-    *[Row(f"sample {flag} {value}", "sample", [flag, value], says=flag) for flag, value in [
-        ("--guidance", "nan"), ("--steps", "1000"), ("--steps", "0"), ("--seed", "99999999999999999999999"),
-        ("--seed", "-1"), ("--height", "0"), ("--height", "100000"), ("--width", "13"), ("--num-images", "0"),
-        ("--batch-size", "0")]],
-    *[Row(f"evaluate {flag} {value}", "evaluate", [flag, value], says=flag) for flag, value in [
-        ("--guidance", "nan"), ("--seeds", "0"), ("--steps", "0"), ("--steps", "1000")]],
-    Row("evaluate --guidance 0 is allowed", "evaluate", ["--guidance", "0", "--seeds", "1", "--steps", "2",
-                                                         "--output", "{ws}/e"], 0,
-        then=lambda ws: '"guidance": 0.0' in open(f"{ws}/e.json").read()),
+    *[
+        Row(f"train {flag} {value}", "train", [flag, value], says=flag)
+        for flag, value in [
+            ("--lr", "nan"),
+            ("--lr", "-1"),
+            ("--lr", "inf"),
+            ("--guidance", "nan"),
+            ("--negative-guidance", "inf"),
+            ("--negative-guidance", "nan"),
+            ("--iterations", "0"),
+            ("--batch-size", "0"),
+            ("--steps", "1000"),
+            ("--steps", "0"),
+            ("--save-every", "-1"),
+            ("--trajectory-pool", "-1"),
+            ("--pool-refresh", "-2"),
+            ("--seed", str(2**70)),
+            ("--seed", "-1"),
+            ("--resolution", "12"),
+            ("--resolution", "100000"),
+            ("--resolution", "-8"),
+        ]
+    ],
+    *[
+        Row(f"sample {flag} {value}", "sample", [flag, value], says=flag)
+        for flag, value in [
+            ("--guidance", "nan"),
+            ("--steps", "1000"),
+            ("--steps", "0"),
+            ("--seed", "99999999999999999999999"),
+            ("--seed", "-1"),
+            ("--height", "0"),
+            ("--height", "100000"),
+            ("--width", "13"),
+            ("--num-images", "0"),
+            ("--batch-size", "0"),
+        ]
+    ],
+    *[
+        Row(f"evaluate {flag} {value}", "evaluate", [flag, value], says=flag)
+        for flag, value in [
+            ("--guidance", "nan"),
+            ("--seeds", "0"),
+            ("--steps", "0"),
+            ("--steps", "1000"),
+        ]
+    ],
+    Row(
+        "evaluate --guidance 0 is allowed",
+        "evaluate",
+        ["--guidance", "0", "--seeds", "1", "--steps", "2", "--output", "{ws}/e"],
+        0,
+        then=lambda ws: '"guidance": 0.0' in open(f"{ws}/e.json").read(),
+    ),
     Row("a delta full of NaN", "sample", ["--delta", "{ws}/nan.safetensors"], says="NaN"),
     Row("unknown flag", "train", ["--frobnicate", "3"], says="unrecognized arguments"),
     Row("a number that is not one", "sample", ["--steps", "many"], says="--steps"),
     # 5. Scale
-    Row("sample 40 images in batches of 8, written as they come", "sample",
-        ["--num-images", "20", "--prompt", "a square", "--batch-size", "8", "--steps", "1", "--output", "{ws}/s.png"], 0,
-        then=lambda ws: len([f for f in os.listdir(ws) if f.startswith("s-")]) == 40),
-    Row("out of memory", "sample", ["--height", "4096", "--width", "4096"], 1, says="try a smaller --height",
-        patch=("sampler.sample", out_of_memory)),
-    Row("out of memory while training", "train", ["--resolution", "4096", *QUICK], 1,
-        says="try a smaller --resolution", patch=("sampler.sample", out_of_memory)),
+    Row(
+        "sample 40 images in batches of 8, written as they come",
+        "sample",
+        [
+            "--num-images",
+            "20",
+            "--prompt",
+            "a square",
+            "--batch-size",
+            "8",
+            "--steps",
+            "1",
+            "--output",
+            "{ws}/s.png",
+        ],
+        0,
+        then=lambda ws: len([f for f in os.listdir(ws) if f.startswith("s-")]) == 40,
+    ),
+    Row(
+        "out of memory",
+        "sample",
+        ["--height", "4096", "--width", "4096"],
+        1,
+        says="try a smaller --height",
+        patch=("sampler.sample", out_of_memory),
+    ),
+    Row(
+        "out of memory while training",
+        "train",
+        ["--resolution", "4096", *QUICK],
+        1,
+        says="try a smaller --resolution",
+        patch=("sampler.sample", out_of_memory),
+    ),
     # 6. Leftovers
-    Row("a killed run's temporary file is cleaned up", "train", ["--output", "{ws}/left.safetensors", *QUICK], 0,
-        then=lambda ws: not any(".tmp-" in f for f in os.listdir(ws))),
+    Row(
+        "a killed run's temporary file is cleaned up",
+        "train",
+        ["--output", "{ws}/left.safetensors", *QUICK],
+        0,
+        then=lambda ws: not any(".tmp-" in f for f in os.listdir(ws)),
+    ),
     # 7. Silent truncation
-    Row("a concept past 77 tokens is warned about", "train", ["--concept", LONG_CONCEPT, "--output", "{ws}/l.safetensors",
-                                                              *QUICK], 0, says="first dropped word"),
-    Row("a prompt past 77 tokens is warned about once", "sample", ["--prompt", LONG_CONCEPT, "--num-images", "2",
-                                                                   "--output", "{ws}/l.png"], 0,
-        says="first dropped word"),
+    Row(
+        "a concept past 77 tokens is warned about",
+        "train",
+        ["--concept", LONG_CONCEPT, "--output", "{ws}/l.safetensors", *QUICK],
+        0,
+        says="first dropped word",
+    ),
+    Row(
+        "a prompt past 77 tokens is warned about once",
+        "sample",
+        ["--prompt", LONG_CONCEPT, "--num-images", "2", "--output", "{ws}/l.png"],
+        0,
+        says="first dropped word",
+    ),
     # More
     Row("no concept", "train", ["--concept", " , "], says="--concept"),
     Row("unknown target", "train", ["--target", "nope"], says="--target"),
-    *[Row(f"{cli} unknown prediction type", cli, ["--prediction-type", "v"], says="--prediction-type: invalid choice")
-      for cli in ("train", "sample", "evaluate")],
+    *[
+        Row(
+            f"{cli} unknown prediction type",
+            cli,
+            ["--prediction-type", "v"],
+            says="--prediction-type: invalid choice",
+        )
+        for cli in ("train", "sample", "evaluate")
+    ],
     Row("unknown toy concept to evaluate", "evaluate", ["--concept", "hexagon"], says="circle"),
     Row("compare without a delta", "sample", ["--compare"], says="--delta"),
-    Row("a delta file that is not there", "sample", ["--delta", "{ws}/missing.safetensors"], says="missing"),
-    Row("a pickled-code delta", "sample", ["--delta", "{ws}/code.pt"], says="cannot read",
-        then=lambda ws: not os.path.exists(f"{ws}/pwned")),
+    Row(
+        "a delta file that is not there",
+        "sample",
+        ["--delta", "{ws}/missing.safetensors"],
+        says="missing",
+    ),
+    Row(
+        "a pickled-code delta",
+        "sample",
+        ["--delta", "{ws}/code.pt"],
+        says="cannot read",
+        then=lambda ws: not os.path.exists(f"{ws}/pwned"),
+    ),
     Row("no CUDA here", "train", ["--device", "cuda"], says="CUDA"),
-    Row("a model file that is not there", "sample", ["--model", "{ws}/none.safetensors"], says="no such file"),
-    Row("a truncated model", "train", ["--model", "{ws}/truncated.safetensors", "--tokenizer", f"{TOY}/tokenizer"],
-        says="cannot read", unchanged=("{ws}/truncated.safetensors",)),
+    Row(
+        "a model file that is not there",
+        "sample",
+        ["--model", "{ws}/none.safetensors"],
+        says="no such file",
+    ),
+    Row(
+        "a truncated model",
+        "train",
+        ["--model", "{ws}/truncated.safetensors", "--tokenizer", f"{TOY}/tokenizer"],
+        says="cannot read",
+        unchanged=("{ws}/truncated.safetensors",),
+    ),
     # 8. SDXL (tiny files and a folder in base()'s xl/; XL_TOKENIZER: their tokenizer)
-    Row("an SDXL refiner file (OpenCLIP alone, as embedder 0)", "sample", ["--model", "{base}/xl/refiner.safetensors"],
-        says="not an SD v1, 2.x or XL base checkpoint"),
-    Row("an SDXL file without its CLIP ViT-L", "train", ["--model", "{base}/xl/no-clip.safetensors", *XL_TOKENIZER],
-        says="incomplete SDXL checkpoint: KeyError"),
-    Row("an SDXL file with a tensor of no part", "sample", ["--model", "{base}/xl/stray.safetensors", *XL_TOKENIZER],
-        says="1 tensors of no SDXL part, e.g. conditioner.embedders.1.model.extra"),
-    Row("an SDXL folder without its second text encoder's weights", "sample", ["--model", "{base}/xl/no-te2"],
-        says="no weights in"),
-    Row("an SDXL file with a tokenizer of another vocabulary", "sample",
-        ["--model", "{base}/xl/sdxl.safetensors", "--tokenizer", f"{TOY}/tokenizer"], says="553 tokens for 514 embeddings"),
-    Row("SDXL from the hub, offline", "sample", ["--model", "stabilityai/stable-diffusion-xl-base-1.0"],
-        says="cannot download stabilityai/stable-diffusion-xl-base-1.0", patch=("huggingface_hub.constants.HF_HUB_OFFLINE", True)),
+    Row(
+        "an SDXL refiner file (OpenCLIP alone, as embedder 0)",
+        "sample",
+        ["--model", "{base}/xl/refiner.safetensors"],
+        says="not an SD v1, 2.x or XL base checkpoint",
+    ),
+    Row(
+        "an SDXL file without its CLIP ViT-L",
+        "train",
+        ["--model", "{base}/xl/no-clip.safetensors", *XL_TOKENIZER],
+        says="incomplete SDXL checkpoint: KeyError",
+    ),
+    Row(
+        "an SDXL file with a tensor of no part",
+        "sample",
+        ["--model", "{base}/xl/stray.safetensors", *XL_TOKENIZER],
+        says="1 tensors of no SDXL part, e.g. conditioner.embedders.1.model.extra",
+    ),
+    Row(
+        "an SDXL folder without its second text encoder's weights",
+        "sample",
+        ["--model", "{base}/xl/no-te2"],
+        says="no weights in",
+    ),
+    Row(
+        "an SDXL file with a tokenizer of another vocabulary",
+        "sample",
+        ["--model", "{base}/xl/sdxl.safetensors", "--tokenizer", f"{TOY}/tokenizer"],
+        says="553 tokens for 514 embeddings",
+    ),
+    Row(
+        "SDXL from the hub, offline",
+        "sample",
+        ["--model", "stabilityai/stable-diffusion-xl-base-1.0"],
+        says="cannot download stabilityai/stable-diffusion-xl-base-1.0",
+        patch=("huggingface_hub.constants.HF_HUB_OFFLINE", True),
+    ),
     Row("train --resolution 0 is the model's size", "train", ["--resolution", "0", *QUICK], 0),
 ]
-BASE = {"train": ["--model", "toy", "--concept", "circle", *QUICK], "sample": ["--model", "toy", "--prompt", "a circle",
-                                                                       "--steps", "2", "--output", "{ws}/out.png"],
-        "evaluate": ["--model", "toy", "--seeds", "1", "--steps", "2", "--output", "{ws}/evaluation"]}
+BASE = {
+    "train": ["--model", "toy", "--concept", "circle", *QUICK],
+    "sample": [
+        "--model",
+        "toy",
+        "--prompt",
+        "a circle",
+        "--steps",
+        "2",
+        "--output",
+        "{ws}/out.png",
+    ],
+    "evaluate": ["--model", "toy", "--seeds", "1", "--steps", "2", "--output", "{ws}/evaluation"],
+}
 MAIN = {"train": train.main, "sample": sample.main, "evaluate": evaluate.main}
 
 
@@ -210,13 +545,33 @@ def base(tmp_path_factory):
     """The files every row's folder starts with: a trained delta and its .resume.pt, broken checkpoints, ..."""
     ws = tmp_path_factory.mktemp("base")
     for name, iterations in (("existing", 2), ("one", 1), ("three", 3)):
-        assert train.main(["--model", "toy", "--concept", "circle", "--output", str(ws / f"{name}.safetensors"),
-                           "--no-eval", "--iterations", str(iterations)]) == 0
+        assert (
+            train.main(
+                [
+                    "--model",
+                    "toy",
+                    "--concept",
+                    "circle",
+                    "--output",
+                    str(ws / f"{name}.safetensors"),
+                    "--no-eval",
+                    "--iterations",
+                    str(iterations),
+                ]
+            )
+            == 0
+        )
     os.rename(ws / "one.safetensors", ws / "mixed.safetensors")  # the delta of iteration 1 ...
     os.remove(ws / "one.safetensors.resume.pt")
-    (ws / "mixed.safetensors.resume.pt").write_bytes((ws / "existing.safetensors.resume.pt").read_bytes())  # ... and 2
+    (ws / "mixed.safetensors.resume.pt").write_bytes(
+        (ws / "existing.safetensors.resume.pt").read_bytes()
+    )  # ... and 2
     tensors, meta = delta.load(ws / "existing.safetensors")
-    delta.save(str(ws / "nan.safetensors"), {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, meta)
+    delta.save(
+        str(ws / "nan.safetensors"),
+        {k: torch.full_like(v, float("nan")) for k, v in tensors.items()},
+        meta,
+    )
     (ws / "empty.safetensors.resume.pt").write_bytes(b"")
     (ws / "garbage.safetensors.resume.pt").write_bytes(os.urandom(1000))
     torch.save({"payload": Payload()}, ws / "code.safetensors.resume.pt")
@@ -228,10 +583,18 @@ def base(tmp_path_factory):
     tiny.xl_pipeline(folder=xl / "diffusers")
     load_sd.save_single_file(load_sd.load(xl / "diffusers"), xl / "sdxl.safetensors")
     tensors = load_file(xl / "sdxl.safetensors")
-    save_file({k: t for k, t in tensors.items() if not k.startswith(convert.XL_CLIP)}, xl / "no-clip.safetensors")
+    save_file(
+        {k: t for k, t in tensors.items() if not k.startswith(convert.XL_CLIP)},
+        xl / "no-clip.safetensors",
+    )
     save_file({**tensors, convert.XL_OPENCLIP + "extra": torch.zeros(1)}, xl / "stray.safetensors")
-    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2), "model.diffusion_model.x": torch.zeros(1)},
-              xl / "refiner.safetensors")
+    save_file(
+        {
+            "conditioner.embedders.0.model.ln_final.weight": torch.zeros(2),
+            "model.diffusion_model.x": torch.zeros(1),
+        },
+        xl / "refiner.safetensors",
+    )
     shutil.copytree(xl / "diffusers", xl / "no-te2")
     os.remove(xl / "no-te2" / "text_encoder_2" / "model.safetensors")
     return ws
@@ -277,9 +640,11 @@ def test_bad_input(row, base, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ESD_TEST_WS", str(ws))
     fill = lambda args: [a.replace("{ws}", str(ws)).replace("{base}", str(base)) for a in args]  # noqa: E731
     args = fill(BASE[row.cli]) + fill(row.args)
-    if row.cli == "sample" and "--output" in row.args:  # the row's own output replaces the default one
+    if (
+        row.cli == "sample" and "--output" in row.args
+    ):  # the row's own output replaces the default one
         i = args.index("--output")
-        del args[i:i + 2]
+        del args[i : i + 2]
     unchanged = {p: fingerprint(p) for p in fill(row.unchanged)}
     if row.patch:
         monkeypatch.setattr(*row.patch)
@@ -301,9 +666,26 @@ def test_bad_input(row, base, tmp_path, capsys, monkeypatch):
 def start_training(ws, *extra):
     """train.py in its own process on the toy, long enough to be stopped; returns it once it holds its lock."""
     out = ws / "run.safetensors"
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", "toy", "--concept", "circle",
-                          "--iterations", "100000", "--no-eval", "--output", str(out), *extra],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--model",
+            "toy",
+            "--concept",
+            "circle",
+            "--iterations",
+            "100000",
+            "--no-eval",
+            "--output",
+            str(out),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     for _ in range(600):
         if os.path.exists(f"{out}.lock") and (not extra or os.path.exists(f"{out}.resume.pt")):
             return p, out
@@ -319,12 +701,30 @@ def test_sigterm_is_an_interrupt_and_says_what_is_kept(tmp_path):
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
         lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-        assert p.returncode == 130 and lines[-1].startswith("error: interrupted") and kept in lines[-1], err
+        assert (
+            p.returncode == 130 and lines[-1].startswith("error: interrupted") and kept in lines[-1]
+        ), err
         assert "Traceback" not in err and not os.path.exists(f"{out}.lock")
         if extra:  # what it kept resumes
-            assert train.main(["--model", "toy", "--concept", "circle", "--output", str(out), "--resume",
-                               "--iterations", str(delta.load_checkpoint(str(out))["iteration"] + 1), "--no-eval",
-                               "--save-every", "3"]) == 0
+            assert (
+                train.main(
+                    [
+                        "--model",
+                        "toy",
+                        "--concept",
+                        "circle",
+                        "--output",
+                        str(out),
+                        "--resume",
+                        "--iterations",
+                        str(delta.load_checkpoint(str(out))["iteration"] + 1),
+                        "--no-eval",
+                        "--save-every",
+                        "3",
+                    ]
+                )
+                == 0
+            )
         for f in os.listdir(tmp_path):
             os.remove(tmp_path / f)
 
@@ -332,7 +732,9 @@ def test_sigterm_is_an_interrupt_and_says_what_is_kept(tmp_path):
 def test_two_runs_on_one_output(tmp_path, capsys):
     p, out = start_training(tmp_path)
     try:
-        code = train.main(["--model", "toy", "--concept", "circle", "--output", str(out), "--overwrite", *QUICK])
+        code = train.main(
+            ["--model", "toy", "--concept", "circle", "--output", str(out), "--overwrite", *QUICK]
+        )
         err = capsys.readouterr().err.strip()
         assert code == 2 and "another run" in err and "\n" not in err, err
     finally:

@@ -1,6 +1,7 @@
 """ESD (esd.py): targets on hand-made tensors, filters at full size, what training may and may not
 change, the frozen model staying the original one, delta files (delta.py: ours and diffusers' UNet load
 them, the official formats), and x_t sources: trajectory pools give the same x_t as direct sampling."""
+
 import copy
 import os
 
@@ -20,21 +21,34 @@ import unet as unet_lib
 
 STEPS = 6  # DDIM steps of the x_t trajectories: enough to exercise partial sampling, fast on CPU
 # ../shared/fixtures/README.md, "ESD filter sizes on the full SD v1 UNet": (tensors, parameters)
-FULL_SD1_COUNTS = {"esd-x": (80, 43_962_560), "esd-x-strict": (32, 19_169_280), "esd-u": (598, 813_495_680),
-                   "selfattn": (80, 49_574_080), "esd-all": (686, 859_520_964)}
+FULL_SD1_COUNTS = {
+    "esd-x": (80, 43_962_560),
+    "esd-x-strict": (32, 19_169_280),
+    "esd-u": (598, 813_495_680),
+    "selfattn": (80, 49_574_080),
+    "esd-all": (686, 859_520_964),
+}
 # The same on the full SDXL base UNet (README's memory figures); esd_sdxl.py's "esd-u" (all but attn2) takes 12 tensors
 # more: time_embedding, add_embedding, conv_norm_out, conv_out.
-FULL_SDXL_COUNTS = {"esd-x": (350, 545_670_400), "esd-u": (1318, 2_014_485_120), "esd-all": (1680, 2_567_463_684)}
+FULL_SDXL_COUNTS = {
+    "esd-x": (350, 545_670_400),
+    "esd-u": (1318, 2_014_485_120),
+    "esd-all": (1680, 2_567_463_684),
+}
 
 
 def tiny_unet(config=tiny.UNET_V1, seed=0):
-    return tiny.randomize(unet_lib.UNet(configs.config_from_json(unet_lib.UNetConfig, config)), seed=seed)
+    return tiny.randomize(
+        unet_lib.UNet(configs.config_from_json(unet_lib.UNetConfig, config)), seed=seed
+    )
 
 
 def contexts(n=3, batch=1, seed=0):
     """n random text contexts [batch, 77, 64] (stand-ins for "", the concept, an anchor)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, 77, tiny.UNET_V1["cross_attention_dim"], generator=g) for _ in range(n)]
+    return [
+        torch.randn(batch, 77, tiny.UNET_V1["cross_attention_dim"], generator=g) for _ in range(n)
+    ]
 
 
 def noise(seed, batch=1):
@@ -64,9 +78,15 @@ def test_filter_counts_on_full_sd1_unet(method):
 def test_filter_counts_on_full_sdxl_unet():
     with torch.device("meta"):
         full = unet_lib.UNet(unet_lib.UNetConfig.sdxl())
-    counts = {m: (len(s), sum(p.numel() for p in s.values())) for m in FULL_SDXL_COUNTS for s in [esd.select(full, m)]}
+    counts = {
+        m: (len(s), sum(p.numel() for p in s.values()))
+        for m in FULL_SDXL_COUNTS
+        for s in [esd.select(full, m)]
+    }
     assert counts == FULL_SDXL_COUNTS
-    official_u = [p.numel() for name, p in full.named_parameters() if "attn2" not in name]  # esd_sdxl.py's esd-u
+    official_u = [
+        p.numel() for name, p in full.named_parameters() if "attn2" not in name
+    ]  # esd_sdxl.py's esd-u
     assert (len(official_u), sum(official_u)) == (1330, 2_021_793_284)
 
 
@@ -74,8 +94,9 @@ def test_esd_u_and_esd_x_split_the_unet():
     names = [n for n, _ in tiny_unet().named_parameters()]
     u, x = set(esd.select(tiny_unet(), "esd-u")), set(esd.select(tiny_unet(), "esd-x"))
     assert not u & x and all("attn2" in n for n in x)
-    assert sorted(set(names) - u - x) == sorted(n for n in names if n.split(".")[0] in
-                                                ("time_embedding", "conv_norm_out", "conv_out"))
+    assert sorted(set(names) - u - x) == sorted(
+        n for n in names if n.split(".")[0] in ("time_embedding", "conv_norm_out", "conv_out")
+    )
     assert any("norm" in n for n in u)  # train-esd.py's ESD-u trains the norms too
 
 
@@ -102,10 +123,14 @@ def test_training_changes_only_the_selected_tensors_and_keeps_the_frozen_model(m
         x_T, t_enc = noise(it), [3, 0, STEPS - 1][it]
         x_t = trainer.sample(x_T, cond, uncond, t_enc, xt_from="trained")
         t = int(sampler.ddim_timesteps(STEPS)[t_enc])
-        with torch.no_grad():  # frozen predictions == the untouched model's, though the weights moved
+        with (
+            torch.no_grad()
+        ):  # frozen predictions == the untouched model's, though the weights moved
             assert torch.equal(trainer.eps(x_t, t, cond, frozen=True), reference(x_t, t, cond))
-            expected = F.mse_loss(model(x_t, t, cond), esd.esd_target(reference(x_t, t, uncond),
-                                                                      reference(x_t, t, cond), 1.0))
+            expected = F.mse_loss(
+                model(x_t, t, cond),
+                esd.esd_target(reference(x_t, t, uncond), reference(x_t, t, cond), 1.0),
+            )
         loss = trainer.loss(x_t, t_enc, cond, uncond)
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)  # t is where x_t sits
         loss.backward()
@@ -120,7 +145,9 @@ def test_training_changes_only_the_selected_tensors_and_keeps_the_frozen_model(m
     assert set(trainer.originals) == set(trainer.params)
     # x_t sampled with the frozen model is the untouched model's x_t; with the trained one it moved
     x_frozen = trainer.sample(noise(9), cond, uncond, 5, xt_from="frozen")
-    ref_x = sampler.sample(reference, noise(9), cond, uncond, steps=STEPS, guidance=esd.GUIDANCE, until=5)
+    ref_x = sampler.sample(
+        reference, noise(9), cond, uncond, steps=STEPS, guidance=esd.GUIDANCE, until=5
+    )
     assert torch.equal(x_frozen, ref_x)
     assert not torch.allclose(trainer.sample(noise(9), cond, uncond, 5, xt_from="trained"), ref_x)
 
@@ -148,9 +175,13 @@ def test_anchor_target_asks_the_trained_model_on_the_anchor_prompt():
     x_t = trainer.sample(noise(0), anchor, uncond, 2)
     t = int(sampler.ddim_timesteps(STEPS)[2])
     with torch.no_grad():
-        target = reference(x_t, t, anchor) - 2.0 * (reference(x_t, t, cond) - reference(x_t, t, uncond))
+        target = reference(x_t, t, anchor) - 2.0 * (
+            reference(x_t, t, cond) - reference(x_t, t, uncond)
+        )
         expected = F.mse_loss(model(x_t, t, anchor), target)
-    torch.testing.assert_close(trainer.loss(x_t, 2, cond, uncond, anchor), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        trainer.loss(x_t, 2, cond, uncond, anchor), expected, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_sdxl_conditioning_travels_through_sampling_and_the_loss():
@@ -161,22 +192,46 @@ def test_sdxl_conditioning_travels_through_sampling_and_the_loss():
     reference = copy.deepcopy(model)
     trainer = esd.ESD(model, "esd-x", negative_guidance=2.0, steps=STEPS)
     g = torch.Generator().manual_seed(0)
-    uncond, cond_a, cond_b, anchor = [(torch.randn(1, 77, tiny.UNET_XL["cross_attention_dim"], generator=g),
-                                       torch.cat([torch.randn(1, tiny.XL_POOLED, generator=g),
-                                                  torch.tensor([[16.0, 16, 0, 0, 16, 16]])], -1)) for _ in range(4)]
+    uncond, cond_a, cond_b, anchor = [
+        (
+            torch.randn(1, 77, tiny.UNET_XL["cross_attention_dim"], generator=g),
+            torch.cat(
+                [
+                    torch.randn(1, tiny.XL_POOLED, generator=g),
+                    torch.tensor([[16.0, 16, 0, 0, 16, 16]]),
+                ],
+                -1,
+            ),
+        )
+        for _ in range(4)
+    ]
     x_t = torch.cat([trainer.sample(noise(i), anchor, uncond, 2) for i in (0, 1)])
-    torch.testing.assert_close(trainer.sample(torch.cat([noise(0), noise(1)]), sampler.cat([anchor] * 2),
-                                              sampler.cat([uncond] * 2), 2), x_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        trainer.sample(
+            torch.cat([noise(0), noise(1)]), sampler.cat([anchor] * 2), sampler.cat([uncond] * 2), 2
+        ),
+        x_t,
+        rtol=1e-5,
+        atol=1e-5,
+    )
     t_enc = torch.tensor([2, 4])
     cond = sampler.cat([cond_a, cond_b])  # a concept per row
     expected = []
     with torch.no_grad():
-        for row, (t, c) in enumerate(zip(sampler.ddim_timesteps(STEPS)[t_enc].tolist(), (cond_a, cond_b))):
-            x = x_t[row:row + 1]
-            target = reference(x, t, *anchor) - 2.0 * (reference(x, t, *c) - reference(x, t, *uncond))
+        for row, (t, c) in enumerate(
+            zip(sampler.ddim_timesteps(STEPS)[t_enc].tolist(), (cond_a, cond_b))
+        ):
+            x = x_t[row : row + 1]
+            target = reference(x, t, *anchor) - 2.0 * (
+                reference(x, t, *c) - reference(x, t, *uncond)
+            )
             expected.append((model(x, t, *anchor) - target).square().mean())
-    torch.testing.assert_close(trainer.loss(x_t, t_enc, cond, uncond, anchor), torch.stack(expected).mean(),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        trainer.loss(x_t, t_enc, cond, uncond, anchor),
+        torch.stack(expected).mean(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_bf16_autocast_keeps_trained_tensors_and_adam_state_fp32():
@@ -187,7 +242,9 @@ def test_bf16_autocast_keeps_trained_tensors_and_adam_state_fp32():
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainer.params.values())
+    assert all(
+        p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainer.params.values()
+    )
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
 
 
@@ -208,15 +265,24 @@ def trained_esd(method="esd-x"):
 def test_delta_round_trip_into_ours_and_diffusers(tmp_path):
     trainer, base = trained_esd()
     trained, tensors = trainer.unet, trainer.delta()
-    meta = dict(concept="car", method="esd-x", negative_guidance=1.0, iterations=2, lr=1e-2, seed=0,
-                base_model="tiny")
+    meta = dict(
+        concept="car",
+        method="esd-x",
+        negative_guidance=1.0,
+        iterations=2,
+        lr=1e-2,
+        seed=0,
+        base_model="tiny",
+    )
     path = str(tmp_path / "esd-car.safetensors")
     delta.save(path, tensors, meta)
     assert os.listdir(tmp_path) == ["esd-car.safetensors"]  # the temporary file was renamed away
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~files.UMASK  # not safetensors' 0600
     loaded, metadata = delta.load(path)
     assert metadata == {"format": delta.FORMAT, **{k: str(v) for k, v in meta.items()}}
-    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert loaded.keys() == tensors.keys() and all(
+        torch.equal(loaded[k], tensors[k]) for k in tensors
+    )
     assert set(loaded) == {n for n in dict(base.named_parameters()) if "attn2" in n}
 
     x, t, (context,) = noise(5, batch=2), 401, contexts(1, batch=2)
@@ -228,7 +294,9 @@ def test_delta_round_trip_into_ours_and_diffusers(tmp_path):
         theirs.load_state_dict(base.state_dict(), strict=True)
         before = theirs(x, t, encoder_hidden_states=context).sample
         result = theirs.load_state_dict(loaded, strict=False)
-        assert result.unexpected_keys == [] and len(result.missing_keys) == len(base.state_dict()) - len(loaded)
+        assert result.unexpected_keys == [] and len(result.missing_keys) == len(
+            base.state_dict()
+        ) - len(loaded)
         after = theirs(x, t, encoder_hidden_states=context).sample
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, after, atol=1e-4)  # the delta is what makes them agree
@@ -240,10 +308,14 @@ def test_applied_restores_the_originals_also_on_error(tmp_path):
     x, t, (context,) = noise(5), 401, contexts(1)
     with torch.no_grad():
         with delta.applied(model, tensors) as edited:
-            torch.testing.assert_close(edited(x, t, context), trainer.unet(x, t, context), rtol=0, atol=0)
+            torch.testing.assert_close(
+                edited(x, t, context), trainer.unet(x, t, context), rtol=0, atol=0
+            )
         assert all(torch.equal(p, base.state_dict()[n]) for n, p in model.named_parameters())
         bad = {next(iter(tensors)): torch.full_like(next(iter(tensors.values())), float("nan"))}
-        with pytest.raises(delta.LoadError, match="NaN"):  # a later delta that does not fit: the first is undone
+        with pytest.raises(
+            delta.LoadError, match="NaN"
+        ):  # a later delta that does not fit: the first is undone
             with delta.applied(model, tensors, bad):
                 pass
         with pytest.raises(KeyError):
@@ -255,9 +327,17 @@ def test_applied_restores_the_originals_also_on_error(tmp_path):
 def test_official_2023_compvis_pt_is_read_as_its_unet(tmp_path):
     """train-esd.py saved the whole edited model, LDM names, with torch.save: its UNet part is the delta."""
     trainer, base = trained_esd("esd-u")
-    ldm = {convert.ours_to_ldm(f"unet.{k}", base.config): v for k, v in trainer.unet.state_dict().items()}
-    ldm.update({"first_stage_model.decoder.conv_in.weight": torch.zeros(3), "betas": torch.zeros(1000),
-                "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(3)})
+    ldm = {
+        convert.ours_to_ldm(f"unet.{k}", base.config): v
+        for k, v in trainer.unet.state_dict().items()
+    }
+    ldm.update(
+        {
+            "first_stage_model.decoder.conv_in.weight": torch.zeros(3),
+            "betas": torch.zeros(1000),
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(3),
+        }
+    )
     torch.save({"state_dict": ldm}, tmp_path / "compvis-word_car-method_noxattn.pt")
     loaded, metadata = delta.load(tmp_path / "compvis-word_car-method_noxattn.pt", base.config)
     assert metadata == {} and loaded.keys() == trainer.unet.state_dict().keys()
@@ -268,13 +348,19 @@ def test_official_2023_compvis_pt_is_read_as_its_unet(tmp_path):
 def test_delta_with_wrong_keys_or_shapes_is_rejected():
     model = tiny_unet()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    other = esd.ESD(tiny_unet(tiny.UNET_V2), "esd-x").delta()  # 128-wide context: other to_k/to_v shapes
-    wrong_key = {"down_blocks.0.attentions.0.transformer_blocks.0.attn3.to_k.weight": torch.zeros(64, 64)}
+    other = esd.ESD(
+        tiny_unet(tiny.UNET_V2), "esd-x"
+    ).delta()  # 128-wide context: other to_k/to_v shapes
+    wrong_key = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn3.to_k.weight": torch.zeros(64, 64)
+    }
     for bad in (other, wrong_key, {}):
         with pytest.raises(delta.LoadError, match="does not fit") as e:
             delta.apply(model, bad)
         assert "\n" not in str(e.value)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing half-applied
+    assert all(
+        torch.equal(p, before[n]) for n, p in model.named_parameters()
+    )  # nothing half-applied
 
 
 def test_trajectory_pool_gives_the_directly_sampled_x_t():
@@ -284,11 +370,15 @@ def test_trajectory_pool_gives_the_directly_sampled_x_t():
     pool = trainer.sample(x_T, cond, uncond, STEPS - 1, xt_from="frozen", trajectory=True)
     assert pool.shape == (STEPS, 2, 4, 8, 8) and torch.equal(pool[0], x_T)
     for t_enc in (1, STEPS - 1):  # == the untouched model sampled directly, same seed and t_enc
-        direct = sampler.sample(base, x_T, cond, uncond, steps=STEPS, guidance=esd.GUIDANCE, until=t_enc)
+        direct = sampler.sample(
+            base, x_T, cond, uncond, steps=STEPS, guidance=esd.GUIDANCE, until=t_enc
+        )
         assert torch.equal(pool[t_enc], direct), t_enc
     on_policy = trainer.sample(x_T, cond, uncond, STEPS - 1, xt_from="trained", trajectory=True)
     for t_enc in (2, STEPS - 1):
-        assert torch.equal(on_policy[t_enc], trainer.sample(x_T, cond, uncond, t_enc, xt_from="trained")), t_enc
+        assert torch.equal(
+            on_policy[t_enc], trainer.sample(x_T, cond, uncond, t_enc, xt_from="trained")
+        ), t_enc
     assert not torch.allclose(pool[-1], on_policy[-1])
 
 
@@ -297,33 +387,67 @@ def test_x_t_source_draws_from_seed_and_iteration_alone():
     uncond, *prompts = contexts(3)
     source = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2)
     concepts, t_enc, x_t = source.draw(7)
-    again = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2).draw(7)  # a resumed run
+    again = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2).draw(
+        7
+    )  # a resumed run
     assert (concepts, t_enc) == again[:2] and torch.equal(x_t, again[2])
     assert len(set(concepts)) == 1 and x_t.shape == (2, 4, 8, 8) and not torch.equal(x_t[0], x_t[1])
-    assert torch.equal(x_t, trainer.sample(torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(
-        source._draw("iteration", 7)[2])), prompts[concepts[0]].expand(2, -1, -1), uncond.expand(2, -1, -1), t_enc))
+    assert torch.equal(
+        x_t,
+        trainer.sample(
+            torch.randn(
+                (2, 4, 8, 8),
+                generator=torch.Generator().manual_seed(source._draw("iteration", 7)[2]),
+            ),
+            prompts[concepts[0]].expand(2, -1, -1),
+            uncond.expand(2, -1, -1),
+            t_enc,
+        ),
+    )
     draws = [source.draw(it)[:2] for it in range(40)]
-    assert {c[0] for c, _ in draws} == {0, 1} and {t for _, t in draws} == set(range(STEPS))  # all are drawn
+    assert {c[0] for c, _ in draws} == {0, 1} and {t for _, t in draws} == set(
+        range(STEPS)
+    )  # all are drawn
 
-    pool = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4)
+    pool = esd.XtSource(
+        trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4
+    )
     served = []
-    for it in range(4):  # one generation of 3 trajectories, 2 consecutive entries an iteration, at its t_enc
+    for it in range(
+        4
+    ):  # one generation of 3 trajectories, 2 consecutive entries an iteration, at its t_enc
         concepts, t_enc, x_t = pool.draw(it)
         assert t_enc == draws[it][1] and pool.built == 0  # the same t_enc as without a pool
         for j, i in enumerate((2 * it + k) % 3 for k in range(2)):
             assert concepts[j] == pool.concepts[i] and torch.equal(x_t[j], pool.paths[t_enc, i])
         served.append(t_enc)
-    assert len(pool.paths) == max(served) + 1, "the pool ends at the last t_enc its generation serves"
-    for i, (c, _, seed) in enumerate(pool._draw("pool0", i) for i in range(3)):  # each entry: its own trajectory
-        alone = pool._sample([c], [seed], 1, STEPS - 1, trajectory=True)[:len(pool.paths), 0]  # sampled alone, uncut
+    assert len(pool.paths) == max(served) + 1, (
+        "the pool ends at the last t_enc its generation serves"
+    )
+    for i, (c, _, seed) in enumerate(
+        pool._draw("pool0", i) for i in range(3)
+    ):  # each entry: its own trajectory
+        alone = pool._sample([c], [seed], 1, STEPS - 1, trajectory=True)[
+            : len(pool.paths), 0
+        ]  # sampled alone, uncut
         torch.testing.assert_close(pool.paths[:, i], alone, rtol=1e-5, atol=1e-5)
     before = pool.paths
     pool.draw(4)  # iteration 4 starts generation 1: new trajectories
     assert pool.built == 1
     assert pool.concepts == [pool._draw("pool1", i)[0] for i in range(3)]
-    assert not any(torch.equal(before[1, i], pool.paths[1, i]) for i in range(3)), "new noise, new trajectories"
-    resumed = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4)
-    assert torch.equal(resumed.draw(5)[2], pool.draw(5)[2])  # a resumed run rebuilds the same generation
-    restored = esd.XtSource(trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4)
-    restored.restore(pool.state())  # --resume: the pool as it was, not one rebuilt from the checkpoint's weights
+    assert not any(torch.equal(before[1, i], pool.paths[1, i]) for i in range(3)), (
+        "new noise, new trajectories"
+    )
+    resumed = esd.XtSource(
+        trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4
+    )
+    assert torch.equal(
+        resumed.draw(5)[2], pool.draw(5)[2]
+    )  # a resumed run rebuilds the same generation
+    restored = esd.XtSource(
+        trainer, prompts, uncond, (4, 8, 8), seed=1, batch_size=2, pool=3, refresh=4
+    )
+    restored.restore(
+        pool.state()
+    )  # --resume: the pool as it was, not one rebuilt from the checkpoint's weights
     assert restored.built == 1 and torch.equal(restored.draw(6)[2], pool.draw(6)[2])

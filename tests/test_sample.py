@@ -2,6 +2,7 @@
 (DDIMScheduler, SD v1.5 config) gives for the same seed, steps and guidance, from a diffusers
 folder and from the same weights as an official-layout single file; each PNG carries its own prompt
 and seed in A1111's format; bad input exits 2."""
+
 import functools
 import json
 import os
@@ -23,8 +24,13 @@ PROMPT, NEGATIVE, SEED, STEPS, GUIDANCE, SIZE = "a red circle", "blue", 3, 4, 7.
 def run(*args):
     """sample.py as users run it: a fresh process (slow to start: torch + transformers imports)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def run_inline(capsys, *args):
@@ -37,10 +43,25 @@ def run_inline(capsys, *args):
 def reference(tiny_sd):
     """(diffusers folder, single file, tokenizer folder, the pipeline's uint8 images for seeds SEED, SEED + 1)."""
     with torch.no_grad():
-        out = [tiny_sd.pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                            height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(SEED + i),
-                            output_type="np").images[0] for i in range(2)]
-    return tiny_sd.folder, tiny_sd.single, tiny_sd.tokenizer, [(x * 255).round().astype(np.uint8) for x in out]
+        out = [
+            tiny_sd.pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                height=SIZE,
+                width=SIZE,
+                generator=torch.Generator("cpu").manual_seed(SEED + i),
+                output_type="np",
+            ).images[0]
+            for i in range(2)
+        ]
+    return (
+        tiny_sd.folder,
+        tiny_sd.single,
+        tiny_sd.tokenizer,
+        [(x * 255).round().astype(np.uint8) for x in out],
+    )
 
 
 def parse_infotext(text):
@@ -48,52 +69,111 @@ def parse_infotext(text):
     "Negative prompt: ...", and a last line of "Key: value" pairs separated by ", " (values may be quoted)."""
     *lines, settings = text.split("\n")
     negative = [i for i, line in enumerate(lines) if line.startswith("Negative prompt: ")]
-    prompt = "\n".join(lines[:negative[0]] if negative else lines)
+    prompt = "\n".join(lines[: negative[0]] if negative else lines)
     pairs = dict(re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings))
-    return dict(pairs, prompt=prompt,
-                negative_prompt="\n".join(lines[negative[0]:])[len("Negative prompt: "):] if negative else "")
+    return dict(
+        pairs,
+        prompt=prompt,
+        negative_prompt="\n".join(lines[negative[0] :])[len("Negative prompt: ") :]
+        if negative
+        else "",
+    )
 
 
 @pytest.mark.parametrize("kind", ["folder", "single-file"])
 def test_sample_cli_matches_diffusers_pipeline(reference, tmp_path, capsys, kind):
     folder, single, tokenizer, expected = reference
-    model = ["--model", folder] if kind == "folder" else ["--model", single, "--tokenizer", tokenizer]
+    model = (
+        ["--model", folder] if kind == "folder" else ["--model", single, "--tokenizer", tokenizer]
+    )
     r = (run if kind == "folder" else functools.partial(run_inline, capsys))(
-        *model, "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--seed", SEED, "--steps", STEPS, "--guidance",
-        GUIDANCE, "--height", SIZE, "--width", SIZE, "--num-images", 2, "--output", tmp_path / "x.png", "--device", "cpu")
+        *model,
+        "--prompt",
+        PROMPT,
+        "--negative-prompt",
+        NEGATIVE,
+        "--seed",
+        SEED,
+        "--steps",
+        STEPS,
+        "--guidance",
+        GUIDANCE,
+        "--height",
+        SIZE,
+        "--width",
+        SIZE,
+        "--num-images",
+        2,
+        "--output",
+        tmp_path / "x.png",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     for i in range(2):  # image i has seed SEED + i: the pipeline's image for that seed
         image = Image.open(tmp_path / f"x-{i}.png")
         diff = np.abs(np.asarray(image).astype(int) - expected[i].astype(int))
         assert diff.max() <= 1, f"image {i}: max pixel difference {diff.max()}/255"
         a1111 = parse_infotext(image.text["parameters"])
-        assert (a1111["prompt"], a1111["negative_prompt"], a1111["Seed"], a1111["Steps"], a1111["Sampler"],
-                a1111["CFG scale"], a1111["Size"]) == (PROMPT, NEGATIVE, str(SEED + i), str(STEPS), "DDIM",
-                                                       str(GUIDANCE), f"{SIZE}x{SIZE}")
-        assert a1111["Model"] == ("diffusers" if kind == "folder" else "sd")  # the model's file or folder name
+        assert (
+            a1111["prompt"],
+            a1111["negative_prompt"],
+            a1111["Seed"],
+            a1111["Steps"],
+            a1111["Sampler"],
+            a1111["CFG scale"],
+            a1111["Size"],
+        ) == (PROMPT, NEGATIVE, str(SEED + i), str(STEPS), "DDIM", str(GUIDANCE), f"{SIZE}x{SIZE}")
+        assert a1111["Model"] == (
+            "diffusers" if kind == "folder" else "sd"
+        )  # the model's file or folder name
         ours = json.loads(image.text["esd"])
-        assert (ours["prompt"], ours["seed"], ours["steps"], ours["delta"]) == (PROMPT, SEED + i, STEPS, [])
+        assert (ours["prompt"], ours["seed"], ours["steps"], ours["delta"]) == (
+            PROMPT,
+            SEED + i,
+            STEPS,
+            [],
+        )
 
 
 def test_infotext_parser_reads_a1111_examples():
     """The parser above on A1111-style texts written by hand: several prompt lines, quoted values, no negative."""
-    text = 'a cat,\nin a hat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768'
-    assert parse_infotext(text) == {"prompt": "a cat,\nin a hat", "negative_prompt": "dog", "Steps": "20",
-                                    "Sampler": "Euler a", "CFG scale": "7", "Seed": "1", "Size": "512x768"}
+    text = "a cat,\nin a hat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768"
+    assert parse_infotext(text) == {
+        "prompt": "a cat,\nin a hat",
+        "negative_prompt": "dog",
+        "Steps": "20",
+        "Sampler": "Euler a",
+        "CFG scale": "7",
+        "Seed": "1",
+        "Size": "512x768",
+    }
     parsed = parse_infotext('x\nSteps: 5, Lora hashes: "a: 1, b: 2", Seed: 3')
-    assert (parsed["negative_prompt"], parsed["Lora hashes"], parsed["Seed"]) == ("", '"a: 1, b: 2"', "3")
+    assert (parsed["negative_prompt"], parsed["Lora hashes"], parsed["Seed"]) == (
+        "",
+        '"a: 1, b: 2"',
+        "3",
+    )
 
 
 def test_bad_input_is_one_line_exit_2(reference, tmp_path, capsys):
     folder, _, _, _ = reference
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(reference[1].read_bytes()[:1000])
-    cases = [("--model", tmp_path / "missing.safetensors"), ("--model", truncated),
-             ("--model", folder, "--height", 13), ("--model", folder, "--output", tmp_path / "no" / "x.png"),
-             ("--model", folder, "--variant", "fp16"), ("--model", reference[1], "--variant", "fp16")]
-    for i, case in enumerate(cases):  # the first case in a real process: exit code and stderr as users see them
-        r = (run if i == 0 else functools.partial(run_inline, capsys))(*case, "--prompt", PROMPT, "--steps", 1,
-                                                                        "--device", "cpu")
+    cases = [
+        ("--model", tmp_path / "missing.safetensors"),
+        ("--model", truncated),
+        ("--model", folder, "--height", 13),
+        ("--model", folder, "--output", tmp_path / "no" / "x.png"),
+        ("--model", folder, "--variant", "fp16"),
+        ("--model", reference[1], "--variant", "fp16"),
+    ]
+    for i, case in enumerate(
+        cases
+    ):  # the first case in a real process: exit code and stderr as users see them
+        r = (run if i == 0 else functools.partial(run_inline, capsys))(
+            *case, "--prompt", PROMPT, "--steps", 1, "--device", "cpu"
+        )
         assert r.returncode == 2, (case, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
         assert r.stderr.startswith("error: ")

@@ -1,4 +1,5 @@
 """sampler.py against closed-form DDIM values and against diffusers' DDIMScheduler (SD's config), fp32, CPU."""
+
 import math
 
 import pytest
@@ -60,8 +61,12 @@ def test_alphas_cumprod_matches_diffusers_and_closed_form():
     a = sampler.alphas_cumprod()
     assert a.dtype == torch.float32 and a.shape == (sampler.NUM_TRAIN_TIMESTEPS,)
     torch.testing.assert_close(a, scheduler().alphas_cumprod, rtol=0, atol=1e-7)
-    assert a[0].item() == pytest.approx(1 - sampler.BETA_START, abs=1e-7)  # alpha_bar_0 = 1 - beta_0
-    assert (1 - a[-1] / a[-2]).item() == pytest.approx(sampler.BETA_END, abs=1e-6)  # beta_999 = BETA_END
+    assert a[0].item() == pytest.approx(
+        1 - sampler.BETA_START, abs=1e-7
+    )  # alpha_bar_0 = 1 - beta_0
+    assert (1 - a[-1] / a[-2]).item() == pytest.approx(
+        sampler.BETA_END, abs=1e-6
+    )  # beta_999 = BETA_END
 
 
 @pytest.mark.parametrize("steps", [1, 10, 25, 30, 50, 999])
@@ -76,7 +81,9 @@ def test_ddim_timesteps_closed_form():
     assert sampler.ddim_timesteps(10).tolist() == list(range(901, 0, -100))
     sched = scheduler()
     sched.set_timesteps(1000)
-    assert sched.timesteps[0] == sampler.NUM_TRAIN_TIMESTEPS  # diffusers would index past alphas_cumprod
+    assert (
+        sched.timesteps[0] == sampler.NUM_TRAIN_TIMESTEPS
+    )  # diffusers would index past alphas_cumprod
     with pytest.raises(ValueError):
         sampler.ddim_timesteps(1000)
 
@@ -103,8 +110,9 @@ def test_ddim_step_closed_form_eta0():
     x_t, eps, v = torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.6 * 0.5 - 0.8 * 1.0])
     a_t, a_prev = torch.tensor(0.36), torch.tensor(0.64)
     torch.testing.assert_close(sampler.ddim_step(x_t, eps, a_t, a_prev), torch.tensor([1.1]))
-    torch.testing.assert_close(sampler.ddim_step(x_t, v, a_t, a_prev, prediction="v_prediction"),
-                               torch.tensor([1.1]))
+    torch.testing.assert_close(
+        sampler.ddim_step(x_t, v, a_t, a_prev, prediction="v_prediction"), torch.tensor([1.1])
+    )
     with pytest.raises(ValueError):
         sampler.ddim_step(x_t, eps, a_t, a_prev, prediction="sample")
 
@@ -114,17 +122,28 @@ def test_ddim_step_eta1_is_ddpm_posterior():
     # DDPM posterior (arXiv 2006.11239 eq. 7) with alpha = a_t / a_prev, beta = 1 - alpha.
     a_t, a_prev = 0.3, 0.7
     alpha, beta = a_t / a_prev, 1 - a_t / a_prev
-    x_t, eps, z = torch.tensor([0.9], dtype=torch.float64), torch.tensor([-0.4], dtype=torch.float64), torch.ones(1)
+    x_t, eps, z = (
+        torch.tensor([0.9], dtype=torch.float64),
+        torch.tensor([-0.4], dtype=torch.float64),
+        torch.ones(1),
+    )
     x0 = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-    mean = math.sqrt(a_prev) * beta / (1 - a_t) * x0 + math.sqrt(alpha) * (1 - a_prev) / (1 - a_t) * x_t
+    mean = (
+        math.sqrt(a_prev) * beta / (1 - a_t) * x0
+        + math.sqrt(alpha) * (1 - a_prev) / (1 - a_t) * x_t
+    )
     var = (1 - a_prev) / (1 - a_t) * beta  # beta tilde
     torch.testing.assert_close(sampler.ddim_step(x_t, eps, a_t, a_prev, 1.0, 0 * z), mean)
-    torch.testing.assert_close(sampler.ddim_step(x_t, eps, a_t, a_prev, 1.0, z), mean + math.sqrt(var))
+    torch.testing.assert_close(
+        sampler.ddim_step(x_t, eps, a_t, a_prev, 1.0, z), mean + math.sqrt(var)
+    )
 
 
 def test_cfg_formula():
     u, c = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])
-    torch.testing.assert_close(sampler.cfg(u, c, 7.5), torch.tensor([16.0, 13.0]))  # u + 7.5 (c - u)
+    torch.testing.assert_close(
+        sampler.cfg(u, c, 7.5), torch.tensor([16.0, 13.0])
+    )  # u + 7.5 (c - u)
     torch.testing.assert_close(sampler.cfg(u, c, 1.0), c)
 
 
@@ -134,8 +153,16 @@ def test_sample_with_cfg_matches_diffusers_loop_in_one_batched_call(model, input
     ref = diffusers_loop(model, x_T, cond, uncond, 7.5, eta, seed=3)
     model.batches.clear()
     rng = torch.get_rng_state()
-    ours = sampler.sample(model, x_T, cond, uncond, steps=STEPS, guidance=7.5, eta=eta,
-                          generator=torch.Generator().manual_seed(3))
+    ours = sampler.sample(
+        model,
+        x_T,
+        cond,
+        uncond,
+        steps=STEPS,
+        guidance=7.5,
+        eta=eta,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert model.batches == [2 * B] * STEPS  # uncond and cond in ONE call per step
     assert torch.equal(torch.get_rng_state(), rng)  # all randomness came from `generator`
     torch.testing.assert_close(ours, ref[-1], rtol=1e-5, atol=1e-5)
@@ -149,7 +176,9 @@ def test_partial_sampling_stops_at_step_k(model, inputs):
         model.batches.clear()
         x_k = sampler.sample(model, x_T, cond, uncond, steps=STEPS, until=k)
         assert len(model.batches) == k
-        torch.testing.assert_close(x_k, ref[k], rtol=1e-5, atol=1e-5)  # x at ddim_timesteps(STEPS)[k]
+        torch.testing.assert_close(
+            x_k, ref[k], rtol=1e-5, atol=1e-5
+        )  # x at ddim_timesteps(STEPS)[k]
     assert torch.equal(sampler.sample(model, x_T, cond, uncond, steps=STEPS, until=0), x_T)
     with pytest.raises(ValueError):
         sampler.sample(model, x_T, cond, uncond, steps=STEPS, until=STEPS + 1)

@@ -3,6 +3,7 @@ fused q, k, v, its last block and contrastive head) built here loads with every 
 outputs, diffusers converting the same file (and a hand-written OpenCLIP text forward); the full-size key list maps
 on the meta device; what our writer writes diffusers reads back, and sample.py draws diffusers' images from it, for
 v-prediction and epsilon; the prediction type's default rule."""
+
 import dataclasses
 import json
 import os
@@ -38,17 +39,40 @@ def openclip_tower(vocab, width, mlp, blocks, seed=0):
     """Random tensors of an OpenCLIP text tower under the official SD 2.x names (open_clip's CLIP minus its visual
     tower, as FrozenOpenCLIPEmbedder holds it): `blocks` ResidualAttentionBlocks, text_projection, logit_scale."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {"token_embedding.weight": (vocab, width), "positional_embedding": (77, width), "ln_final.weight": (width,),
-              "ln_final.bias": (width,), "text_projection": (width, width), "logit_scale": ()}
+    shapes = {
+        "token_embedding.weight": (vocab, width),
+        "positional_embedding": (77, width),
+        "ln_final.weight": (width,),
+        "ln_final.bias": (width,),
+        "text_projection": (width, width),
+        "logit_scale": (),
+    }
     for i in range(blocks):
-        shapes.update({f"transformer.resblocks.{i}.{k}": s for k, s in {
-            "ln_1.weight": (width,), "ln_1.bias": (width,), "attn.in_proj_weight": (3 * width, width),
-            "attn.in_proj_bias": (3 * width,), "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,),
-            "ln_2.weight": (width,), "ln_2.bias": (width,), "mlp.c_fc.weight": (mlp, width), "mlp.c_fc.bias": (mlp,),
-            "mlp.c_proj.weight": (width, mlp), "mlp.c_proj.bias": (width,)}.items()})
+        shapes.update(
+            {
+                f"transformer.resblocks.{i}.{k}": s
+                for k, s in {
+                    "ln_1.weight": (width,),
+                    "ln_1.bias": (width,),
+                    "attn.in_proj_weight": (3 * width, width),
+                    "attn.in_proj_bias": (3 * width,),
+                    "attn.out_proj.weight": (width, width),
+                    "attn.out_proj.bias": (width,),
+                    "ln_2.weight": (width,),
+                    "ln_2.bias": (width,),
+                    "mlp.c_fc.weight": (mlp, width),
+                    "mlp.c_fc.bias": (mlp,),
+                    "mlp.c_proj.weight": (width, mlp),
+                    "mlp.c_proj.bias": (width,),
+                }.items()
+            }
+        )
     norm = re.compile(r".*ln_\w+\.weight")  # layer-norm gains near 1, the rest small
-    return {convert.OPENCLIP + k: (1.0 if norm.fullmatch(k) else 0.0) + 0.2 * torch.randn(s, generator=g)
-            for k, s in shapes.items()}
+    return {
+        convert.OPENCLIP + k: (1.0 if norm.fullmatch(k) else 0.0)
+        + 0.2 * torch.randn(s, generator=g)
+        for k, s in shapes.items()
+    }
 
 
 def openclip_context(tower, ids):
@@ -57,16 +81,27 @@ def openclip_context(tower, ids):
     p = convert.OPENCLIP
     x = tower[p + "token_embedding.weight"][ids] + tower[p + "positional_embedding"]
     width, blocks = x.shape[-1], len({k.split(".")[4] for k in tower if ".resblocks." in k})
-    mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)  # open_clip's build_attention_mask
+    mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(
+        1
+    )  # open_clip's build_attention_mask
     for i in range(blocks - 1):
-        w = {k.removeprefix(f"{p}transformer.resblocks.{i}."): t for k, t in tower.items() if f".resblocks.{i}." in k}
+        w = {
+            k.removeprefix(f"{p}transformer.resblocks.{i}."): t
+            for k, t in tower.items()
+            if f".resblocks.{i}." in k
+        }
         attn = torch.nn.MultiheadAttention(width, width // configs.CLIP_HEAD_DIM, batch_first=True)
-        attn.load_state_dict({k.removeprefix("attn."): t for k, t in w.items() if k.startswith("attn.")})
+        attn.load_state_dict(
+            {k.removeprefix("attn."): t for k, t in w.items() if k.startswith("attn.")}
+        )
         h = F.layer_norm(x, (width,), w["ln_1.weight"], w["ln_1.bias"])
         x = x + attn(h, h, h, attn_mask=mask, need_weights=False)[0]
         h = F.layer_norm(x, (width,), w["ln_2.weight"], w["ln_2.bias"])
-        x = x + F.linear(F.gelu(F.linear(h, w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])), w["mlp.c_proj.weight"],
-                         w["mlp.c_proj.bias"])
+        x = x + F.linear(
+            F.gelu(F.linear(h, w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])),
+            w["mlp.c_proj.weight"],
+            w["mlp.c_proj.bias"],
+        )
     return F.layer_norm(x, (width,), tower[p + "ln_final.weight"], tower[p + "ln_final.bias"])
 
 
@@ -76,23 +111,51 @@ def sd2(tmp_path_factory):
     names, a random OpenCLIP tower, the schedule buffers), and that pipeline's folder: the configs diffusers reads
     the file with (its text encoder one block short of the tower, its tokenizer padding with "!", v-prediction)."""
     root = tmp_path_factory.mktemp("tiny-sd2")
-    pipe = tiny.pipeline(unet_config=tiny.UNET_SD2, text=tiny.OPENCLIP, pad_token="!", prediction_type="v_prediction",
-                         folder=root / "diffusers")
-    unet, vae = configs.config_from_json(UNetConfig, tiny.UNET_SD2), configs.config_from_json(VAEConfig, tiny.VAE)
-    ldm = {convert.ours_to_ldm(f"{part}.{k}", unet, vae): t[:, :, None, None] if convert.VAE_ATTN_WEIGHT.fullmatch(
-        f"{part}.{k}") else t for part in ("unet", "vae") for k, t in getattr(pipe, part).state_dict().items()}
+    pipe = tiny.pipeline(
+        unet_config=tiny.UNET_SD2,
+        text=tiny.OPENCLIP,
+        pad_token="!",
+        prediction_type="v_prediction",
+        folder=root / "diffusers",
+    )
+    unet, vae = (
+        configs.config_from_json(UNetConfig, tiny.UNET_SD2),
+        configs.config_from_json(VAEConfig, tiny.VAE),
+    )
+    ldm = {
+        convert.ours_to_ldm(f"{part}.{k}", unet, vae): t[:, :, None, None]
+        if convert.VAE_ATTN_WEIGHT.fullmatch(f"{part}.{k}")
+        else t
+        for part in ("unet", "vae")
+        for k, t in getattr(pipe, part).state_dict().items()
+    }
     text = tiny.OPENCLIP
-    tower = openclip_tower(len(pipe.tokenizer), text["hidden_size"], text["intermediate_size"],
-                           text["num_hidden_layers"] + 1)
+    tower = openclip_tower(
+        len(pipe.tokenizer),
+        text["hidden_size"],
+        text["intermediate_size"],
+        text["num_hidden_layers"] + 1,
+    )
     save_file({**ldm, **tower, **convert.schedule_buffers()}, root / "sd2.safetensors")
-    return SimpleNamespace(pipe=pipe, folder=root / "diffusers", file=root / "sd2.safetensors", tower=tower,
-                           tokenizer=root / "diffusers" / "tokenizer")
+    return SimpleNamespace(
+        pipe=pipe,
+        folder=root / "diffusers",
+        file=root / "sd2.safetensors",
+        tower=tower,
+        tokenizer=root / "diffusers" / "tokenizer",
+    )
 
 
 def from_single_file(path, folder, **kwargs):
     """diffusers' own reading of a single file, with the folder's configs (its own OpenCLIP conversion)."""
-    pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
-                                                    safety_checker=None, requires_safety_checker=False, **kwargs)
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(path),
+        config=str(folder),
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+        **kwargs,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -103,14 +166,30 @@ def assert_same_outputs(sd, pipe):
     x, z = torch.randn(2, 4, 8, 8, generator=g), torch.randn(1, 4, 4, 4, generator=g)
     context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
-        torch.testing.assert_close(sd.unet(x, torch.tensor([10, 980]), context),
-                                   pipe.unet(x, torch.tensor([10, 980]), context).sample, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(sd.decode_latents(z * pipe.vae.config.scaling_factor), pipe.vae.decode(z).sample,
-                                   atol=1e-5, rtol=1e-5)
-        ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        assert ids[1, -1] == pipe.tokenizer.pad_token_id == sd.tokenizer.pad_token_id  # "!": OpenCLIP pads with 0
-        torch.testing.assert_close(sd.encode_prompts(PROMPTS), pipe.text_encoder(ids).last_hidden_state,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            sd.unet(x, torch.tensor([10, 980]), context),
+            pipe.unet(x, torch.tensor([10, 980]), context).sample,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        torch.testing.assert_close(
+            sd.decode_latents(z * pipe.vae.config.scaling_factor),
+            pipe.vae.decode(z).sample,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        ids = pipe.tokenizer(
+            PROMPTS, padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
+        assert (
+            ids[1, -1] == pipe.tokenizer.pad_token_id == sd.tokenizer.pad_token_id
+        )  # "!": OpenCLIP pads with 0
+        torch.testing.assert_close(
+            sd.encode_prompts(PROMPTS),
+            pipe.text_encoder(ids).last_hidden_state,
+            atol=1e-5,
+            rtol=1e-5,
+        )
     return ids
 
 
@@ -121,28 +200,51 @@ def test_sd2_single_file_loads_like_diffusers(sd2, tiny_sd):
     token: for an SD 2.x file it pads with "!", as OpenCLIP does."""
     with open(FIXTURE) as f:
         official = json.load(f)["tensors"]
-    layout = lambda keys: {(re.sub(r"\.\d+\.", ".#.", k), len(keys[k])) for k in keys if k.startswith(convert.OPENCLIP)}  # noqa: E731
+    layout = lambda keys: {
+        (re.sub(r"\.\d+\.", ".#.", k), len(keys[k])) for k in keys if k.startswith(convert.OPENCLIP)
+    }  # noqa: E731
     assert layout({k: t.shape for k, t in sd2.tower.items()}) == layout(official)
     sd = load_sd.load(sd2.file, tokenizer=tiny_sd.tokenizer)
-    assert (sd.family, sd.prediction_type, sd.image_size) == ("sd2", "v_prediction", 768)  # no metadata: 768-v
-    assert sd.unet.config == dataclasses.replace(UNetConfig.sd2(), sample_size=64, **{
-        k: tuple(v) if isinstance(v, list) else v for k, v in tiny.UNET_SD2.items() if k != "sample_size"})
+    assert (sd.family, sd.prediction_type, sd.image_size) == (
+        "sd2",
+        "v_prediction",
+        768,
+    )  # no metadata: 768-v
+    assert sd.unet.config == dataclasses.replace(
+        UNetConfig.sd2(),
+        sample_size=64,
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in tiny.UNET_SD2.items()
+            if k != "sample_size"
+        },
+    )
     cfg = sd.text_encoder.config
     assert (cfg.num_hidden_layers, cfg.hidden_act, cfg.num_attention_heads) == (2, "gelu", 1)
     tensors = load_file(sd2.file)
     unused = sorted(k for k in tensors if convert.unused(k, cfg))
-    assert unused == sorted([k for k in sd2.tower if ".resblocks.2." in k] +
-                            [convert.OPENCLIP + "logit_scale", convert.OPENCLIP + "text_projection"])
-    used = {k: t for k, t in tensors.items() if k not in unused and not convert.IGNORED.fullmatch(k)}
+    assert unused == sorted(
+        [k for k in sd2.tower if ".resblocks.2." in k]
+        + [convert.OPENCLIP + "logit_scale", convert.OPENCLIP + "text_projection"]
+    )
+    used = {
+        k: t for k, t in tensors.items() if k not in unused and not convert.IGNORED.fullmatch(k)
+    }
     assert len(tensors) - len(used) == len(unused) + 12 == 26  # 12 schedule buffers
     ours = [p for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.state_dict().values()]
-    assert sum(t.numel() for t in used.values()) == sum(p.numel() for p in ours)  # (q, k, v split: more tensors)
+    assert sum(t.numel() for t in used.values()) == sum(
+        p.numel() for p in ours
+    )  # (q, k, v split: more tensors)
     diffusers = from_single_file(sd2.file, sd2.folder)
     ids = assert_same_outputs(sd, diffusers)
     with torch.no_grad():
-        torch.testing.assert_close(sd.encode_prompts(PROMPTS), openclip_context(sd2.tower, ids), atol=1e-5, rtol=1e-5)
-    assert torch.equal(diffusers.text_encoder.embeddings.token_embedding.weight,  # diffusers read the tower, not
-                       sd2.tower[convert.OPENCLIP + "token_embedding.weight"])  # the folder's random encoder
+        torch.testing.assert_close(
+            sd.encode_prompts(PROMPTS), openclip_context(sd2.tower, ids), atol=1e-5, rtol=1e-5
+        )
+    assert torch.equal(
+        diffusers.text_encoder.embeddings.token_embedding.weight,  # diffusers read the tower, not
+        sd2.tower[convert.OPENCLIP + "token_embedding.weight"],
+    )  # the folder's random encoder
 
 
 def test_sd2_full_size_key_coverage():
@@ -152,33 +254,72 @@ def test_sd2_full_size_key_coverage():
     with open(FIXTURE) as f:
         fixture = json.load(f)
     shapes = fixture["tensors"]
-    unet_cfg, vae_cfg, text_cfg = configs.infer_configs({k: torch.empty(s, device="meta") for k, s in shapes.items()},
-                                                        "sd2")
-    assert dataclasses.replace(unet_cfg, sample_size=96) == UNetConfig.sd2() and vae_cfg == VAEConfig.sd()
-    assert (text_cfg.vocab_size, text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_hidden_layers,
-            text_cfg.num_attention_heads, text_cfg.max_position_embeddings, text_cfg.hidden_act) == \
-        (49408, 1024, 4096, 23, 16, 77, "gelu")  # stabilityai/stable-diffusion-2-1's text_encoder/config.json
+    unet_cfg, vae_cfg, text_cfg = configs.infer_configs(
+        {k: torch.empty(s, device="meta") for k, s in shapes.items()}, "sd2"
+    )
+    assert (
+        dataclasses.replace(unet_cfg, sample_size=96) == UNetConfig.sd2()
+        and vae_cfg == VAEConfig.sd()
+    )
+    assert (
+        text_cfg.vocab_size,
+        text_cfg.hidden_size,
+        text_cfg.intermediate_size,
+        text_cfg.num_hidden_layers,
+        text_cfg.num_attention_heads,
+        text_cfg.max_position_embeddings,
+        text_cfg.hidden_act,
+    ) == (
+        49408,
+        1024,
+        4096,
+        23,
+        16,
+        77,
+        "gelu",
+    )  # stabilityai/stable-diffusion-2-1's text_encoder/config.json
     with torch.device("meta"):
-        modules = {"unet": UNet(unet_cfg), "vae": VAE(vae_cfg), "text_encoder": CLIPTextModel(text_cfg)}
-    expected = {f"{p}.{k}": tuple(t.shape) for p, m in modules.items() for k, t in m.state_dict().items()}
+        modules = {
+            "unet": UNet(unet_cfg),
+            "vae": VAE(vae_cfg),
+            "text_encoder": CLIPTextModel(text_cfg),
+        }
+    expected = {
+        f"{p}.{k}": tuple(t.shape) for p, m in modules.items() for k, t in m.state_dict().items()
+    }
     ignored = sorted(k for k in shapes if convert.IGNORED.fullmatch(k))
     unused = sorted(k for k in shapes if convert.unused(k, text_cfg))
     assert ignored == sorted(fixture["model"]["schedule_buffers"])
-    assert unused == sorted([k for k in shapes if ".resblocks.23." in k] +
-                            [convert.OPENCLIP + "logit_scale", convert.OPENCLIP + "text_projection"])
+    assert unused == sorted(
+        [k for k in shapes if ".resblocks.23." in k]
+        + [convert.OPENCLIP + "logit_scale", convert.OPENCLIP + "text_projection"]
+    )
     mapped = {}
     for k, s in shapes.items():
         if k not in ignored + unused:
             name = convert.ldm_to_ours(k, unet_cfg, vae_cfg, "sd2")
-            mapped.update({n: tuple(t.shape) for n, t in convert.split_in_proj(name, torch.empty(s, device="meta")).items()})
+            mapped.update(
+                {
+                    n: tuple(t.shape)
+                    for n, t in convert.split_in_proj(name, torch.empty(s, device="meta")).items()
+                }
+            )
     assert len(shapes) - len(ignored) - len(unused) == 1240 - 12 - 14
     assert mapped.keys() == expected.keys()
     for k, s in mapped.items():
-        assert (s[:2] if convert.VAE_ATTN_WEIGHT.fullmatch(k) else s) == expected[k], k  # VAE attention: 1x1 convs
+        assert (s[:2] if convert.VAE_ATTN_WEIGHT.fullmatch(k) else s) == expected[k], (
+            k
+        )  # VAE attention: 1x1 convs
     counts = {p: sum(t.numel() for t in m.state_dict().values()) for p, m in modules.items()}
     block = sum(torch.Size(s).numel() for k, s in shapes.items() if ".resblocks.23." in k)
-    assert counts == {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 354_032_641 - block - 1024 * 1024 - 1}
-    assert counts["text_encoder"] == 340_387_840  # diffusers' SD 2.x text encoder (23-layer CLIPTextModel)
+    assert counts == {
+        "unet": 865_910_724,
+        "vae": 83_653_863,
+        "text_encoder": 354_032_641 - block - 1024 * 1024 - 1,
+    }
+    assert (
+        counts["text_encoder"] == 340_387_840
+    )  # diffusers' SD 2.x text encoder (23-layer CLIPTextModel)
     with torch.device("meta"):
         full = load_sd.StableDiffusion(*modules.values(), None, "sd2", "v_prediction", "sd-v2")
     written = {k: list(t.shape) for k, t in load_sd.ldm_state_dict(full).items()}
@@ -194,13 +335,23 @@ def test_sd2_writer_round_trip_read_by_diffusers(sd2, tmp_path):
     written, original = load_file(tmp_path / "again.safetensors"), load_file(sd2.file)
     assert written.keys() == {k for k in original if not convert.unused(k, sd.text_encoder.config)}
     assert all(torch.equal(written[k], original[k]) for k in written)
-    ours, theirs = from_single_file(tmp_path / "again.safetensors", sd2.folder), from_single_file(sd2.file, sd2.folder)
+    ours, theirs = (
+        from_single_file(tmp_path / "again.safetensors", sd2.folder),
+        from_single_file(sd2.file, sd2.folder),
+    )
     for part in ("unet", "vae", "text_encoder"):
         a, b = getattr(ours, part).state_dict(), getattr(theirs, part).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     again = load_sd.load(tmp_path / "again.safetensors", tokenizer=sd2.tokenizer)
-    assert (again.text_encoder.config.num_hidden_layers, again.prediction_type, again.image_size) == \
-        (2, "v_prediction", 768)  # the metadata the writer wrote: modelspec.prediction_type "v", 768x768
+    assert (
+        again.text_encoder.config.num_hidden_layers,
+        again.prediction_type,
+        again.image_size,
+    ) == (
+        2,
+        "v_prediction",
+        768,
+    )  # the metadata the writer wrote: modelspec.prediction_type "v", 768x768
     assert_same_outputs(again, theirs)
 
 
@@ -213,15 +364,52 @@ def test_sd2_sample_matches_diffusers_pipeline(sd2, tmp_path, capsys, prediction
     scheduler = DDIMScheduler(**dict(tiny.SCHEDULER, prediction_type=prediction))
     pipe = from_single_file(written, sd2.folder, scheduler=scheduler)
     with torch.no_grad():
-        expected = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
-                        width=SIZE, generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
+        expected = pipe(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="np",
+        ).images[0]
     flag = [] if prediction == "v_prediction" else ["--prediction-type", prediction]
-    code = sample.main([str(a) for a in ["--model", written, "--tokenizer", sd2.tokenizer, *flag, "--prompt", PROMPT,
-                                         "--negative-prompt", NEGATIVE, "--seed", SEED, "--steps", STEPS, "--guidance",
-                                         GUIDANCE, "--height", SIZE, "--width", SIZE, "--output", tmp_path / "x.png",
-                                         "--device", "cpu"]])
+    code = sample.main(
+        [
+            str(a)
+            for a in [
+                "--model",
+                written,
+                "--tokenizer",
+                sd2.tokenizer,
+                *flag,
+                "--prompt",
+                PROMPT,
+                "--negative-prompt",
+                NEGATIVE,
+                "--seed",
+                SEED,
+                "--steps",
+                STEPS,
+                "--guidance",
+                GUIDANCE,
+                "--height",
+                SIZE,
+                "--width",
+                SIZE,
+                "--output",
+                tmp_path / "x.png",
+                "--device",
+                "cpu",
+            ]
+        ]
+    )
     assert code == 0, capsys.readouterr().err
-    diff = np.abs(np.asarray(Image.open(tmp_path / "x.png")).astype(int) - (expected * 255).round().astype(int))
+    diff = np.abs(
+        np.asarray(Image.open(tmp_path / "x.png")).astype(int)
+        - (expected * 255).round().astype(int)
+    )
     assert diff.max() <= 1, f"max pixel difference {diff.max()}/255"
     print(f"{prediction}: max pixel difference {diff.max()}/255")
 
@@ -229,25 +417,37 @@ def test_sd2_sample_matches_diffusers_pipeline(sd2, tmp_path, capsys, prediction
 def test_prediction_type_rule(sd2, tiny_sd, tmp_path):
     """--prediction-type first; else a folder's scheduler, a file's modelspec.prediction_type; else SD 2.x files v at
     768 px, SD v1 epsilon at 512. The default size follows: an SD 2.x epsilon model is a 512 px base model."""
+
     def got(source, **kwargs):
         sd = load_sd.load(source, tokenizer=kwargs.pop("tokenizer", sd2.tokenizer), **kwargs)
         return sd.prediction_type, sd.image_size
+
     assert got(sd2.file) == ("v_prediction", 768)
     assert got(sd2.file, prediction_type="epsilon") == ("epsilon", 512)
     tensors = load_file(sd2.file)
     for stated, expected in (("epsilon", ("epsilon", 512)), ("v", ("v_prediction", 768))):
         save_file(tensors, tmp_path / f"{stated}.safetensors", {load_sd.PREDICTION: stated})
         assert got(tmp_path / f"{stated}.safetensors") == expected
-    assert got(tmp_path / "v.safetensors", prediction_type="epsilon") == ("epsilon", 512)  # the flag over metadata
-    save_file(tensors, tmp_path / "sized.safetensors", {load_sd.PREDICTION: "epsilon", load_sd.RESOLUTION: "640x640"})
+    assert got(tmp_path / "v.safetensors", prediction_type="epsilon") == (
+        "epsilon",
+        512,
+    )  # the flag over metadata
+    save_file(
+        tensors,
+        tmp_path / "sized.safetensors",
+        {load_sd.PREDICTION: "epsilon", load_sd.RESOLUTION: "640x640"},
+    )
     assert got(tmp_path / "sized.safetensors") == ("epsilon", 640)
     save_file(load_file(tiny_sd.single), tmp_path / "v1.safetensors")  # SD v1, no metadata
     assert got(tmp_path / "v1.safetensors", tokenizer=tiny_sd.tokenizer) == ("epsilon", 512)
-    assert got(tmp_path / "v1.safetensors", tokenizer=tiny_sd.tokenizer, prediction_type="v_prediction") == \
-        ("v_prediction", 512)
+    assert got(
+        tmp_path / "v1.safetensors", tokenizer=tiny_sd.tokenizer, prediction_type="v_prediction"
+    ) == ("v_prediction", 512)
     assert got(sd2.folder) == ("v_prediction", 16)  # the scheduler's; the folder's sample_size x 2
     assert got(sd2.folder, prediction_type="epsilon")[0] == "epsilon"
-    with pytest.raises(load_sd.LoadError, match="--prediction-type must be one of epsilon, v_prediction, got 'v'"):
+    with pytest.raises(
+        load_sd.LoadError, match="--prediction-type must be one of epsilon, v_prediction, got 'v'"
+    ):
         load_sd.load(sd2.file, tokenizer=sd2.tokenizer, prediction_type="v")
 
 
@@ -256,15 +456,49 @@ def test_esd_x_on_an_sd2_file(sd2, tmp_path, monkeypatch, flag):
     """train.py on the SD 2.x file: ESD gets the prediction type (the file's default v, or --prediction-type), only
     attn2 tensors train, and --export-full writes an SD 2.x file diffusers reads into the edited UNet."""
     seen, init = [], esd.ESD.__init__
-    monkeypatch.setattr(esd.ESD, "__init__", lambda self, *a, **kw: seen.append(kw["prediction"]) or init(self, *a, **kw))
+    monkeypatch.setattr(
+        esd.ESD,
+        "__init__",
+        lambda self, *a, **kw: seen.append(kw["prediction"]) or init(self, *a, **kw),
+    )
     out, full = tmp_path / "d.safetensors", tmp_path / "full.safetensors"
-    assert train.main([str(a) for a in ["--model", sd2.file, "--tokenizer", sd2.tokenizer, *flag, "--concept", "car",
-                                        "--iterations", 2, "--resolution", SIZE, "--steps", 4, "--lr", 1e-3, "--device",
-                                        "cpu", "--output", out, "--export-full", full]]) == 0
+    assert (
+        train.main(
+            [
+                str(a)
+                for a in [
+                    "--model",
+                    sd2.file,
+                    "--tokenizer",
+                    sd2.tokenizer,
+                    *flag,
+                    "--concept",
+                    "car",
+                    "--iterations",
+                    2,
+                    "--resolution",
+                    SIZE,
+                    "--steps",
+                    4,
+                    "--lr",
+                    1e-3,
+                    "--device",
+                    "cpu",
+                    "--output",
+                    out,
+                    "--export-full",
+                    full,
+                ]
+            ]
+        )
+        == 0
+    )
     assert seen == [flag[1] if flag else "v_prediction"]
     tensors = delta.load(str(out))[0]
     base = from_single_file(sd2.file, sd2.folder).unet.state_dict()
-    assert set(tensors) == {k for k in base if "attn2" in k} and all(not torch.equal(tensors[k], base[k]) for k in tensors)
+    assert set(tensors) == {k for k in base if "attn2" in k} and all(
+        not torch.equal(tensors[k], base[k]) for k in tensors
+    )
     edited = from_single_file(full, sd2.folder).unet.state_dict()
     assert edited.keys() == base.keys()
     assert all(torch.equal(edited[k], tensors[k] if k in tensors else base[k]) for k in base)

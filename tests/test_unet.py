@@ -1,5 +1,6 @@
 """unet.py against diffusers' UNet2DConditionModel (the oracle), fp32 on CPU: same random weights
 loaded by identity give the same eps; key sets equal at tiny and at full SD v1/v2/XL size (meta device)."""
+
 import functools
 import json
 import math
@@ -14,16 +15,32 @@ import configs
 import tiny
 from unet import Attention, UNet, UNetConfig
 
-PARAMS = {"sd1": 859_520_964, "sdxl": 2_567_463_684}  # fixtures/README.md: model.diffusion_model.* scalars
+PARAMS = {
+    "sd1": 859_520_964,
+    "sdxl": 2_567_463_684,
+}  # fixtures/README.md: model.diffusion_model.* scalars
 # runwayml/stable-diffusion-v1-5 unet/config.json (diffusers' defaults give the SD v1 block types).
-SD1_DIFFUSERS = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
-                     attention_head_dim=8, layers_per_block=2, sample_size=64)
+SD1_DIFFUSERS = dict(
+    block_out_channels=[320, 640, 1280, 1280],
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
+    sample_size=64,
+)
 # stabilityai/stable-diffusion-2-1 unet/config.json
-SD2_DIFFUSERS = dict(SD1_DIFFUSERS, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
-                     use_linear_projection=True, upcast_attention=True, sample_size=96)
+SD2_DIFFUSERS = dict(
+    SD1_DIFFUSERS,
+    cross_attention_dim=1024,
+    attention_head_dim=[5, 10, 20, 20],
+    use_linear_projection=True,
+    upcast_attention=True,
+    sample_size=96,
+)
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, as the fixture records it (the hub's file also
 # writes "upcast_attention": null, which the fixture leaves out)
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdxl_ldm.json")) as f:
+with open(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdxl_ldm.json")
+) as f:
     SDXL_DIFFUSERS = dict(json.load(f)["model"]["diffusers_configs"]["unet"], upcast_attention=None)
 
 
@@ -43,12 +60,21 @@ def shapes(module):
 @pytest.mark.parametrize("name", ["UNET_V1", "UNET_V2", "UNET_XL"])
 def test_state_dict_keys_and_shapes_equal_diffusers(name):
     config = getattr(tiny, name)
-    assert shapes(UNet(configs.config_from_json(UNetConfig, config))) == shapes(UNet2DConditionModel(**config))
+    assert shapes(UNet(configs.config_from_json(UNetConfig, config))) == shapes(
+        UNet2DConditionModel(**config)
+    )
 
 
 # t as a python int and as a [B] tensor; 10x6 has odd sides at lower levels (upsampling to the skip's size).
-@pytest.mark.parametrize("name, t, hw", [("UNET_V1", 981, (8, 8)), ("UNET_V1", "per-sample", (10, 6)),
-                                         ("UNET_V2", "per-sample", (8, 8)), ("UNET_V2", 1, (10, 6))])
+@pytest.mark.parametrize(
+    "name, t, hw",
+    [
+        ("UNET_V1", 981, (8, 8)),
+        ("UNET_V1", "per-sample", (10, 6)),
+        ("UNET_V2", "per-sample", (8, 8)),
+        ("UNET_V2", 1, (10, 6)),
+    ],
+)
 def test_forward_matches_diffusers(name, t, hw):
     config = getattr(tiny, name)
     ref, ours = pair(name)
@@ -72,7 +98,12 @@ def xl_inputs(hw, seed=1):
     context = torch.randn(2, 77, tiny.UNET_XL["cross_attention_dim"], generator=g)
     pooled = torch.randn(2, tiny.XL_POOLED, generator=g)
     numbers = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 1344, 64, 32, 832, 1216]])
-    return x, context, torch.cat([pooled, numbers], dim=-1), dict(text_embeds=pooled, time_ids=numbers)
+    return (
+        x,
+        context,
+        torch.cat([pooled, numbers], dim=-1),
+        dict(text_embeds=pooled, time_ids=numbers),
+    )
 
 
 @pytest.mark.parametrize("t, hw", [("per-sample", (8, 8)), (981, (10, 6))])
@@ -84,7 +115,9 @@ def test_sdxl_forward_matches_diffusers(t, hw):
     t = torch.tensor([1, 961]) if t == "per-sample" else t
     inputs = [v.clone() for v in (x, context, added)]
     with torch.no_grad():
-        expected = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs).sample
+        expected = ref(
+            x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs
+        ).sample
         got = ours(x, t, context, added)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert all(torch.equal(a, b) for a, b in zip((x, context, added), inputs))  # no in-place change
@@ -97,7 +130,11 @@ def test_sdxl_added_conditioning_matters_and_is_checked():
     x, context, added, _ = xl_inputs((8, 8))
     with torch.no_grad():
         base = ours(x, 500, context, added)
-        for column in (0, tiny.XL_POOLED + 1, tiny.XL_POOLED + 5):  # pooled; original width; target width
+        for column in (
+            0,
+            tiny.XL_POOLED + 1,
+            tiny.XL_POOLED + 5,
+        ):  # pooled; original width; target width
             changed = added.clone()
             changed[1, column] += 1
             diff = (ours(x, 500, context, changed) - base).abs().amax(dim=(1, 2, 3))
@@ -114,7 +151,9 @@ def test_timestep_forms_agree_and_matter():
     with torch.no_grad():
         as_int = ours(x, 700, context)
         torch.testing.assert_close(ours(x, torch.tensor(700), context), as_int, atol=0, rtol=0)
-        torch.testing.assert_close(ours(x, torch.tensor([700, 700]), context), as_int, atol=0, rtol=0)
+        torch.testing.assert_close(
+            ours(x, torch.tensor([700, 700]), context), as_int, atol=0, rtol=0
+        )
         assert not torch.allclose(ours(x, 10, context), as_int, atol=1e-3)
 
 
@@ -134,7 +173,9 @@ def test_attention_matches_softmax_formula(context_len):
 
 
 def test_gradient_checkpointing_same_gradients_and_recomputes():
-    ours = UNet(configs.config_from_json(UNetConfig, tiny.UNET_V2))  # fresh: this test sets grads and the flag
+    ours = UNet(
+        configs.config_from_json(UNetConfig, tiny.UNET_V2)
+    )  # fresh: this test sets grads and the flag
     g = torch.Generator().manual_seed(2)
     x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 128, generator=g)
     calls = []
@@ -158,28 +199,43 @@ def test_gradient_checkpointing_same_gradients_and_recomputes():
 def test_config_from_a_saved_diffusers_config_json(tmp_path):
     UNet2DConditionModel(**tiny.UNET_V2).save_config(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
-    assert "_class_name" in d and "upcast_attention" in d  # bookkeeping and ignored keys are present
+    assert (
+        "_class_name" in d and "upcast_attention" in d
+    )  # bookkeeping and ignored keys are present
     config = configs.config_from_json(UNetConfig, d)
-    assert config.attention_head_dim == (2, 4, 4) and config.use_linear_projection  # tuples, as declared
+    assert (
+        config.attention_head_dim == (2, 4, 4) and config.use_linear_projection
+    )  # tuples, as declared
     assert config.cross_attention_dim == 128 and config.layers_per_block == 1
 
 
-@pytest.mark.parametrize("override", [
-    dict(class_embed_type="timestep"), dict(addition_embed_type="text"), dict(num_class_embeds=10),
-    dict(only_cross_attention=[False, True, False]), dict(some_future_option=1),
-    dict(down_block_types=["SimpleCrossAttnDownBlock2D"] * 3)])
+@pytest.mark.parametrize(
+    "override",
+    [
+        dict(class_embed_type="timestep"),
+        dict(addition_embed_type="text"),
+        dict(num_class_embeds=10),
+        dict(only_cross_attention=[False, True, False]),
+        dict(some_future_option=1),
+        dict(down_block_types=["SimpleCrossAttnDownBlock2D"] * 3),
+    ],
+)
 def test_config_json_with_non_sd_options_is_refused(override):
     with pytest.raises(ValueError, match="unsupported"):
         configs.config_from_json(UNetConfig, {**tiny.UNET_V1, **override})
 
 
-@pytest.mark.parametrize("preset, diffusers_config", [("sd1", SD1_DIFFUSERS), ("sd2", SD2_DIFFUSERS),
-                                                      ("sdxl", SDXL_DIFFUSERS)])
+@pytest.mark.parametrize(
+    "preset, diffusers_config",
+    [("sd1", SD1_DIFFUSERS), ("sd2", SD2_DIFFUSERS), ("sdxl", SDXL_DIFFUSERS)],
+)
 def test_full_size_presets_match_diffusers_on_meta(preset, diffusers_config):
     config = getattr(UNetConfig, preset)()
     with torch.device("meta"):
         ours, ref = UNet(config), UNet2DConditionModel(**diffusers_config)
-    assert configs.config_from_json(UNetConfig, dict(ref.config)) == config  # every key diffusers writes, read
+    assert (
+        configs.config_from_json(UNetConfig, dict(ref.config)) == config
+    )  # every key diffusers writes, read
     assert shapes(ours) == shapes(ref)
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     for f in fields(config):

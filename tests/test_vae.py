@@ -1,5 +1,6 @@
 """vae.py against diffusers' AutoencoderKL (the oracle), fp32 on CPU: same random weights loaded by
 identity give the same posterior and decoded image; key sets equal at tiny and full SD size (meta)."""
+
 import copy
 import json
 from dataclasses import fields
@@ -14,9 +15,14 @@ from vae import VAE, VAEConfig
 
 SD_VAE_PARAMS = 83_653_863  # ../shared/fixtures/README.md: first_stage_model.* scalars of SD v1
 # stable-diffusion-v1-5 vae/config.json (diffusers' AutoencoderKL keys)
-SD_DIFFUSERS = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                    sample_size=512)
+SD_DIFFUSERS = dict(
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    sample_size=512,
+)
 
 
 def shapes(module):
@@ -32,7 +38,9 @@ def pair():
 
 
 def test_state_dict_keys_and_shapes_equal_diffusers():
-    assert shapes(VAE(configs.config_from_json(VAEConfig, tiny.VAE))) == shapes(AutoencoderKL(**tiny.VAE))
+    assert shapes(VAE(configs.config_from_json(VAEConfig, tiny.VAE))) == shapes(
+        AutoencoderKL(**tiny.VAE)
+    )
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (24, 40)])
@@ -64,7 +72,9 @@ def test_decode_matches_diffusers(pair):
 def test_logvar_is_clamped_like_ldm(pair):
     vae = copy.deepcopy(pair[1])
     with torch.no_grad():
-        vae.quant_conv.weight[4:6] = 0.0  # quant_conv's output is (mean, logvar) stacked on channels
+        vae.quant_conv.weight[4:6] = (
+            0.0  # quant_conv's output is (mean, logvar) stacked on channels
+        )
         vae.quant_conv.bias[4:6] = torch.tensor([-100.0, 100.0])
         _, logvar = vae.encode(torch.randn(1, 3, 16, 16))
     assert (logvar[:, 0] == -30.0).all() and (logvar[:, 1] == 20.0).all()
@@ -76,13 +86,22 @@ def test_config_from_a_saved_diffusers_config_json(tmp_path):
     d = json.loads((tmp_path / "config.json").read_text())
     assert "_class_name" in d and "force_upcast" in d
     config = configs.config_from_json(VAEConfig, d)
-    assert config.block_out_channels == (32, 64) and config.layers_per_block == 1  # a tuple, as declared
+    assert (
+        config.block_out_channels == (32, 64) and config.layers_per_block == 1
+    )  # a tuple, as declared
     assert config.scaling_factor == 0.18215
 
 
-@pytest.mark.parametrize("override", [dict(use_quant_conv=False), dict(latents_mean=[0.0] * 4),
-                                      dict(up_block_types=["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]),
-                                      dict(mid_block_add_attention=False), dict(some_future_option=1)])
+@pytest.mark.parametrize(
+    "override",
+    [
+        dict(use_quant_conv=False),
+        dict(latents_mean=[0.0] * 4),
+        dict(up_block_types=["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]),
+        dict(mid_block_add_attention=False),
+        dict(some_future_option=1),
+    ],
+)
 def test_config_json_with_non_sd_options_is_refused(override):
     with pytest.raises(ValueError, match="unsupported"):
         configs.config_from_json(VAEConfig, {**tiny.VAE, **override})
