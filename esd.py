@@ -167,6 +167,7 @@ class ESD:
         # noisy than that t says.
         n = len(x_t)
         t = self.timesteps[t_enc].expand(n)
+        # uncond (and anchor) of batch 1: one per row
         uncond = sampler.cat([uncond] * n)
 
         # The paper: e_0 and e_c from the frozen θ (one batch), the target e_0 − η(e_c − e_0),
@@ -175,10 +176,9 @@ class ESD:
             e_0, e_c = self.frozen_eps(x_t, t, [uncond, cond])
             target = self.target(e_0, e_c, self.negative_guidance)
             asked = cond
-
-        # With an anchor a (esd_sd.py --erase_from): e_a joins the same batch as the target's
-        # base, and the trained model is asked on a.
         else:
+            # With an anchor a (esd_sd.py --erase_from): e_a joins the same batch as the
+            # target's base, and the trained model is asked on a.
             anchor = sampler.cat([anchor] * n)
             e_0, e_c, e_a = self.frozen_eps(x_t, t, [uncond, cond, anchor])
             target = self.target(e_0, e_c, self.negative_guidance, e_a)
