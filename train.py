@@ -226,9 +226,14 @@ def resume(config, trainer, optimizer, xt_source):
     return state["iteration"]
 
 
-def train(config, sd, concepts, on_step=None):
-    """ESD (the paper's Algorithm 1) on `sd`'s UNet; its trainer. on_step(iteration, loss), if given, runs
-    after every step (the demo's progress); when it returns True the run stops there, saved as it is."""
+def train(config, sd, concepts, on_step=None, xt_source=None):
+    """ESD (the paper's Algorithm 1) on `sd`'s UNet; returns its trainer.
+
+    on_step(iteration, loss), if given, runs after every step (the demo's progress); when it
+    returns True the run stops there, saved as it is. xt_source: a class to build the x_t source
+    with instead of the one the config names in esd.XT_SOURCES ("pool" when --trajectory-pool > 0,
+    else "paper"), called with the same arguments: e.g. a subclass of it."""
+    # The UNet being trained and the originals of its trained tensors (esd.py)
     trainer = esd.ESD(
         sd.unet,
         config.method,
@@ -239,56 +244,68 @@ def train(config, sd, concepts, on_step=None):
         prediction=sd.prediction_type,
         dtype=load_sd.DTYPES[config.dtype],
     )
-    tqdm.write(
-        f"{config.method}: training {len(trainer.params)} tensors, "
-        f"{sum(p.numel() for p in trainer.params.values()):,} parameters"
-    )
+    n_params = sum(p.numel() for p in trainer.params.values())
+    tqdm.write(f"{config.method}: training {len(trainer.params)} tensors, {n_params:,} parameters")
+
+    # Adam over the trained tensors only
     optimizer = torch.optim.Adam(trainer.params.values(), lr=config.lr)
-    size = (
-        config.resolution or sd.image_size,
-    ) * 2  # (height, width): SDXL conditions on it too (text.py)
-    uncond, *conds = [
-        sd.encode_prompts([prompt], size) for prompt in ["", *concepts]
-    ]  # conditionings, computed once
-    anchor = (
-        sd.encode_prompts([config.erase_from], size) if config.erase_from else None
-    )  # x_t: the anchor's images
-    pool = config.trajectory_pool * config.batch_size  # a batch never reads one trajectory twice
-    xt_source = esd.XtSource(
-        trainer,
-        conds if anchor is None else [anchor] * len(conds),
-        uncond,
-        sd.latent_shape(*size),
-        seed=config.seed,
-        batch_size=config.batch_size,
-        pool=pool,
-        refresh=config.pool_refresh,
-        xt_from=config.xt_from,
-    )
-    start = resume(config, trainer, optimizer, xt_source) if config.resume else 0
+
+    # Conditionings, computed once: the empty prompt, each concept and the anchor (--erase-from).
+    # size is (height, width): SDXL conditions on it too (text.py).
+    size = (config.resolution or sd.image_size,) * 2
+    uncond = sd.encode_prompts([""], size)
+    conds = [sd.encode_prompts([concept], size) for concept in concepts]
+    anchor = None
+    if config.erase_from:
+        anchor = sd.encode_prompts([config.erase_from], size)
+
+    # Where x_t comes from: sampled every iteration (the paper) or an on-policy trajectory pool.
+    # With an anchor, x_t shows the anchor's images.
+    xt_conds = conds if anchor is None else [anchor] * len(conds)
+    settings = dict(seed=config.seed, batch_size=config.batch_size, xt_from=config.xt_from)
+    name = "paper"
+    if config.trajectory_pool > 0:
+        name = "pool"
+        # N trajectories per batch row: a batch never reads one trajectory twice
+        pool_size = config.trajectory_pool * config.batch_size
+        settings.update(size=pool_size, refresh=config.pool_refresh)
+    make_source = xt_source or esd.XT_SOURCES[name]
+    source = make_source(trainer, xt_conds, uncond, sd.latent_shape(*size), **settings)
+
+    # --resume: the trained tensors, Adam's state and the pool as the checkpoint left them
+    start = 0
+    if config.resume:
+        start = resume(config, trainer, optimizer, source)
+
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="ESD")
     for it in bar:
-        # Draw the iteration's concepts and DDIM step t_enc; x_t after t_enc steps (sampled now, or a pool's).
-        concept, t_enc, x_t = xt_source.draw(it)
-        # Frozen e_0, e_c (one batch) -> target e_0 - η (e_c - e_0); loss: the trained prediction's MSE to it.
-        loss = trainer.loss(x_t, t_enc, sampler.cat([conds[c] for c in concept]), uncond, anchor)
+        # Draw the iteration's concepts (indices into `concepts`) and DDIM step t_enc; x_t after
+        # t_enc steps (sampled now, or a pool's)
+        concept_indices, t_enc, x_t = source.draw(it)
+        cond = sampler.cat([conds[i] for i in concept_indices])
+
+        # Frozen e_0, e_c (one batch) -> target e_0 - η (e_c - e_0); the trained prediction's MSE
+        loss = trainer.loss(x_t, t_enc, cond, uncond, anchor)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it}: try a lower --lr")
-        # Step the selected weights.
+
+        # Backward, and step the trained tensors
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # Log; checkpoint every --save-every iterations, at the end, and where on_step stops the run.
-        bar.set_postfix(loss=f"{loss.item():.4f}", concept=concepts[concept[0]])
-        done, stop = it + 1, on_step is not None and on_step(it + 1, loss.item())
-        if (
-            stop
-            or done == config.iterations
-            or (config.save_every and done % config.save_every == 0)
-        ):
-            save(config, trainer, optimizer, xt_source, done)
+
+        # Progress; the demo's hook may stop the run here
+        done = it + 1
+        bar.set_postfix(loss=f"{loss.item():.4f}", concept=concepts[concept_indices[0]])
+        stop = on_step is not None and on_step(done, loss.item())
+
+        # Checkpoint every --save-every iterations, at the end, and where on_step stops the run
+        periodic = config.save_every and done % config.save_every == 0
+        if stop or done == config.iterations or periodic:
+            save(config, trainer, optimizer, source, done)
         if stop:
             break
+
     return trainer
 
 

@@ -1,18 +1,20 @@
 """ESD training cost: esd.ESD (one UNet + kept originals of the trained tensors, frozen predictions
 by functional_call) against the straightforward two-copies implementation both official scripts
 use (a diffusers UNet being trained and a deepcopy of it as the frozen model), same algorithm,
-same weights, same seeds and t_enc sequence, x_t sampled every iteration (the paper). Also ours with
-train.py's default x_t, an on-policy trajectory pool (esd.XtSource: N trajectories from the model being
-trained, rebuilt every R iterations; --iters defaults to R, so the rebuild is in the average): seconds per
-iteration are then seconds to the same number of x_t samples. Prints seconds per iteration, memory and
-ratios to the two-copies run.
+same weights, same seeds and t_enc sequence, x_t sampled every iteration (the paper). Also ours
+with train.py's default x_t, an on-policy trajectory pool (esd.TrajectoryPool: N trajectories
+from the model being trained, rebuilt every R iterations; --iters defaults to R, so the rebuild is
+in the average): seconds per iteration are then seconds to the same number of x_t samples. Prints
+seconds per iteration, memory and ratios to the two-copies run.
 
 Time: on a GPU wall-clock seconds; on the CPU process CPU seconds with one thread, which a machine
 shared with other jobs inflates far less than wall-clock time.
 Memory: bytes of the tensors each run holds (UNet parameters, frozen copy or kept originals, grads,
-Adam state, pool); on a GPU also torch.cuda.max_memory_allocated (activations included).
+Adam state, the pool's trajectories); on a GPU also torch.cuda.max_memory_allocated (activations
+included).
 
-    python bench/bench_esd.py [--device cuda] [--dtype bfloat16] [--iters R] [--pool N] [--refresh R] [--latent 16] [--full]
+    python bench/bench_esd.py [--device cuda] [--dtype bfloat16] [--iters R] [--pool N]
+                              [--refresh R] [--latent 16] [--full]
 """
 
 import argparse
@@ -20,13 +22,14 @@ import copy
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from diffusers import UNet2DConditionModel  # noqa: E402  (test/benchmark-only oracle)
+# the repository root, for the product's modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# diffusers: a test/benchmark-only oracle
+from diffusers import UNet2DConditionModel  # noqa: E402
 
 import configs  # noqa: E402
 import esd  # noqa: E402
@@ -35,19 +38,20 @@ import sampler  # noqa: E402
 import train  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 
-CONTEXT_LEN = 77  # CLIP text tokens
-# SD v1 layout (runwayml/stable-diffusion-v1-5 unet/config.json) with every width / 5, the text width
-# (768) included, so each filter keeps about SD v1's share of the parameters (ESD-x ~5%).
+# CLIP text tokens
+CONTEXT_LEN = 77
+# SD v1 layout (runwayml/stable-diffusion-v1-5 unet/config.json) with every width / 5, the text
+# width (768) included, so each filter keeps about SD v1's share of the parameters (ESD-x ~5%).
 CONFIG = dict(
     block_out_channels=[64, 128, 256, 256],
     cross_attention_dim=160,
     attention_head_dim=8,
     layers_per_block=2,
 )
-FULL = dict(
-    CONFIG, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768
-)  # SD v1 itself (--full)
-DEFAULT = train.TrainConfig()  # its trajectory_pool and pool_refresh: train.py's default x_t
+# SD v1 itself (--full)
+FULL = dict(CONFIG, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768)
+# its trajectory_pool and pool_refresh: train.py's default x_t
+DEFAULT = train.TrainConfig()
 
 
 class TwoCopies:
@@ -59,25 +63,35 @@ class TwoCopies:
         self.params = {n: p for n, p in unet.named_parameters() if esd.FILTERS[method](n)}
         for p in self.params.values():
             p.requires_grad_(True)
-        self.steps, self.timesteps = steps, sampler.ddim_timesteps(steps)
-        device = next(unet.parameters()).device.type
-        self.autocast = lambda: torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+        self.steps = steps
+        self.timesteps = sampler.ddim_timesteps(steps)
+        self.device = next(unet.parameters()).device.type
+        self.dtype = dtype
 
-    def x_t(self, x_T, cond, uncond, t_enc):  # from the model being trained, as train-esd.py
+    def autocast(self):
+        return torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def eps(self, x, t, cond):
+        return self.unet(x, t, encoder_hidden_states=cond).sample
+
+    def sample(self, x_T, cond, uncond, until, xt_from="trained"):
+        """x_t from the model being trained, as train-esd.py (esd.ESD.sample's arguments)."""
+        assert xt_from == "trained"
         with torch.no_grad(), self.autocast():
             return sampler.sample(
-                lambda x, t, c: self.unet(x, t, encoder_hidden_states=c).sample,
+                self.eps,
                 x_T,
                 cond,
                 uncond,
                 steps=self.steps,
                 guidance=esd.GUIDANCE,
-                until=t_enc,
+                until=until,
             )
 
     def loss(self, x_t, t_enc, cond, uncond):
         t = int(self.timesteps[t_enc])
-        with torch.no_grad(), self.autocast():  # two calls, as both official scripts
+        # two calls, as both official scripts
+        with torch.no_grad(), self.autocast():
             e_0 = self.frozen(x_t, t, encoder_hidden_states=uncond).sample.float()
             e_c = self.frozen(x_t, t, encoder_hidden_states=cond).sample.float()
         with self.autocast():
@@ -92,60 +106,81 @@ def nbytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def run(variant, method, initial, plan, args):
-    """Train `plan` iterations; returns (seconds per iteration, held bytes, cuda peak, losses)."""
-    device, dtype = args.device, load_sd.DTYPES[args.dtype]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    clock = time.perf_counter if device == "cuda" else time.process_time  # see the module docstring
+    """Train `plan` iterations; returns (seconds per iteration, held bytes, of which the pool's,
+    cuda peak, losses)."""
+    device = args.device
+    dtype = load_sd.DTYPES[args.dtype]
+    latent_shape = (4, args.latent, args.latent)
+    # see the module docstring
+    clock = time.perf_counter if device == "cuda" else time.process_time
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+    # The trainer: two diffusers copies, or ours (one UNet + the kept originals)
     if variant == "two copies (diffusers)":
         model = UNet2DConditionModel(**args.config)
         model.load_state_dict(initial)
         trainer = TwoCopies(model.to(device), method, args.steps, dtype)
-        x_t, held = trainer.x_t, trainer.held
+        held = trainer.held()
     else:
         model = UNet(configs.config_from_json(UNetConfig, args.config))
         model.load_state_dict(initial)
         trainer = esd.ESD(model.to(device), method, steps=args.steps, dtype=dtype)
-        x_t = lambda *a: trainer.sample(*a, xt_from="trained")  # noqa: E731
-        held = lambda: list(trainer.unet.parameters()) + list(trainer.originals.values())  # noqa: E731
+        held = list(trainer.unet.parameters()) + list(trainer.originals.values())
     opt = torch.optim.Adam(trainer.params.values(), lr=1e-5)
+
+    # Random stand-ins for the text conditionings
     g = torch.Generator().manual_seed(0)
-    uncond, cond = (
-        torch.randn(1, CONTEXT_LEN, args.config["cross_attention_dim"], generator=g).to(device)
-        for _ in range(2)
-    )
-    noise = lambda seed: torch.randn(
-        (1, 4, args.latent, args.latent),  # noqa: E731
-        generator=torch.Generator().manual_seed(seed),
-    ).to(device)
-    source = esd.XtSource(
-        trainer, [cond], uncond, (4, args.latent, args.latent), pool=args.pool, refresh=args.refresh
-    )
-    losses, seconds = [], []
-    for it, (seed, t_enc) in enumerate(plan):
-        sync()
+    context_shape = (1, CONTEXT_LEN, args.config["cross_attention_dim"])
+    uncond = torch.randn(context_shape, generator=g).to(device)
+    cond = torch.randn(context_shape, generator=g).to(device)
+
+    # "ours, pool": train.py's default x_t, its own draws (the same t_enc), its rebuilds timed in
+    pool = None
+    if variant == "ours, pool":
+        pool = esd.TrajectoryPool(
+            trainer, [cond], uncond, latent_shape, size=args.pool, refresh=args.refresh
+        )
+
+    losses = []
+    seconds = []
+    for it, (noise_seed, t_enc) in enumerate(plan):
+        sync(device)
         start = clock()
-        if variant == "ours, pool":  # the pool's own draws: the same t_enc, its rebuilds timed in
-            x = source.draw(it)[2]
+
+        # x_t: sampled now with the weights being trained (the paper), or read from the pool
+        if pool is not None:
+            x_t = pool.draw(it)[2]
         else:
-            x = x_t(noise(seed), cond, uncond, t_enc)
-        loss = trainer.loss(x, t_enc, cond, uncond)
+            generator = torch.Generator().manual_seed(noise_seed)
+            x_T = torch.randn((1, *latent_shape), generator=generator).to(device)
+            x_t = trainer.sample(x_T, cond, uncond, t_enc, xt_from="trained")
+
+        # the loss and the step
+        loss = trainer.loss(x_t, t_enc, cond, uncond)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync()
+
+        sync(device)
         seconds.append(clock() - start)
         losses.append(loss.item())
+
+    # Held: the UNet and its frozen copy or originals, Adam's state, the grads, the pool
     states = [s for state in opt.state.values() for s in state.values() if torch.is_tensor(s)]
-    pool = [trajectory for _, trajectory in getattr(source, "trajectories", [])]
-    held_bytes = nbytes(
-        held() + states + [p for p in trainer.params.values()] + pool[:1]
-    )  # + grads; pool: one batch
+    grads = list(trainer.params.values())
+    trajectories = [] if pool is None else [pool.paths]
+    held_bytes = nbytes(held + states + grads + trajectories)
+    pool_bytes = nbytes(trajectories)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return sum(seconds) / len(seconds), held_bytes, peak, losses
+    return sum(seconds) / len(seconds), held_bytes, pool_bytes, peak, losses
 
 
 def main():
@@ -180,36 +215,42 @@ def main():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     initial = {k: v.clone() for k, v in UNet2DConditionModel(**args.config).state_dict().items()}
-    draws = esd.XtSource(
-        SimpleNamespace(steps=args.steps), [None], None, None
-    )  # train.py's stream of draws
-    plan = [
-        draws._draw("iteration", it)[2:0:-1] for it in range(args.iters)
-    ]  # (noise seed, t_enc), every run
+
+    # (noise seed, t_enc) of every iteration, for every run: train.py's stream of draws (seed 0,
+    # one concept)
+    plan = []
+    for it in range(args.iters):
+        _, t_enc, noise_seed = esd.draw(0, "iteration", it, 1, args.steps)
+        plan.append((noise_seed, t_enc))
+
     n_params = sum(v.numel() for v in initial.values())
+    layout = "SD v1 layout" if args.full else "SD v1 layout widths/5"
     print(
-        f"{args.device} {args.dtype}, SD v1 layout{'' if args.full else ' widths/5'}, {n_params:,} params, "
+        f"{args.device} {args.dtype}, {layout}, {n_params:,} params, "
         f"latent {args.latent}x{args.latent}, {args.steps} DDIM steps, {args.iters} iterations, "
         f"t_enc {[t for _, t in plan]}, pool of {args.pool} rebuilt every {args.refresh}"
     )
     mib = 2**20
+    kib = 2**10
     for method in args.methods:
         results = {
             v: run(v, method, initial, plan, args)
             for v in ("two copies (diffusers)", "ours", "ours, pool")
         }
-        base_s, base_held, base_peak, base_losses = results["two copies (diffusers)"]
+        base_s, base_held, _, base_peak, base_losses = results["two copies (diffusers)"]
         trained = sum(p.numel() for n, p in initial.items() if esd.FILTERS[method](n))
         print(f"\n{method}: {trained:,} trained params")
-        for variant, (s, held, peak, _) in results.items():
+        for variant, (s, held, pool_bytes, peak, _) in results.items():
             line = (
                 f"  {variant:24s} {s:7.3f} s/it ({s / base_s:.2f}x)"
                 f"   held {held / mib:7.1f} MiB ({held / base_held:.2f}x)"
             )
             if peak is not None:
                 line += f"   cuda peak {peak / mib:7.1f} MiB ({peak / base_peak:.2f}x)"
+            if variant == "ours, pool":
+                line += f"   of which pool {pool_bytes / kib:.1f} KiB"
             print(line)
-        ours_losses = results["ours"][3]
+        ours_losses = results["ours"][4]
         gap = max(abs(a - b) / abs(b) for a, b in zip(ours_losses, base_losses))
         print(f"  same algorithm: ours vs two-copies losses, max relative difference {gap:.1e}")
 
