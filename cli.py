@@ -22,7 +22,7 @@ from sampler import NUM_TRAIN_TIMESTEPS, PREDICTIONS
 MAX_SIDE = 16384
 # DDIM steps: 1000 would start at t = 1000, past the schedule's end (sampler.ddim_timesteps).
 MAX_STEPS = NUM_TRAIN_TIMESTEPS - 1
-# Seeds are signed 64-bit integers (torch, numpy and the images' JSON keep them so).
+# Seeds: 0 up to what a signed 64-bit integer (torch.int64) holds.
 MAX_SEED = 2**63 - 1
 # The longest file-name part made from a concept: a file name ends at 255 bytes.
 MAX_NAME = 64
@@ -54,17 +54,15 @@ MODEL_FLAGS = {
         "weights in float32",
     ),
 }
+# Which model: the flags train.py, sample.py and evaluate.py list first ...
+SOURCE_FLAGS = ("model", "tokenizer", "revision", "variant", "prediction_type")
+# ... and where it computes, listed after their own flags.
+COMPUTE_FLAGS = ("device", "dtype")
 
 
 def model_flag(name, **changes):
     """The argparse keywords of model flag `name` (default, help, choices), updated by `changes`."""
     return {**MODEL_FLAGS[name], **changes}
-
-
-# Which model: the flags train.py, sample.py and evaluate.py list first ...
-SOURCE_FLAGS = ("model", "tokenizer", "revision", "variant", "prediction_type")
-# ... and where it computes, listed after their own flags.
-COMPUTE_FLAGS = ("device", "dtype")
 
 
 def add_model_flags(parser, names, model=None):
@@ -139,7 +137,7 @@ def side(flag, value, zero=None):
     message = f"{flag} must be a multiple of 8 in 8..{MAX_SIDE}"
     if zero:
         message += f" (or 0, {zero})"
-    if value is None or value == 0 and zero:
+    if value is None or (value == 0 and zero):
         return (False, message)
     return (value % 8 != 0 or not 8 <= value <= MAX_SIDE, message)
 
@@ -193,7 +191,7 @@ def run_cli(work, leftover=lambda: None, smaller="settings"):
     a run that failed (a NaN loss, a full disk, a failed allocation: try a `smaller` setting), 130
     for Ctrl-C or SIGTERM. leftover(): what a run that failed or was stopped leaves behind, e.g. its
     last checkpoint, for that line."""
-    # kill, schedulers, containers: the same as Ctrl-C.
+    # SIGTERM (kill, schedulers, containers) is the same as Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         work()
