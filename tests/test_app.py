@@ -330,7 +330,8 @@ def test_one_training_at_a_time_stop_keeps_it_and_compare_never_sees_it(server, 
     )
     waiting = second.submit("square", "esd-x", 1.0, 3, 1e-3, "trained", 0, api_name="/erase")
     wait_for(lambda: waiting.status().code == Status.IN_QUEUE, what="the second run to be queued")
-    assert waiting.status().rank is not None  # what its page shows: its place in the queue
+    # What its page shows: its place in the queue.
+    assert waiting.status().rank is not None
 
     # Compare during the training.
     original, _ = third.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
@@ -441,7 +442,8 @@ def test_a_person_erases_compares_and_downloads_in_chromium(server, tmp_path):
         outside = [u for u in resources if not u.startswith((server.url, "data:", "blob:"))]
         assert not outside, f"the page fetched from outside: {outside[:3]}"
         driver.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Erase']").click()
-        ticks = "#curve g.role-axis-label text"  # the loss curve drawn to its last iteration
+        # The loss curve, drawn to its last iteration.
+        ticks = "#curve g.role-axis-label text"
         wait_for(
             lambda: "60" in [t.text for t in driver.find_elements(By.CSS_SELECTOR, ticks)],
             what="the curve",

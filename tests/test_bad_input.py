@@ -671,7 +671,8 @@ def test_bad_input(row, base, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == row.code, (args, err[-2000:])
     assert "Traceback" not in err and row.says in err, err[-2000:]
-    if row.code:  # refused: one line, the last one on stderr (progress bars may stand before it)
+    # Refused: one line, the last one on stderr (progress bars may stand before it).
+    if row.code:
         lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
         assert lines[-1].startswith("error: ") and lines[-1].count("error:") == 1, err[-2000:]
     for path, before in unchanged.items():
