@@ -1,31 +1,30 @@
 """evaluate.py: how much of a concept an ESD delta erased, and what else it changed.
 
-One protocol for the base model and the edited one (base + delta): the same prompts and seeds' noise, DDIM with
-CFG. On the toy a CNN judges every image: the erased-concept rate for the concept alone ("circle", "a circle")
-and in context ("a red circle", ...), as ESD (Gandikota et al. arXiv 2303.07345, sec. 4) contrasts ESD-x with
-ESD-u, plus the other shapes' and colors' accuracy. Real models: the user's prompts, CLIP zero-shot scores (arXiv 2103.00020).
+One protocol for the base model and the edited one (base + delta): the same prompts and seeds'
+noise, DDIM with CFG. On the toy a CNN judges every image: the erased-concept rate for the concept
+alone ("circle", "a circle") and in context ("a red circle", ...), as ESD (Gandikota et al. arXiv
+2303.07345, sec. 4) contrasts ESD-x with ESD-u, plus the other shapes' and colors' accuracy. Real
+models: the user's prompts, CLIP zero-shot scores (arXiv 2103.00020).
 
     python evaluate.py --model toy --delta esd-x-circle.safetensors --concept circle
 """
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+import cli
 import delta
 import files
-import load_sd
 import sample
 import sampler
 import toy
 
-CLIP_MODEL = (
-    "openai/clip-vit-large-patch14"  # zero-shot judge for real models, used only if cached locally
-)
+# The zero-shot judge for real models, used only if cached locally.
+CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
 def toy_prompts(concept):
@@ -44,7 +43,8 @@ def toy_prompts(concept):
 
 
 def toy_scores(shape_pred, color_pred, entries, concept):
-    """Shares of images (seed-major): concept shown alone / in context; other shapes right; colors right where asked."""
+    """Shares of images (seed-major): concept shown alone / in context; other shapes right; colors
+    right where asked."""
     n = len(shape_pred) // len(entries)
     group = [e[1] for e in entries] * n
     hit = shape_pred == torch.tensor([list(toy.SHAPES).index(e[2]) for e in entries] * n)
@@ -59,23 +59,23 @@ def toy_scores(shape_pred, color_pred, entries, concept):
 
 
 def clip_scores(images, labels, name=CLIP_MODEL):
-    """Share of images whose best CLIP label is labels[0], and its mean probability; None without a local CLIP."""
+    """Share of images whose best CLIP label is labels[0], and its mean probability; None without
+    a local CLIP."""
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        model, proc = (
-            c.from_pretrained(name, local_files_only=True) for c in (CLIPModel, CLIPProcessor)
-        )
+        model = CLIPModel.from_pretrained(name, local_files_only=True)
+        proc = CLIPProcessor.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0]
         print(
-            f"CLIP zero-shot scores skipped: no local CLIP model {name} ({str(e).splitlines()[0]})",
+            f"CLIP zero-shot scores skipped: no local CLIP model {name} ({reason})",
             file=sys.stderr,
         )
         return None
     inputs = proc(text=labels, images=sample.to_pil(images), return_tensors="pt", padding=True)
-    probs = model(**inputs).logits_per_image.softmax(
-        -1
-    )  # no grad: evaluate() runs under torch.no_grad
+    # No grad: evaluate() runs under torch.no_grad.
+    probs = model(**inputs).logits_per_image.softmax(-1)
     return {
         "concept_top1": (probs.argmax(-1) == 0).float().mean().item(),
         "concept_prob": probs[:, 0].mean().item(),
@@ -96,23 +96,24 @@ def evaluate(
     labels=None,
     grid=None,
 ):
-    """{"base": scores, "edited": scores with delta `edit` (a file or {name: tensor}) applied, "edited/base"}: toy
-    scores if `prompts` is None, else CLIP's for `prompts` over `labels` (labels[0]: the concept). grid: a PNG path."""
-    is_toy, seeds = prompts is None, list(seeds)
-    sampling = (
-        dict(toy.SAMPLING)
-        if is_toy
-        else dict(
-            steps=sample.DDIM_STEPS,
-            guidance=sample.GUIDANCE,
-            height=sd.image_size,
-            width=sd.image_size,
-        )
-    )
-    sampling.update(
-        {k: v for k, v in dict(steps=steps, guidance=guidance).items() if v is not None}
-    )
-    entries = toy_prompts(concept) if is_toy else [(p, "prompt", None, None) for p in prompts]
+    """{"base": scores, "edited": scores with delta `edit` (a file or {name: tensor}) applied,
+    "edited/base"}: toy scores if `prompts` is None, else CLIP's for `prompts` over `labels`
+    (labels[0]: the concept). grid: a PNG path."""
+    is_toy = prompts is None
+    seeds = list(seeds)
+
+    # One protocol for both runs: the toy's sampling, or sample.py's at the model's size.
+    if is_toy:
+        sampling = dict(toy.SAMPLING)
+    else:
+        size = sd.image_size
+        sampling = dict(steps=sample.DDIM_STEPS, guidance=sample.GUIDANCE, height=size, width=size)
+    given = dict(steps=steps, guidance=guidance)
+    sampling.update({k: v for k, v in given.items() if v is not None})
+    if is_toy:
+        entries = toy_prompts(concept)
+    else:
+        entries = [(p, "prompt", None, None) for p in prompts]
     result = {
         "concept": concept,
         "prompts": [e[0] for e in entries],
@@ -120,19 +121,19 @@ def evaluate(
         "steps": sampling["steps"],
         "guidance": sampling["guidance"],
     }
+
+    # The same prompts and seeds through the base weights, then the edited; a seed per batch.
     images = {}
     for run in ("base", "edited") if edit is not None else ("base",):
-        with delta.applied(
-            sd.unet, *[edit] if run == "edited" else []
-        ):  # the base weights back afterwards
-            images[run] = sampler.generate(
-                sd, result["prompts"], seeds, **sampling
-            )  # a seed per batch
-        result[run] = (
-            toy_scores(*toy.classify(images[run], classifier), entries, concept)
-            if is_toy
-            else clip_scores(images[run], labels or [concept, "a photo"])
-        )
+        edits = [edit] if run == "edited" else []
+        # The base weights back afterwards.
+        with delta.applied(sd.unet, *edits):
+            images[run] = sampler.generate(sd, result["prompts"], seeds, **sampling)
+        if is_toy:
+            result[run] = toy_scores(*toy.classify(images[run], classifier), entries, concept)
+        else:
+            result[run] = clip_scores(images[run], labels or [concept, "a photo"])
+
     if edit is not None and result["base"]:
         result["edited/base"] = {
             k: v / max(result["base"][k], 1e-9) for k, v in result["edited"].items()
@@ -157,35 +158,23 @@ def save_grid(images, titles, path, seeds_shown=2):
 def format_report(result):
     """A text table: each score for base and edited, and edited/base."""
     runs = [r for r in ("base", "edited", "edited/base") if result.get(r)]
-    lines = [
-        f"concept {result['concept']!r}: {len(result['prompts'])} prompts x {len(result['seeds'])} seeds, "
-        f"{result['steps']} DDIM steps, guidance {result['guidance']}",
-        f"{'':28}" + "".join(f"{r:>13}" for r in runs),
-    ]
-    if not result["base"]:
-        return lines[0] + "\nno scores (no local CLIP model): see the grid"
-    return "\n".join(
-        lines + [f"{k:28}" + "".join(f"{result[r][k]:13.3f}" for r in runs) for k in result["base"]]
+    title = (
+        f"concept {result['concept']!r}: "
+        f"{len(result['prompts'])} prompts x {len(result['seeds'])} seeds, "
+        f"{result['steps']} DDIM steps, guidance {result['guidance']}"
     )
+    if not result["base"]:
+        return title + "\nno scores (no local CLIP model): see the grid"
+    header = f"{'':28}" + "".join(f"{r:>13}" for r in runs)
+    rows = [f"{k:28}" + "".join(f"{result[r][k]:13.3f}" for r in runs) for k in result["base"]]
+    return "\n".join([title, header, *rows])
 
 
 def main(argv=None):
-    p = files.ArgumentParser(
+    p = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--model", default="toy", help="'toy', a single file, a diffusers folder or a hub id"
-    )
-    p.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)"
-    )
-    p.add_argument("--revision", default=None, help="hub models: branch, tag or commit")
-    p.add_argument(
-        "--variant", default=None, help="diffusers folders and hub models: weight files *.VARIANT.*"
-    )
-    p.add_argument(
-        "--prediction-type", default=None, choices=load_sd.PREDICTIONS, help=load_sd.PREDICTION_HELP
-    )
+    cli.add_model_flags(p, cli.SOURCE_FLAGS, model="toy")
     p.add_argument(
         "--delta", default=None, help="ESD delta .safetensors (without: the base model only)"
     )
@@ -219,47 +208,32 @@ def main(argv=None):
         default="evaluation",
         help="writes OUTPUT.json (the report) and OUTPUT.png (the grid)",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_model_flags(p, cli.COMPUTE_FLAGS)
     args = p.parse_args(argv)
 
     def work():
-        files.refuse(
+        toy_concept = args.model != "toy" or args.concept in toy.SHAPES
+        cli.refuse(
             [
                 (
                     args.model != "toy" and not args.prompts,
                     "--prompts is needed for models other than the toy",
                 ),
                 (
-                    args.model == "toy" and args.concept not in toy.SHAPES,
+                    not toy_concept,
                     f"the toy concept must be one of {', '.join(toy.SHAPES)}, got {args.concept!r}",
                 ),
-                (not 1 <= args.seeds <= 10_000, "--seeds must be in 1..10000"),
-                (
-                    args.steps is not None and not 1 <= args.steps < 1000,
-                    "--steps must be in 1..999",
-                ),
-                (
-                    args.guidance is not None and not abs(args.guidance) < float("inf"),
-                    "--guidance must be a finite number",
-                ),
-                (
-                    args.delta is not None and not os.path.isfile(args.delta),
-                    f"no such --delta file: {args.delta}",
-                ),
+                cli.within("--seeds", args.seeds, 1, 10_000),
+                cli.steps("--steps", args.steps),
+                cli.finite("--guidance", args.guidance),
+                cli.existing("--delta", [args.delta] if args.delta else []),
             ]
         )
         inputs = (args.model, args.tokenizer, args.delta)
-        report, image = (
-            files.check_output(f"{args.output}.{ext}", inputs=inputs) for ext in ("json", "png")
-        )
-        sd = load_sd.load(
-            args.model,
-            tokenizer=args.tokenizer,
-            device=args.device,
-            revision=args.revision,
-            variant=args.variant,
-            prediction_type=args.prediction_type,
-        )
+        report = files.check_output(f"{args.output}.json", inputs=inputs)
+        image = files.check_output(f"{args.output}.png", inputs=inputs)
+
+        sd = cli.load_model(args)
         result = evaluate(
             sd,
             args.delta,
@@ -271,10 +245,11 @@ def main(argv=None):
             labels=[args.concept, *args.labels],
             grid=image,
         )
-        files.atomic_write(report, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        text = json.dumps(result, indent=1)
+        files.atomic_write(report, lambda tmp: Path(tmp).write_text(text))
         print(format_report(result) + f"\nwrote {report} and {image}")
 
-    return files.run_cli(work, smaller="--seeds or --steps")
+    return cli.run_cli(work, smaller="--seeds or --steps")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """sample.py: text -> PNG with our Stable Diffusion (DDIM sampling, classifier-free guidance).
 
     python sample.py --model sd-v1-4.safetensors --prompt "a photo of a car" --num-images 4 --seed 1
-    python sample.py --model toy --prompt "a red circle" --prompt "a circle" --delta esd.safetensors --compare
+    python sample.py --model toy --prompt "a red circle" --prompt "a circle" \
+        --delta esd.safetensors --compare
 
-Image i of --num-images has seed --seed + i: the image diffusers' StableDiffusionPipeline (DDIM) draws for it.
+Image i of --num-images has seed --seed + i: the image diffusers' StableDiffusionPipeline (DDIM)
+draws for it.
 """
 
 import json
@@ -15,31 +17,30 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import cli
 import delta
 import files
-import load_sd
 import sampler
 
-DDIM_STEPS, GUIDANCE = 50, 7.5  # SD's usual sampling, diffusers' pipeline defaults
-MIN_CELL, MAX_GRID = (
-    96,
-    64,
-)  # grid cells are at least 96 px wide (small images enlarged); 64 images at most
+# SD's usual sampling: diffusers' pipeline defaults.
+DDIM_STEPS = 50
+GUIDANCE = 7.5
+# Grid cells are at least 96 px wide (small images enlarged); a grid holds 64 images at most.
+MIN_CELL = 96
+MAX_GRID = 64
 
 
 def to_pil(images):
-    """Images [N, 3, H, W] in [-1, 1] -> 8-bit PIL images, clamped and rounded as diffusers' numpy_to_pil."""
-    arrays = (
-        ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu() * 255)
-        .round()
-        .to(torch.uint8)
-    )
+    """Images [N, 3, H, W] in [-1, 1] -> 8-bit PIL images, clamped and rounded as diffusers'
+    numpy_to_pil."""
+    pixels = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu() * 255
+    arrays = pixels.round().to(torch.uint8)  # [N, H, W, 3]
     return [Image.fromarray(a.numpy()) for a in arrays]
 
 
 def grid(rows, titles=(), cell=MIN_CELL):
-    """One image of equally sized PIL images, rows[i][j] at row i, column j, each enlarged by a whole factor
-    (nearest neighbour) to at least `cell` pixels wide; `titles` above the columns."""
+    """One image of equally sized PIL images, rows[i][j] at row i, column j, each enlarged by a
+    whole factor (nearest neighbour) to at least `cell` pixels wide; `titles` above the columns."""
     w, h = rows[0][0].size
     k = math.ceil(cell / w)
     top = 16 if titles else 0
@@ -53,11 +54,11 @@ def grid(rows, titles=(), cell=MIN_CELL):
 
 
 def infotext(p):
-    """A1111's `parameters` text: the prompt, its negative prompt, then one line of "Key: value" settings."""
+    """A1111's `parameters` text: the prompt, its negative prompt, then one line of "Key: value"
+    settings."""
     negative = [f"Negative prompt: {p['negative_prompt']}"] if p["negative_prompt"] else []
-    model = (
-        os.path.basename(p["model"].rstrip("/")).removesuffix(".safetensors").removesuffix(".ckpt")
-    )
+    name = os.path.basename(p["model"].rstrip("/"))
+    model = name.removesuffix(".safetensors").removesuffix(".ckpt")
     settings = (
         f"Steps: {p['steps']}, Sampler: DDIM, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
         f"Size: {p['width']}x{p['height']}, Model: {model}"
@@ -66,22 +67,8 @@ def infotext(p):
 
 
 def parse_args(argv=None):
-    p = files.ArgumentParser(description="Generate images with Stable Diffusion (DDIM + CFG).")
-    p.add_argument(
-        "--model",
-        default="CompVis/stable-diffusion-v1-4",
-        help="file, diffusers folder, hub id or 'toy'",
-    )
-    p.add_argument(
-        "--tokenizer", default=None, help="tokenizer folder or hub id (single-file models)"
-    )
-    p.add_argument("--revision", default=None, help="hub models: branch, tag or commit")
-    p.add_argument(
-        "--variant", default=None, help="weight files *.VARIANT.* (folders, hub), e.g. fp16"
-    )
-    p.add_argument(
-        "--prediction-type", default=None, choices=load_sd.PREDICTIONS, help=load_sd.PREDICTION_HELP
-    )
+    p = cli.ArgumentParser(description="Generate images with Stable Diffusion (DDIM + CFG).")
+    cli.add_model_flags(p, cli.SOURCE_FLAGS, model="CompVis/stable-diffusion-v1-4")
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     p.add_argument(
         "--negative-prompt", default="", help="prompt for the unconditional branch of CFG"
@@ -106,8 +93,7 @@ def parse_args(argv=None):
         "--batch-size", type=int, default=8, help="images generated at once (then written)"
     )
     p.add_argument("--output", default="sample.png")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=load_sd.DTYPES)
+    cli.add_model_flags(p, cli.COMPUTE_FLAGS)
     p.add_argument(
         "--delta", action="append", default=[], help="ESD delta file to apply (repeatable)"
     )
@@ -120,27 +106,21 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """The output paths, after refusing (LoadError: one line, exit 2) any value or path no run could succeed with."""
+    """The output paths, after refusing (LoadError: one line, exit 2) any value or path no run
+    could succeed with."""
     images = len(args.prompt) * args.num_images
-    files.refuse(
+    cli.refuse(
         [
-            (not 1 <= args.steps < 1000, "--steps must be in 1..999"),
-            (not abs(args.guidance) < float("inf"), "--guidance must be a finite number"),
-            (
-                not 0 <= args.seed <= 2**63 - args.num_images,
-                "--seed must be in 0..2**63-1 (image i has seed + i)",
-            ),
+            cli.steps("--steps", args.steps),
+            cli.finite("--guidance", args.guidance),
+            cli.seed("--seed", args.seed, images=args.num_images),
             (
                 min(args.num_images, args.batch_size) < 1,
                 "--num-images and --batch-size must be at least 1",
             ),
-            (
-                any(
-                    s is not None and (s % 8 or not 8 <= s <= files.MAX_SIDE)
-                    for s in (args.height, args.width)
-                ),
-                f"--height and --width must be multiples of 8 in 8..{files.MAX_SIDE}",
-            ),
+            # None: the model's size.
+            cli.side("--height", args.height),
+            cli.side("--width", args.width),
             (
                 args.compare and not args.delta,
                 "--compare needs at least one --delta to compare against",
@@ -149,38 +129,28 @@ def check_args(args):
                 args.compare and images > MAX_GRID,
                 f"--compare draws one grid of at most {MAX_GRID} images",
             ),
-            (
-                any(not os.path.isfile(d) for d in args.delta),
-                "no such --delta file: " + ", ".join(args.delta),
-            ),
+            cli.existing("--delta", args.delta),
         ]
     )
-    stem, ext = os.path.splitext(
-        args.output
-    )  # out.png for one image; out-0.png, out-1.png, ... for several
-    paths = (
-        [args.output]
-        if images == 1 or args.compare
-        else [f"{stem}-{i}{ext or '.png'}" for i in range(images)]
-    )
-    return [files.check_output(p, inputs=(args.model, args.tokenizer, *args.delta)) for p in paths]
+
+    # out.png for one image; out-0.png, out-1.png, ... for several.
+    stem, ext = os.path.splitext(args.output)
+    if images == 1 or args.compare:
+        paths = [args.output]
+    else:
+        paths = [f"{stem}-{i}{ext or '.png'}" for i in range(images)]
+    inputs = (args.model, args.tokenizer, *args.delta)
+    return [files.check_output(path, inputs=inputs) for path in paths]
 
 
 def main(argv=None):
     args = parse_args(argv)
 
     def work():
-        paths = check_args(args)  # (a multiple of 8 fits every SD VAE: 8x, and the toy's 4x)
-        sd = load_sd.load(
-            args.model,
-            tokenizer=args.tokenizer,
-            device=args.device,
-            dtype=load_sd.DTYPES[args.dtype],
-            revision=args.revision,
-            variant=args.variant,
-            prediction_type=args.prediction_type,
-        )
-        args.height, args.width = args.height or sd.image_size, args.width or sd.image_size
+        paths = check_args(args)
+        sd = cli.load_model(args)
+        args.height = args.height or sd.image_size
+        args.width = args.width or sd.image_size
         settings = dict(
             negative_prompt=args.negative_prompt,
             steps=args.steps,
@@ -190,41 +160,45 @@ def main(argv=None):
             batch_size=args.batch_size,
         )
         seeds = list(range(args.seed, args.seed + args.num_images))
-        per_batch = max(
-            1, args.batch_size // len(args.prompt)
-        )  # seeds per batch, each with every prompt
-        outputs = zip(
-            paths,
-            [
-                dict(vars(args), prompts=args.prompt, prompt=prompt, seed=seed)
-                for seed in seeds
-                for prompt in args.prompt
-            ],
-        )  # generate's order: seed-major
 
-        def write(images):  # each image to its own path, with its own prompt and seed, as it comes
-            for image, (path, parameters) in zip(images, outputs):
-                files.save_png(
-                    image, path, {"parameters": infotext(parameters), "esd": json.dumps(parameters)}
-                )
+        # What each image is written with, in generate's order: seed-major.
+        parameters = [
+            dict(vars(args), prompts=args.prompt, prompt=prompt, seed=seed)
+            for seed in seeds
+            for prompt in args.prompt
+        ]
+        outputs = zip(paths, parameters)
+
+        def write(images):
+            """Each image to its own path, with its own prompt and seed, as it comes."""
+            for image, (path, image_parameters) in zip(images, outputs):
+                texts = {
+                    "parameters": infotext(image_parameters),
+                    "esd": json.dumps(image_parameters),
+                }
+                files.save_png(image, path, texts)
                 tqdm.write(f"wrote {path}")
 
-        with delta.applied(sd.unet, *args.delta):  # without --delta: the model as it is
-            batches = (
-                [seeds]
-                if args.compare
-                else [seeds[i : i + per_batch] for i in range(0, len(seeds), per_batch)]
-            )
+        # Batches of seeds, each with every prompt (--compare: one batch, one grid).
+        per_batch = max(1, args.batch_size // len(args.prompt))
+        if args.compare:
+            batches = [seeds]
+        else:
+            batches = [seeds[i : i + per_batch] for i in range(0, len(seeds), per_batch)]
+
+        # Without --delta: the model as it is.
+        with delta.applied(sd.unet, *args.delta):
             for batch in tqdm(batches, desc="batches", disable=len(batches) == 1):
                 images = to_pil(sampler.generate(sd, args.prompt, batch, **settings))
                 if not args.compare:
                     write(images)
-        if (
-            args.compare
-        ):  # one grid: the same prompts and noise through the original weights, above the edited
-            write([grid([to_pil(sampler.generate(sd, args.prompt, seeds, **settings)), images])])
 
-    return files.run_cli(work, smaller="--height and --width, or --batch-size")
+        # One grid: the same prompts and noise through the original weights, above the edited.
+        if args.compare:
+            original = to_pil(sampler.generate(sd, args.prompt, seeds, **settings))
+            write([grid([original, images])])
+
+    return cli.run_cli(work, smaller="--height and --width, or --batch-size")
 
 
 if __name__ == "__main__":

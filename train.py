@@ -1,10 +1,11 @@
 """train.py: erase a concept from Stable Diffusion with ESD (arXiv 2303.07345, Algorithm 1).
 
-    python train.py --concept "car"                           # ESD-x on SD v1.4 from the hub (GPU)
-    python train.py --model toy --concept circle              # the shipped toy model, CPU, minutes
+    python train.py --concept "car"               # ESD-x on SD v1.4 from the hub (GPU)
+    python train.py --model toy --concept circle  # the shipped toy model, CPU, minutes
     python train.py --concept "Van Gogh" --method esd-u --negative-guidance 1 --iterations 1000
 
-Writes a delta (.safetensors of the trained tensors only, diffusers UNet names) for `sample.py --delta`."""
+Writes a delta (.safetensors of the trained tensors only, diffusers UNet names) for
+`sample.py --delta`."""
 
 import argparse
 import dataclasses
@@ -13,6 +14,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+import cli
 import delta
 import esd
 import evaluate
@@ -23,20 +25,19 @@ import toy
 
 
 def opt(default, help, **argparse_kw):
+    """A TrainConfig field: its default, and its flag's help and argparse keywords."""
     return dataclasses.field(default=default, metadata=dict(help=help, **argparse_kw))
 
 
+# Every field is a command-line flag: --negative-guidance for negative_guidance. The model flags'
+# help and choices are cli.py's, shared with sample.py, evaluate.py and app.py.
 @dataclasses.dataclass
-class TrainConfig:  # every field is a command-line flag: --negative-guidance for negative_guidance
-    model: str = opt(
-        "CompVis/stable-diffusion-v1-4", "single file, diffusers folder, hub id, or 'toy'"
-    )
-    tokenizer: str = opt(None, "tokenizer folder or hub id, for single-file models")
-    revision: str = opt(None, "hub models: branch, tag or commit")
-    variant: str = opt(
-        None, "diffusers folders and hub models: weight files *.VARIANT.*, e.g. fp16"
-    )
-    prediction_type: str = opt(None, load_sd.PREDICTION_HELP, choices=list(load_sd.PREDICTIONS))
+class TrainConfig:
+    model: str = opt(**cli.model_flag("model", default="CompVis/stable-diffusion-v1-4"))
+    tokenizer: str = opt(**cli.model_flag("tokenizer"))
+    revision: str = opt(**cli.model_flag("revision"))
+    variant: str = opt(**cli.model_flag("variant"))
+    prediction_type: str = opt(**cli.model_flag("prediction_type"))
     concept: str = opt(None, "what to erase; 'a, b' erases both (one drawn per iteration)")
     method: str = opt(
         "esd-x",
@@ -68,12 +69,8 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
         0, "image side in pixels (0: the model's, e.g. 512 for SD v1, 1024 for SDXL)"
     )
     guidance: float = opt(esd.GUIDANCE, "classifier-free guidance scale while sampling x_t")
-    device: str = opt("cuda" if torch.cuda.is_available() else "cpu", "torch device")
-    dtype: str = opt(
-        "float32",
-        "autocast compute dtype; trained weights stay float32",
-        choices=list(load_sd.DTYPES),
-    )
+    device: str = opt(**cli.model_flag("device"))
+    dtype: str = opt(**cli.model_flag("dtype"))
     output: str = opt(
         None, "delta file (default: <method>-<concept>.safetensors, e.g. esd-x-car.safetensors)"
     )
@@ -93,6 +90,7 @@ class TrainConfig:  # every field is a command-line flag: --negative-guidance fo
     )
 
 
+# The settings every iteration depends on: --resume refuses a checkpoint made with others.
 RESUME_SAME = (
     "model",
     "prediction_type",
@@ -110,75 +108,72 @@ RESUME_SAME = (
     "steps",
     "resolution",
     "guidance",
-)  # per iteration
+)
 
 
 def parse_args(argv=None):
-    """TrainConfig from the command line: typed flags, the toy's defaults (toy.ESD) under flags the user gave."""
-    p = files.ArgumentParser(description="Erase a concept from Stable Diffusion with ESD.")
+    """TrainConfig from the command line: typed flags, the toy's defaults (toy.ESD) under the flags
+    the user gave."""
+    p = cli.ArgumentParser(description="Erase a concept from Stable Diffusion with ESD.")
     for f in dataclasses.fields(TrainConfig):
-        kind = {} if "action" in f.metadata else {"type": f.type}  # typed: "--lr 1e-5" is a float
+        # Typed: "--lr 1e-5" is a float.
+        kind = {} if "action" in f.metadata else {"type": f.type}
+        help = f"{f.metadata['help']} (default: {f.default})"
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             default=argparse.SUPPRESS,
             **kind,
-            **dict(f.metadata, help=f"{f.metadata['help']} (default: {f.default})"),
+            **dict(f.metadata, help=help),
         )
     given = vars(p.parse_args(argv))
-    return TrainConfig(**{**(toy.ESD if given.get("model") == "toy" else {}), **given})
+    defaults = toy.ESD if given.get("model") == "toy" else {}
+    return TrainConfig(**{**defaults, **given})
 
 
 def check(config):
-    """The concept list, after refusing (LoadError: one line, exit 2) every setting and output path no run could
-    succeed with, before the model loads; sets the default --output."""
-    concepts = [c.strip() for c in (config.concept or "").split(",") if c.strip()]
-    files.refuse(
+    """The concept list, after refusing (LoadError: one line, exit 2) every setting and output path
+    no run could succeed with, before the model loads; sets the default --output."""
+    concepts = cli.concepts(config.concept)
+    cli.refuse(
         [
             (not concepts, '--concept is required, e.g. --concept "car"'),
             (
                 config.target not in esd.TARGETS,
                 f"--target must be one of: {', '.join(esd.TARGETS)}",
             ),
+            # NaN compares false: refused.
+            (not 0 < config.lr < float("inf"), "--lr must be a positive number"),
+            cli.finite("--negative-guidance", config.negative_guidance),
+            cli.finite("--guidance", config.guidance),
             (
-                not 0 < config.lr < float("inf"),
-                "--lr must be a positive number",
-            ),  # NaN compares false: refused
-            (
-                not abs(config.negative_guidance) < float("inf")
-                or not abs(config.guidance) < float("inf"),
-                "--negative-guidance and --guidance must be finite numbers",
+                min(config.iterations, config.batch_size) < 1,
+                "--iterations and --batch-size must be at least 1",
             ),
-            (
-                min(config.iterations, config.batch_size) < 1 or not 1 <= config.steps < 1000,
-                "--iterations and --batch-size must be at least 1, --steps in 1..999",
-            ),
-            (not 0 <= config.seed < 2**63, "--seed must be in 0..2**63-1"),
-            (
-                config.resolution % 8 or not 0 <= config.resolution <= files.MAX_SIDE,
-                f"--resolution must be a multiple of 8 in 8..{files.MAX_SIDE} (or 0, the model's size)",
-            ),
+            cli.steps("--steps", config.steps),
+            cli.seed("--seed", config.seed),
+            cli.side("--resolution", config.resolution, zero="the model's size"),
             (
                 min(config.trajectory_pool, config.pool_refresh, config.save_every) < 0,
                 "--trajectory-pool, --pool-refresh and --save-every cannot be negative",
             ),
         ]
     )
-    slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in c) for c in concepts)[
-        :64
-    ]  # a short file name
-    config.output = config.output or f"{config.method}-{slug}.safetensors"
-    inputs = (config.model, config.tokenizer, load_sd.TOY_DIR if config.model == "toy" else None)
+
+    # The outputs: the delta, its checkpoint, the exports; none of them an input.
+    name = cli.output_name(concepts)
+    config.output = config.output or f"{config.method}-{name}.safetensors"
+    toy_files = load_sd.TOY_DIR if config.model == "toy" else None
+    inputs = (config.model, config.tokenizer, toy_files)
     files.check_output(config.output, inputs=inputs, overwrite=config.overwrite or config.resume)
     files.check_output(config.output + ".resume.pt", inputs=inputs)
-    files.check_output(
-        config.export_full, inputs=inputs, overwrite=config.overwrite
-    )  # (None: not asked for)
+    files.check_output(config.export_full, inputs=inputs, overwrite=config.overwrite)
     files.check_output(config.export_diffusers, inputs=inputs, folder=True)
     return concepts
 
 
 def save(config, trainer, optimizer, xt_source, iteration):
-    """The delta and, written first, what --resume needs: the trained tensors, Adam's state, the x_t pool, the settings."""
+    """The delta and, written first, what --resume needs: the trained tensors, Adam's state, the
+    x_t pool, the settings."""
     meta = dict(
         concept=config.concept,
         method=config.method,
@@ -200,7 +195,8 @@ def save(config, trainer, optimizer, xt_source, iteration):
 
 
 def resume(config, trainer, optimizer, xt_source):
-    """The iteration to continue from, after restoring the trained tensors, Adam's state and the pool from .resume.pt."""
+    """The iteration to continue from, after restoring the trained tensors, Adam's state and the
+    pool from .resume.pt."""
     state = delta.load_checkpoint(config.output)
     changed = [k for k in RESUME_SAME if state.get("config", {}).get(k) != getattr(config, k)]
     if changed:
@@ -215,11 +211,8 @@ def resume(config, trainer, optimizer, xt_source):
         delta.apply(trainer.unet, state["tensors"])
         optimizer.load_state_dict(state["optimizer"])
         xt_source.restore(state["x_t pool"])
-    except (
-        files.LoadError,
-        ValueError,
-        KeyError,
-    ) as e:  # tensors of another model, an optimizer of other shapes
+    except (files.LoadError, ValueError, KeyError) as e:
+        # Tensors of another model, an optimizer of other shapes.
         raise files.LoadError(
             f"cannot resume from {config.output}{delta.RESUME}: {files.first_line(e)}"
         ) from None
@@ -315,10 +308,12 @@ def kept(config):
         state = delta.load_checkpoint(config.output, mmap=True)
     except files.LoadError:  # none yet
         return None
-    if all(
-        state["config"].get(k) == getattr(config, k) for k in RESUME_SAME
-    ):  # this run's, not another's
-        return f"the checkpoint of iteration {state['iteration']} is kept ({config.output}): continue it with --resume"
+    # This run's checkpoint, not another's.
+    if all(state["config"].get(k) == getattr(config, k) for k in RESUME_SAME):
+        return (
+            f"the checkpoint of iteration {state['iteration']} is kept ({config.output}): "
+            "continue it with --resume"
+        )
 
 
 def main(argv=None):
@@ -327,36 +322,25 @@ def main(argv=None):
     def work():
         concepts = check(config)
         with files.locked(config.output):
-            sd = load_sd.load(
-                config.model,
-                tokenizer=config.tokenizer,
-                device=config.device,
-                revision=config.revision,
-                variant=config.variant,
-                prediction_type=config.prediction_type,
-            )
+            # The weights in float32: train() computes in --dtype under autocast.
+            sd = cli.load_model(config, dtype="float32")
             train(config, sd, concepts)
             if config.export_full:
-                load_sd.save_single_file(
-                    sd, config.export_full, {"esd": f"{config.method} {config.concept}"}
-                )
+                meta = {"esd": f"{config.method} {config.concept}"}
+                load_sd.save_single_file(sd, config.export_full, meta)
             if config.export_diffusers:
                 load_sd.save_diffusers(sd, config.export_diffusers)
-        tqdm.write(
-            "wrote "
-            + ", ".join(filter(None, (config.output, config.export_full, config.export_diffusers)))
-        )
-        if (
-            config.model == "toy" and not config.no_eval
-        ):  # the toy's measurement: erased-concept rate before and after
-            print(
-                evaluate.format_report(
-                    evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])
-                )
-            )
+        written = filter(None, (config.output, config.export_full, config.export_diffusers))
+        tqdm.write("wrote " + ", ".join(written))
 
-    smaller = f"--resolution (now {config.resolution or 'the model size'}) or --batch-size (now {config.batch_size})"
-    return files.run_cli(work, leftover=lambda: kept(config), smaller=smaller)
+        # The toy's measurement: the erased-concept rate before and after.
+        if config.model == "toy" and not config.no_eval:
+            result = evaluate.evaluate(load_sd.load("toy"), config.output, concepts[0])
+            print(evaluate.format_report(result))
+
+    resolution = config.resolution or "the model size"
+    smaller = f"--resolution (now {resolution}) or --batch-size (now {config.batch_size})"
+    return cli.run_cli(work, leftover=lambda: kept(config), smaller=smaller)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""app.py as a person and a program meet it: a real server on a free port, driven through its API with
-gradio_client (erase, stop, compare, measure, download, bad input, one training at a time) and through the
-page in headless Chromium (type, train, compare, download; the README's screenshot docs/app.png)."""
+"""app.py as a person and a program meet it: a real server on a free port, driven through its API
+with gradio_client (erase, stop, compare, measure, download, bad input, one training at a time) and
+through the page in headless Chromium (type, train, compare, download; the README's screenshot
+docs/app.png)."""
 
 import json
 import os
@@ -25,9 +26,8 @@ import sample
 import sampler
 import toy
 
-IN_CI = (
-    os.environ.get("CI") == "true"
-)  # .ci/run installs the demo's packages and Chromium: there nothing skips
+# .ci/run installs the demo's packages and Chromium: there nothing skips.
+IN_CI = os.environ.get("CI") == "true"
 if not IN_CI:
     pytest.importorskip(
         "gradio_client", reason="the demo's packages: pip install -r requirements-app.txt"
@@ -51,28 +51,31 @@ def free_port():
 
 
 def run_app(*args, cwd):
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(cwd / "gradio")
-    )
-    return [sys.executable, os.path.join(ROOT, "app.py"), *map(str, args)], dict(cwd=cwd, env=env)
+    """`python app.py ARGS` in the folder `cwd`: (command, subprocess keywords)."""
+    gradio_temp = str(cwd / "gradio")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=gradio_temp)
+    command = [sys.executable, os.path.join(ROOT, "app.py"), *map(str, args)]
+    return command, dict(cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`python app.py --port P` in a fresh working directory (its outputs/ land there), up and answering."""
-    work, port = tmp_path_factory.mktemp("app"), free_port()
+    """`python app.py --port P` in a fresh working directory (its outputs/ land there), up and
+    answering."""
+    work = tmp_path_factory.mktemp("app")
+    port = free_port()
     command, kw = run_app("--port", port, cwd=work)
     with open(work / "server.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **kw)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
     while True:
         try:
             urllib.request.urlopen(url, timeout=5)
             break
         except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                work / "server.log"
-            ).read_text()
+            log = (work / "server.log").read_text()
+            assert proc.poll() is None and time.monotonic() < deadline, log
             time.sleep(0.5)
     yield SimpleNamespace(url=url, port=port, work=work, proc=proc)
     proc.terminate()
@@ -86,16 +89,17 @@ def toy_sd():
 
 @pytest.fixture(scope="module")
 def trained(server):
-    """A 20-iteration ESD-x erase of "circle" through the API: every streamed output with its arrival time."""
+    """A 20-iteration ESD-x erase of "circle" through the API: every streamed output with its
+    arrival time."""
     client = Client(server.url, verbose=False)
     job = client.submit("circle", "esd-x", 1.0, 20, 1e-3, "trained", 0, api_name="/erase")
-    arrivals, outputs = [], []
+    arrivals = []
+    outputs = []
     for out in job:
         arrivals.append(time.monotonic())
         outputs.append(out)
-    return SimpleNamespace(
-        client=client, outputs=outputs, arrivals=arrivals, final=job.outputs()[-1]
-    )
+    final = job.outputs()[-1]
+    return SimpleNamespace(client=client, outputs=outputs, arrivals=arrivals, final=final)
 
 
 def pixels(path):
@@ -103,7 +107,8 @@ def pixels(path):
 
 
 def expected_row(sd, prompts, edit=None):
-    """What Compare must show: the prompts at seed 0 through `sd` (here, in this process) with delta `edit`."""
+    """What Compare must show: the prompts at seed 0 through `sd` (here, in this process) with
+    delta `edit`."""
     with delta.applied(sd.unet, *[edit] if edit else []):
         images = sample.to_pil(sampler.generate(sd, prompts, [0], **toy.SAMPLING))
     return np.asarray(sample.grid([images], prompts, cell=CELL).convert("RGB"))
@@ -112,76 +117,66 @@ def expected_row(sd, prompts, edit=None):
 def test_erase_streams_progress_and_saves_the_delta(server, trained, toy_sd):
     status, curve, preview, download, compare_delta, measure_delta = trained.final
     assert status.startswith("Done") and "saved" in status, status
-    assert any(out[0].startswith("Iteration") for out in trained.outputs[:-1]), (
-        "progress was streamed"
-    )
-    gaps = np.diff(
-        trained.arrivals
-    )  # app.UPDATE_S is 1 s (target: at most 2); a loaded CI machine may stall
-    assert np.median(gaps) < 1.5 and gaps.max() < 3, (
-        f"the page went {gaps.max():.1f} s without an update"
-    )
+    streamed = [out[0] for out in trained.outputs[:-1]]
+    assert any(line.startswith("Iteration") for line in streamed), "progress was streamed"
+
+    # app.UPDATE_S is 1 s (target: at most 2); a loaded CI machine may stall.
+    gaps = np.diff(trained.arrivals)
+    longest = f"the page went {gaps.max():.1f} s without an update"
+    assert np.median(gaps) < 1.5 and gaps.max() < 3, longest
     iterations, losses = zip(*curve["data"])
     assert iterations == tuple(range(1, 21)) and all(np.isfinite(losses)), "a loss per iteration"
     assert pixels(preview).shape[1] >= 2 * CELL, "the preview: before and now, enlarged"
-    tensors, meta = delta.load(
-        download
-    )  # what the page offers for download, loaded by the project's loader
+
+    # What the page offers for download, loaded by the project's loader.
+    tensors, meta = delta.load(download)
     assert set(tensors) == {k for k, _ in toy_sd.unet.named_parameters() if "attn2" in k}
-    assert (meta["concept"], meta["method"], meta["iterations"], meta["base_model"]) == (
-        "circle",
-        "esd-x",
-        "20",
-        "toy",
-    )
-    name = os.path.basename(download)
-    for given in (compare_delta, measure_delta):  # the Compare and Measure tabs get it too
+    keys = ("concept", "method", "iterations", "base_model")
+    assert tuple(meta[k] for k in keys) == ("circle", "esd-x", "20", "toy")
+    # The Compare and Measure tabs get it too.
+    for given in (compare_delta, measure_delta):
         assert open(given, "rb").read() == open(download, "rb").read()
+
+    # Saved under outputs/, with no temporary file or lock left.
+    name = os.path.basename(download)
     saved = os.listdir(server.work / "outputs")
     assert name in saved and not [f for f in saved if ".tmp-" in f or f.endswith(".lock")], saved
-    assert all(
-        torch.equal(tensors[k], t) for k, t in delta.load(server.work / "outputs" / name)[0].items()
-    )
+    kept = delta.load(server.work / "outputs" / name)[0]
+    assert all(torch.equal(tensors[k], t) for k, t in kept.items())
 
 
 def test_compare_original_above_erased_from_the_same_noise(server, trained, toy_sd):
-    name, client = os.path.basename(trained.final[3]), trained.client
-    original, erased = client.predict(
-        PROMPTS, 0, 20, 5.0, handle_file(trained.final[4]), api_name="/compare"
-    )
+    client = trained.client
+    edit = handle_file(trained.final[4])
+    original, erased = client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
     started = time.monotonic()
     plain, no_delta = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
     assert time.monotonic() - started < 5, "Compare answers in at most 5 s"
     assert no_delta["value"] is None
-    prompts, path = PROMPTS.splitlines(), str(server.work / "outputs" / name)
-    assert np.array_equal(pixels(original), expected_row(toy_sd, prompts)), (
-        "the original weights, exactly"
-    )
-    assert np.array_equal(pixels(plain), pixels(original)), "the delta was taken off again"
-    assert np.array_equal(pixels(erased["value"]), expected_row(toy_sd, prompts, path)), (
-        "this delta, applied"
-    )
-    assert not np.array_equal(pixels(erased["value"]), pixels(original)), (
-        "erasing changed the images"
-    )
-    assert pixels(original).shape[1] >= 3 * CELL, "the toy's 32 px images enlarged"
+
+    prompts = PROMPTS.splitlines()
+    path = str(server.work / "outputs" / os.path.basename(trained.final[3]))
+    original = pixels(original)
+    erased = pixels(erased["value"])
+    assert np.array_equal(original, expected_row(toy_sd, prompts)), "the original weights, exactly"
+    assert np.array_equal(pixels(plain), original), "the delta was taken off again"
+    assert np.array_equal(erased, expected_row(toy_sd, prompts, path)), "this delta, applied"
+    assert not np.array_equal(erased, original), "erasing changed the images"
+    assert original.shape[1] >= 3 * CELL, "the toy's 32 px images enlarged"
 
 
 def test_compare_takes_uploads_ours_and_the_official_pt_formats(server, trained, toy_sd, tmp_path):
-    client, path = trained.client, str(server.work / "outputs" / os.path.basename(trained.final[3]))
+    path = str(server.work / "outputs" / os.path.basename(trained.final[3]))
     want = expected_row(toy_sd, PROMPTS.splitlines(), path)
     tensors = delta.load(trained.final[3])[0]
-    torch.save(tensors, tmp_path / "diffusers-names.pt")  # the 2023 code's diffusers .pt
-    torch.save(
-        {
-            "state_dict": {
-                convert.ours_to_ldm("unet." + k, toy_sd.unet.config): t for k, t in tensors.items()
-            }
-        },
-        tmp_path / "compvis.pt",
-    )  # its compvis .pt: an LDM state dict (here only the edited tensors)
+    # The 2023 code's diffusers .pt.
+    torch.save(tensors, tmp_path / "diffusers-names.pt")
+    # Its compvis .pt: an LDM state dict (here only the edited tensors).
+    ldm = {convert.ours_to_ldm("unet." + k, toy_sd.unet.config): t for k, t in tensors.items()}
+    torch.save({"state_dict": ldm}, tmp_path / "compvis.pt")
     for upload in (trained.final[3], tmp_path / "diffusers-names.pt", tmp_path / "compvis.pt"):
-        _, erased = client.predict(PROMPTS, 0, 20, 5.0, handle_file(upload), api_name="/compare")
+        edit = handle_file(upload)
+        _, erased = trained.client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
         assert np.array_equal(pixels(erased["value"]), want), upload
 
 
@@ -204,7 +199,8 @@ def test_measure_is_evaluate_protocol(server, trained, toy_sd):
 
 
 def call_raw(server, api, data):
-    """One request through gradio's HTTP API, the body as written (NaN included, which gradio_client refuses)."""
+    """One request through gradio's HTTP API, the body as written (NaN included, which
+    gradio_client refuses)."""
     request = urllib.request.Request(
         f"{server.url}/gradio_api/call/{api}",
         json.dumps({"data": data}).encode(),
@@ -219,7 +215,8 @@ def call_raw(server, api, data):
 
 
 def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, tmp_path):
-    client, erase = trained.client, ("esd-x", 1.0, 5, 1e-3, "trained", 0)
+    client = trained.client
+    erase = ("esd-x", 1.0, 5, 1e-3, "trained", 0)
     bad = {
         "--concept is required": lambda: client.predict("  ", *erase, api_name="/erase"),
         "iterations must be a whole number": lambda: client.predict(
@@ -232,25 +229,28 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
             "circle", "esd-q", 1.0, 5, 1e-3, "trained", 0, api_name="/erase"
         ),
         "type 1 to 8 prompts": lambda: client.predict("", 0, 20, 5.0, None, api_name="/compare"),
-        "steps must be a whole number in 1..999": lambda: client.predict(
+        "steps must be in 1..999": lambda: client.predict(
             PROMPTS, 0, 0, 5.0, None, api_name="/compare"
+        ),
+        r"seed must be in 0\.\.2\*\*63-1": lambda: client.predict(
+            PROMPTS, -1, 20, 5.0, None, api_name="/compare"
         ),
         "train or upload a delta to measure": lambda: client.predict(
             None, "", "", 2, api_name="/measure"
         ),
     }
-    garbage, text, code, shapes = (
-        tmp_path / f for f in ("garbage.safetensors", "notes.txt", "code.pt", "other.pt")
-    )
+
+    # Files no delta is: garbage, text, pickled code (refused by weights_only, never run), tensors
+    # of other shapes.
+    garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00garbage" * 100)
+    text = tmp_path / "notes.txt"
     text.write_text("not a delta")
-    torch.save(
-        {"weights": Pickled(str(tmp_path / "ran"))}, code
-    )  # pickled code: refused (weights_only), never run
-    torch.save(
-        {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(3, 3)},
-        shapes,
-    )
+    code = tmp_path / "code.pt"
+    torch.save({"weights": Pickled(str(tmp_path / "ran"))}, code)
+    shapes = tmp_path / "other.pt"
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    torch.save({key: torch.zeros(3, 3)}, shapes)
     bad[r"cannot read \S+/code.pt: UnpicklingError: Weights only load failed"] = lambda: (
         client.predict(PROMPTS, 0, 20, 5.0, handle_file(code), api_name="/compare")
     )
@@ -260,10 +260,9 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
     bad[r"cannot read \S+/garbage.safetensors"] = lambda: client.predict(
         PROMPTS, 0, 20, 5.0, handle_file(garbage), api_name="/compare"
     )
-    bad[r"cannot read \S+/garbage.safetensors: SafetensorError"] = lambda: (
-        client.predict(  # its concept: from the file
-            handle_file(garbage), "", "", 1, api_name="/measure"
-        )
+    # Its concept: from the file.
+    bad[r"cannot read \S+/garbage.safetensors: SafetensorError"] = lambda: client.predict(
+        handle_file(garbage), "", "", 1, api_name="/measure"
     )
     bad["type 1 to 8 prompts, one a line"] = lambda: client.predict(
         "\n".join(["a circle"] * 9), 0, 20, 5.0, None, api_name="/compare"
@@ -277,25 +276,24 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
     for message, call in bad.items():
         with pytest.raises(AppError, match=message.replace("(", r"\(")):
             call()
-    for eta in (float("nan"), float("inf")):  # sent as NaN and Infinity
+
+    # Sent as NaN and Infinity.
+    for eta in (float("nan"), float("inf")):
         reply = call_raw(server, "erase", ["circle", "esd-x", eta, 5, 1e-3, "trained", 0])
         assert "event: error" in reply and "must be a finite number" in reply, reply
-    big = (
-        b"\x00" * 20_000_000
-    )  # past the upload limit (1.5x the toy's whole fp32 model), refused by the server
-    reply = httpx.post(
-        f"{server.url}/gradio_api/upload", files={"files": ("big.safetensors", big)}, timeout=60
-    )
+
+    # Past the upload limit (1.5x the toy's whole fp32 model): refused by the server.
+    big = b"\x00" * 20_000_000
+    upload = f"{server.url}/gradio_api/upload"
+    reply = httpx.post(upload, files={"files": ("big.safetensors", big)}, timeout=60)
     assert reply.status_code == 413 and "maximum allowed size" in reply.text, reply.text
-    original, _ = client.predict(
-        PROMPTS, 0, 20, 5.0, None, api_name="/compare"
-    )  # still serving, and right
-    assert np.array_equal(pixels(original), expected_row(toy_sd, PROMPTS.splitlines())), (
-        "no half-applied delta left"
-    )
-    assert server.proc.poll() is None and not os.path.exists(tmp_path / "ran"), (
-        "the pickled code never ran"
-    )
+
+    # Still serving, and right.
+    original, _ = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
+    want = expected_row(toy_sd, PROMPTS.splitlines())
+    assert np.array_equal(pixels(original), want), "no half-applied delta left"
+    ran = os.path.exists(tmp_path / "ran")
+    assert server.proc.poll() is None and not ran, "the pickled code never ran"
 
 
 class Pickled:
@@ -309,7 +307,8 @@ class Pickled:
 
 
 def wait_for(predicate, timeout=120, what="condition"):
-    """Poll predicate() until true; an exception counts as not yet (a page element re-rendered under us)."""
+    """Poll predicate() until true; an exception counts as not yet (a page element re-rendered
+    under us)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -331,14 +330,16 @@ def test_one_training_at_a_time_stop_keeps_it_and_compare_never_sees_it(server, 
     )
     waiting = second.submit("square", "esd-x", 1.0, 3, 1e-3, "trained", 0, api_name="/erase")
     wait_for(lambda: waiting.status().code == Status.IN_QUEUE, what="the second run to be queued")
-    assert waiting.status().rank is not None  # what its page shows: its place in the queue
-    original, _ = third.predict(
-        PROMPTS, 0, 20, 5.0, None, api_name="/compare"
-    )  # during the training
-    assert np.array_equal(pixels(original), expected_row(toy_sd, PROMPTS.splitlines())), (
-        "never half-trained weights"
-    )
-    third.predict(api_name="/stop")  # another person's Stop leaves this run alone
+    # What its page shows: its place in the queue.
+    assert waiting.status().rank is not None
+
+    # Compare during the training.
+    original, _ = third.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
+    want = expected_row(toy_sd, PROMPTS.splitlines())
+    assert np.array_equal(pixels(original), want), "never half-trained weights"
+
+    # Another person's Stop leaves this run alone; its own stops it.
+    third.predict(api_name="/stop")
     time.sleep(1.5)
     assert not long.done() and waiting.status().code == Status.IN_QUEUE
     first.predict(api_name="/stop")
@@ -358,26 +359,24 @@ def test_bad_flags_are_one_line_and_exit_2(server, tmp_path):
         "cannot serve on no.such.host.invalid": ["--host", "no.such.host.invalid"],
         "--prediction-type: invalid choice": ["--prediction-type", "v"],
     }
+    # All at once: each spends its seconds importing torch and gradio.
     runs = {}
-    for (
-        message,
-        args,
-    ) in cases.items():  # at once: each spends its seconds importing torch and gradio
+    for message, args in cases.items():
         command, kw = run_app(*args, cwd=tmp_path)
-        runs[message] = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
-        )
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs[message] = subprocess.Popen(command, **pipes, **kw)
     for message, proc in runs.items():
         _, stderr = proc.communicate(timeout=180)
         assert proc.returncode == 2, stderr
-        assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr, (
-            stderr
-        )
+        one_line = stderr.count("\n") == 1 and stderr.startswith("error: ")
+        assert one_line and message in stderr, stderr
 
 
 def test_a_person_erases_compares_and_downloads_in_chromium(server, tmp_path):
-    """As a person would: type a concept, press Train, wait, download the delta, open Compare, press Generate."""
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    """As a person would: type a concept, press Train, wait, download the delta, open Compare,
+    press Generate."""
+    chromium = shutil.which("chromium")
+    chromedriver = shutil.which("chromedriver")
     if not (chromium and chromedriver):
         assert not IN_CI, (
             "CI must run the browser test: .ci/run installs chromium and chromium-driver"
@@ -443,13 +442,15 @@ def test_a_person_erases_compares_and_downloads_in_chromium(server, tmp_path):
         outside = [u for u in resources if not u.startswith((server.url, "data:", "blob:"))]
         assert not outside, f"the page fetched from outside: {outside[:3]}"
         driver.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Erase']").click()
-        ticks = "#curve g.role-axis-label text"  # the loss curve drawn to its last iteration
+        # The loss curve, drawn to its last iteration.
+        ticks = "#curve g.role-axis-label text"
         wait_for(
             lambda: "60" in [t.text for t in driver.find_elements(By.CSS_SELECTOR, ticks)],
             what="the curve",
         )
         time.sleep(1)
-        # The README's picture: ESD_SCREENSHOT=docs/app.png pytest tests/test_app.py -k chromium remakes it.
+        # The README's picture: ESD_SCREENSHOT=docs/app.png pytest tests/test_app.py -k chromium
+        # remakes it.
         driver.save_screenshot(os.environ.get("ESD_SCREENSHOT", str(tmp_path / "app.png")))
     finally:
         driver.quit()

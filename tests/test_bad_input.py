@@ -1,6 +1,7 @@
-"""Every bad input to train.py, sample.py and evaluate.py, as a hostile user would try it on the toy model: one
-row each (the command, the exit code, a piece of the one error line, the files that must not change). A bad
-input is refused with one line on stderr, no traceback, before any work, and destroys nothing."""
+"""Every bad input to train.py, sample.py and evaluate.py, as a hostile user would try it on the toy
+model: one row each (the command, the exit code, a piece of the one error line, the files that must
+not change). A bad input is refused with one line on stderr, no traceback, before any work, and
+destroys nothing."""
 
 import dataclasses
 import errno
@@ -27,14 +28,10 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "assets", "toy")
-QUICK = [
-    "--iterations",
-    "2",
-    "--no-eval",
-]  # a train.py run that gets as far as training: two toy iterations
-LONG_CONCEPT = " ".join(
-    ["circle"] * 100
-)  # 100 words: past CLIP's 77 tokens, and past a file name's 255 bytes
+# A train.py run that gets as far as training: two toy iterations.
+QUICK = ["--iterations", "2", "--no-eval"]
+# 100 words: past CLIP's 77 tokens, and past a file name's 255 bytes.
+LONG_CONCEPT = " ".join(["circle"] * 100)
 XL_TOKENIZER = ["--tokenizer", "{base}/xl/diffusers/tokenizer"]
 
 
@@ -42,16 +39,19 @@ XL_TOKENIZER = ["--tokenizer", "{base}/xl/diffusers/tokenizer"]
 class Row:
     name: str
     cli: str  # "train" | "sample" | "evaluate"
-    args: list  # "{ws}" is the row's own folder, filled with workspace()'s files; "{base}" base()'s, read only
+    # "{ws}" is the row's own folder, filled with workspace()'s files; "{base}" base()'s, read only.
+    args: list
     code: int = 2
     says: str = ""  # a piece of stderr (the error line, or a warning)
     unchanged: tuple = ()  # paths (with {ws}) whose content or kind must not change
-    patch: tuple = None  # (target, replacement) monkeypatched while the row runs
+    # (target, replacement) monkeypatched while the row runs: a library's function, never ours.
+    patch: tuple = None
     then: object = None  # check(ws) after the run
 
 
 def same_tensors(a, b):
-    (x, meta), (y, _) = delta.load(a), delta.load(b)
+    x, meta = delta.load(a)
+    y, _ = delta.load(b)
     return (
         meta["iterations"] == "3"
         and x.keys() == y.keys()
@@ -69,7 +69,8 @@ def out_of_memory(*args, **kwargs):
 
 class Payload:
     def __reduce__(self):  # unpickling would run this: it must not
-        return os.mkdir, (os.path.join(os.environ.get("ESD_TEST_WS", "/nonexistent"), "pwned"),)
+        ws = os.environ.get("ESD_TEST_WS", "/nonexistent")
+        return os.mkdir, (os.path.join(ws, "pwned"),)
 
 
 ROWS = [
@@ -238,7 +239,7 @@ ROWS = [
         ["--output", "{ws}/full.safetensors", *QUICK],
         1,
         says="No space left on device; the checkpoint of iteration 2 is kept",
-        patch=("delta.save_file", no_space),
+        patch=("safetensors.torch.serialize_file", no_space),
         then=lambda ws: not os.path.exists(f"{ws}/full.safetensors"),
     ),
     Row(
@@ -409,7 +410,7 @@ ROWS = [
         ["--height", "4096", "--width", "4096"],
         1,
         says="try a smaller --height",
-        patch=("sampler.sample", out_of_memory),
+        patch=("torch.randn", out_of_memory),
     ),
     Row(
         "out of memory while training",
@@ -417,7 +418,7 @@ ROWS = [
         ["--resolution", "4096", *QUICK],
         1,
         says="try a smaller --resolution",
-        patch=("sampler.sample", out_of_memory),
+        patch=("torch.randn", out_of_memory),
     ),
     # 6. Leftovers
     Row(
@@ -454,13 +455,37 @@ ROWS = [
         )
         for cli in ("train", "sample", "evaluate")
     ],
+    *[
+        Row(f"{cli} unknown dtype", cli, ["--dtype", "bogus"], says="--dtype: invalid choice")
+        for cli in ("train", "sample", "evaluate")
+    ],
+    Row(
+        "evaluate --dtype bfloat16 runs",
+        "evaluate",
+        ["--dtype", "bfloat16", "--output", "{ws}/e"],
+        0,
+        then=lambda ws: os.path.isfile(f"{ws}/e.json"),
+    ),
+    Row("evaluate: no CUDA here", "evaluate", ["--device", "cuda"], says="CUDA"),
+    Row(
+        "evaluate --variant of a single file",
+        "evaluate",
+        ["--variant", "fp16"],
+        says="--variant is for diffusers folders",
+    ),
     Row("unknown toy concept to evaluate", "evaluate", ["--concept", "hexagon"], says="circle"),
     Row("compare without a delta", "sample", ["--compare"], says="--delta"),
     Row(
         "a delta file that is not there",
         "sample",
+        ["--delta", "{ws}/existing.safetensors", "--delta", "{ws}/missing.safetensors"],
+        says="missing.safetensors",
+    ),
+    Row(
+        "evaluate: a delta file that is not there",
+        "evaluate",
         ["--delta", "{ws}/missing.safetensors"],
-        says="missing",
+        says="no such --delta file: ",
     ),
     Row(
         "a pickled-code delta",
@@ -542,36 +567,24 @@ MAIN = {"train": train.main, "sample": sample.main, "evaluate": evaluate.main}
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """The files every row's folder starts with: a trained delta and its .resume.pt, broken checkpoints, ..."""
+    """The files every row's folder starts with: a trained delta and its .resume.pt, broken
+    checkpoints, ..."""
     ws = tmp_path_factory.mktemp("base")
     for name, iterations in (("existing", 2), ("one", 1), ("three", 3)):
-        assert (
-            train.main(
-                [
-                    "--model",
-                    "toy",
-                    "--concept",
-                    "circle",
-                    "--output",
-                    str(ws / f"{name}.safetensors"),
-                    "--no-eval",
-                    "--iterations",
-                    str(iterations),
-                ]
-            )
-            == 0
-        )
-    os.rename(ws / "one.safetensors", ws / "mixed.safetensors")  # the delta of iteration 1 ...
+        output = str(ws / f"{name}.safetensors")
+        argv = ["--model", "toy", "--concept", "circle", "--output", output, "--no-eval"]
+        assert train.main([*argv, "--iterations", str(iterations)]) == 0
+
+    # mixed: the delta of iteration 1, the .resume.pt of iteration 2.
+    os.rename(ws / "one.safetensors", ws / "mixed.safetensors")
     os.remove(ws / "one.safetensors.resume.pt")
-    (ws / "mixed.safetensors.resume.pt").write_bytes(
-        (ws / "existing.safetensors.resume.pt").read_bytes()
-    )  # ... and 2
+    checkpoint = (ws / "existing.safetensors.resume.pt").read_bytes()
+    (ws / "mixed.safetensors.resume.pt").write_bytes(checkpoint)
+
+    # Broken files: NaN tensors, empty and garbage checkpoints, pickled code, a truncated model.
     tensors, meta = delta.load(ws / "existing.safetensors")
-    delta.save(
-        str(ws / "nan.safetensors"),
-        {k: torch.full_like(v, float("nan")) for k, v in tensors.items()},
-        meta,
-    )
+    nan = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+    delta.save(str(ws / "nan.safetensors"), nan, meta)
     (ws / "empty.safetensors.resume.pt").write_bytes(b"")
     (ws / "garbage.safetensors.resume.pt").write_bytes(os.urandom(1000))
     torch.save({"payload": Payload()}, ws / "code.safetensors.resume.pt")
@@ -579,30 +592,28 @@ def base(tmp_path_factory):
     torch.save({"iteration": 1}, ws / "wrong.safetensors.resume.pt")
     (ws / "truncated.safetensors").write_bytes(open(f"{TOY}/toy.safetensors", "rb").read()[:4096])
     (ws / "target.png").write_bytes(b"not really a png")
-    xl = ws / "xl"  # SDXL: a tiny folder, our writer's file of it, and broken variants
+
+    # SDXL: a tiny folder, our writer's file of it, and broken variants.
+    xl = ws / "xl"
     tiny.xl_pipeline(folder=xl / "diffusers")
     load_sd.save_single_file(load_sd.load(xl / "diffusers"), xl / "sdxl.safetensors")
     tensors = load_file(xl / "sdxl.safetensors")
-    save_file(
-        {k: t for k, t in tensors.items() if not k.startswith(convert.XL_CLIP)},
-        xl / "no-clip.safetensors",
-    )
+    no_clip = {k: t for k, t in tensors.items() if not k.startswith(convert.XL_CLIP)}
+    save_file(no_clip, xl / "no-clip.safetensors")
     save_file({**tensors, convert.XL_OPENCLIP + "extra": torch.zeros(1)}, xl / "stray.safetensors")
-    save_file(
-        {
-            "conditioner.embedders.0.model.ln_final.weight": torch.zeros(2),
-            "model.diffusion_model.x": torch.zeros(1),
-        },
-        xl / "refiner.safetensors",
-    )
+    refiner = {
+        "conditioner.embedders.0.model.ln_final.weight": torch.zeros(2),
+        "model.diffusion_model.x": torch.zeros(1),
+    }
+    save_file(refiner, xl / "refiner.safetensors")
     shutil.copytree(xl / "diffusers", xl / "no-te2")
     os.remove(xl / "no-te2" / "text_encoder_2" / "model.safetensors")
     return ws
 
 
 def workspace(base, tmp_path):
-    """The row's own folder: a copy of the base files (not its folders), a toy model copy, a folder, links, a leftover
-    temp file."""
+    """The row's own folder: a copy of the base files (not its folders), a toy model copy, a folder,
+    links, a leftover temp file."""
     for name in os.listdir(base):
         if (base / name).is_file():
             (tmp_path / name).write_bytes((base / name).read_bytes())
@@ -612,7 +623,9 @@ def workspace(base, tmp_path):
     os.symlink(tmp_path / "existing.safetensors", tmp_path / "link.safetensors")
     os.symlink(tmp_path / "target.png", tmp_path / "link.png")
     (tmp_path / "left.safetensors.tmp-999999999").write_bytes(b"half a file of a killed run")
-    try:  # a character device (/dev/full's numbers) where root may make one, else a FIFO: neither is a file
+    # A character device (/dev/full's numbers) where root may make one, else a FIFO: neither is a
+    # file.
+    try:
         os.mknod(tmp_path / "full", stat.S_IFCHR | 0o666, os.makedev(1, 7))
     except OSError:
         os.mkfifo(tmp_path / "full")
@@ -620,7 +633,8 @@ def workspace(base, tmp_path):
 
 
 def fingerprint(path):
-    """What a path is and holds: kind and device number, or a content hash (a folder: its names and hashes)."""
+    """What a path is and holds: kind and device number, or a content hash (a folder: its names and
+    hashes)."""
     if not os.path.lexists(path):
         return None
     st = os.lstat(path)
@@ -638,11 +652,13 @@ def test_bad_input(row, base, tmp_path, capsys, monkeypatch):
     ws = workspace(base, tmp_path)
     monkeypatch.chdir(ws)  # default output names land here
     monkeypatch.setenv("ESD_TEST_WS", str(ws))
-    fill = lambda args: [a.replace("{ws}", str(ws)).replace("{base}", str(base)) for a in args]  # noqa: E731
+
+    def fill(args):
+        return [a.replace("{ws}", str(ws)).replace("{base}", str(base)) for a in args]
+
     args = fill(BASE[row.cli]) + fill(row.args)
-    if (
-        row.cli == "sample" and "--output" in row.args
-    ):  # the row's own output replaces the default one
+    # The row's own output replaces the default one.
+    if row.cli == "sample" and "--output" in row.args:
         i = args.index("--output")
         del args[i : i + 2]
     unchanged = {p: fingerprint(p) for p in fill(row.unchanged)}
@@ -655,7 +671,8 @@ def test_bad_input(row, base, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == row.code, (args, err[-2000:])
     assert "Traceback" not in err and row.says in err, err[-2000:]
-    if row.code:  # refused: one line, the last one on stderr (progress bars may stand before it)
+    # Refused: one line, the last one on stderr (progress bars may stand before it).
+    if row.code:
         lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
         assert lines[-1].startswith("error: ") and lines[-1].count("error:") == 1, err[-2000:]
     for path, before in unchanged.items():
@@ -664,7 +681,8 @@ def test_bad_input(row, base, tmp_path, capsys, monkeypatch):
 
 
 def start_training(ws, *extra):
-    """train.py in its own process on the toy, long enough to be stopped; returns it once it holds its lock."""
+    """train.py in its own process on the toy, long enough to be stopped; returns it once it holds
+    its lock."""
     out = ws / "run.safetensors"
     p = subprocess.Popen(
         [
@@ -705,26 +723,12 @@ def test_sigterm_is_an_interrupt_and_says_what_is_kept(tmp_path):
             p.returncode == 130 and lines[-1].startswith("error: interrupted") and kept in lines[-1]
         ), err
         assert "Traceback" not in err and not os.path.exists(f"{out}.lock")
-        if extra:  # what it kept resumes
-            assert (
-                train.main(
-                    [
-                        "--model",
-                        "toy",
-                        "--concept",
-                        "circle",
-                        "--output",
-                        str(out),
-                        "--resume",
-                        "--iterations",
-                        str(delta.load_checkpoint(str(out))["iteration"] + 1),
-                        "--no-eval",
-                        "--save-every",
-                        "3",
-                    ]
-                )
-                == 0
-            )
+        # What it kept resumes.
+        if extra:
+            iterations = delta.load_checkpoint(str(out))["iteration"] + 1
+            argv = ["--model", "toy", "--concept", "circle", "--output", str(out), "--resume"]
+            argv += ["--iterations", str(iterations), "--no-eval", "--save-every", "3"]
+            assert train.main(argv) == 0
         for f in os.listdir(tmp_path):
             os.remove(tmp_path / f)
 
