@@ -3,11 +3,11 @@ delta and the exports load back (ours, diffusers), --resume repeats an uninterru
 a NaN loss stops cleanly, and bad input is one line with exit code 2."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -300,20 +300,31 @@ def test_on_step_sees_every_step_and_can_stop_the_run_saved(model, tmp_path):
     assert meta["iterations"] == "3" and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_between_the_two_writes_resumes_exactly(model, tmp_path):
+def test_killed_between_the_two_writes_resumes_exactly(model, tmp_path, monkeypatch):
     """A kill after .resume.pt is written and before its delta is (delta.save_checkpoint writes
     .resume.pt first) leaves a .resume.pt newer than its delta: --resume continues from the newer
     .resume.pt and ends with the weights of an uninterrupted run (the pair is never mixed)."""
     whole = tmp_path / "whole.safetensors"
     assert run_train(model, whole, "--iterations", 6) == 0
 
-    # What a kill between iteration 4's two writes leaves: iteration 2's delta beside iteration
-    # 4's .resume.pt (from a run of the same settings stopped at 4)
+    # The kill: the second delta write (iteration 4's; .resume.pt goes through torch.save) is
+    # interrupted inside safetensors, the library that writes it
     parts = tmp_path / "parts.safetensors"
-    later = tmp_path / "later.safetensors"
-    assert run_train(model, parts, "--iterations", 2) == 0
-    assert run_train(model, later, "--iterations", 4) == 0
-    shutil.copyfile(f"{later}{delta.RESUME}", f"{parts}{delta.RESUME}")
+    write_delta = safetensors.torch.serialize_file
+    writes = []
+
+    def killed_on_the_second(*args, **kwargs):
+        writes.append(args)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        return write_delta(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_with(model, parts, "--iterations", 6, "--save-every", 2)
+    monkeypatch.undo()
+
+    # Left behind: iteration 2's delta beside iteration 4's .resume.pt
     assert delta.load(parts)[1]["iterations"] == "2"
     assert delta.load_checkpoint(str(parts))["iteration"] == 4
 
