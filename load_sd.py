@@ -10,8 +10,8 @@ import json
 import os
 import re
 
+import huggingface_hub
 import torch
-from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -222,7 +222,7 @@ def _download(repo, revision=None, variant=None):
     first = {part: f"{part}/{_variant(names[0], variant)}" for part, names in WEIGHTS.items()}
     second = {part: f"{part}/{_variant(names[1], variant)}" for part, names in WEIGHTS.items()}
     try:
-        folder = snapshot_download(
+        folder = huggingface_hub.snapshot_download(
             repo, revision=revision, allow_patterns=configs + list(first.values())
         )
         # the parts the repo has (SDXL: text_encoder_2), not in .safetensors
@@ -234,7 +234,7 @@ def _download(repo, revision=None, variant=None):
         ]
         if not old:
             return folder
-        return snapshot_download(repo, revision=revision, allow_patterns=old)
+        return huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=old)
     except Exception as e:
         # offline, unknown or gated repo: whatever huggingface_hub raises
         raise LoadError(
