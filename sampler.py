@@ -128,7 +128,8 @@ def sample(
     x = x_T
     xs = [x_T]
     for i in tqdm(range(until), disable=not progress, desc="DDIM"):
-        t = int(timesteps[i])  # a python int: valid on any device the UNet runs on
+        # a python int: valid on any device the UNet runs on
+        t = int(timesteps[i])
         # The step after the last has no timestep: its alpha_bar_prev is alphas_cumprod[0], as in
         # LDM and in diffusers with set_alpha_to_one=False (SD's scheduler config), not 1.
         alpha_bar_prev = alpha_bar[timesteps[i + 1]] if i + 1 < steps else alpha_bar[0]

@@ -284,7 +284,8 @@ class DownBlock2D(nn.Module):
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
-            skips.append(x)  # the up path also consumes the downsampled map
+            # the up path also consumes the downsampled map
+            skips.append(x)
         return x, skips
 
 

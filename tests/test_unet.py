@@ -162,7 +162,10 @@ def test_timestep_forms_agree_and_matter():
 @pytest.mark.parametrize("context_len", [None, 7])  # self-attention, cross-attention
 def test_attention_matches_softmax_formula(context_len):
     torch.manual_seed(0)
-    heads, d, dim, ctx_dim = 4, 8, 32, 24
+    heads = 4
+    d = 8
+    dim = 32
+    ctx_dim = 24
     attn = Attention(dim, heads, d, ctx_dim if context_len else None)
     x = torch.randn(2, 5, dim)
     context = torch.randn(2, context_len, ctx_dim) if context_len else x
