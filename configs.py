@@ -235,31 +235,36 @@ def _text_config(t, part, family, sd):
 # off (None).
 SD_VALUES = {
     UNetConfig: dict(
+        # the input and the time embedding
         center_input_sample=False,
+        conv_in_kernel=3,
+        time_embedding_type="positional",
         flip_sin_to_cos=True,
         freq_shift=0,
+        # the resnets
         act_fn="silu",
         dropout=0.0,
-        downsample_padding=1,
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        only_cross_attention=False,
-        mid_block_scale_factor=1,
         norm_eps=RESNET_EPS,
-        dual_cross_attention=False,
         resnet_skip_time_act=False,
         resnet_time_scale_shift="default",
         resnet_out_scale_factor=1.0,
-        time_embedding_type="positional",
-        conv_in_kernel=3,
-        conv_out_kernel=3,
-        attention_type="default",
-        class_embeddings_concat=False,
-        addition_embed_type_num_heads=64,
+        # the blocks and the output
         down_block_types=(CROSS_DOWN, "DownBlock2D"),
         up_block_types=(CROSS_UP, "UpBlock2D"),
-        addition_embed_type=(None, "text_time"),  # SDXL's
-        # an fp32 softmax in diffusers' non-SDPA attention; SDPA ignores it
+        downsample_padding=1,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        mid_block_scale_factor=1,
+        conv_out_kernel=3,
+        # the attention; upcast_attention: an fp32 softmax in diffusers' non-SDPA attention, which
+        # SDPA ignores
+        attention_type="default",
+        only_cross_attention=False,
+        dual_cross_attention=False,
         upcast_attention=(False, True, None),
+        # the class and added embeddings: SDXL's "text_time" or none
+        class_embeddings_concat=False,
+        addition_embed_type=(None, "text_time"),
+        addition_embed_type_num_heads=64,
     ),
     VAEConfig: dict(
         down_block_types="DownEncoderBlock2D",

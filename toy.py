@@ -77,9 +77,11 @@ UNET = dict(
 )
 # 4x down: 32x32 images, 8x8 latents
 VAE_CONFIG = dict(block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=IMAGE_SIZE)
+# CLIP's text encoder in miniature: its MLP 4x as wide, its 64-wide heads, SD v1's 77 positions
+# and quick_gelu
 TEXT = dict(
     hidden_size=64,
-    intermediate_size=256,
+    intermediate_size=4 * 64,
     num_hidden_layers=2,
     num_attention_heads=1,
     max_position_embeddings=CLIP_MAX_LEN,
