@@ -57,8 +57,7 @@ def _numbers(sd, pattern):
 
 
 def file_family(sd):
-    """ "sd1", "sd2" or "sdxl" of an LDM state dict by its text encoder's names; None: none of
-    them."""
+    """ "sd1", "sd2" or "sdxl" of an LDM state dict by its text encoder's names, else None."""
     for family, prefix in TEXT_PREFIX.items():
         if any(k.startswith(prefix) for k in sd):
             return family

@@ -47,8 +47,8 @@ TEXT_PROJECTION = "text_encoder_2.text_projection.weight"
 
 
 def _rules(pairs):
-    """(LDM, ours) name patterns, '#' an index and '*' any text, compiled both ways: (forward,
-    back)."""
+    """(LDM, ours) name patterns, '#' an index and '*' any text, compiled both ways:
+    (forward, back)."""
 
     def compile_(src, dst):
         groups = iter(range(1, 10))
@@ -169,8 +169,8 @@ def _blocks(n, up_attention, vae_levels):
 
 
 def _rename(key, unet, vae, back, family):
-    """Prefixes, block indices (the configs' layout, default SD v1's), then leaf names; or all
-    back."""
+    """Prefixes, block indices (the configs' layout, default SD v1's), then leaf names; or
+    all of them back."""
     unet = unet or UNetConfig.sd1()
     vae = vae or VAEConfig.sd()
     attention = tuple("CrossAttn" in kind for kind in unet.up_block_types)

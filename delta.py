@@ -39,8 +39,7 @@ def save_checkpoint(path, tensors, metadata, state):
 
 
 def load_checkpoint(path, mmap=False):
-    """The state save_checkpoint wrote beside delta `path` (tensors included), read with
-    weights_only."""
+    """The state save_checkpoint wrote beside delta `path`, tensors included (weights_only)."""
     try:
         state = torch.load(path + RESUME, weights_only=True, mmap=mmap)
         # a dict with tensors, or KeyError / TypeError

@@ -110,8 +110,8 @@ class StableDiffusion:
 
 
 def _single_file(path, prediction_type=None):
-    """(configs, our-named tensors per part, family, prediction type, image size) of an LDM single
-    file."""
+    """An LDM single file's configs, tensors per part under our names, family, prediction type
+    and image size."""
     sd = read_tensors(path)
     family = file_family(sd)
 
@@ -208,15 +208,15 @@ def _folder(folder, variant=None, prediction_type=None):
 
 
 def _variant(name, variant):
-    """diffusion_pytorch_model.safetensors -> diffusion_pytorch_model.fp16.safetensors for variant
-    "fp16"."""
+    """The weight file name of a variant: with "fp16", model.safetensors ->
+    model.fp16.safetensors."""
     stem, ext = os.path.splitext(name)
     return f"{stem}.{variant}{ext}" if variant else name
 
 
 def _download(repo, revision=None, variant=None):
-    """Fetch only the files a diffusers SD repo needs (per part .safetensors, else .bin); its local
-    folder."""
+    """The local folder of the files a diffusers SD repo needs, fetched (per part
+    .safetensors, else .bin)."""
     configs = [f"{part}/config.json" for part in WEIGHTS]
     configs += ["tokenizer/*", "tokenizer_2/*", "scheduler/scheduler_config.json"]
     first = {part: f"{part}/{_variant(names[0], variant)}" for part, names in WEIGHTS.items()}

@@ -28,8 +28,7 @@ def betas(dtype=torch.float32):
 
 def alphas_cumprod():
     """alpha_bar_t = prod_{s<=t} (1 - beta_s) for t = 0..999, float32 [1000]. Computed in float32
-    as diffusers does (LDM computes in float64 and then stores float32; the two differ by up to
-    5e-7)."""
+    as diffusers does (LDM computes in float64, then stores float32: they differ by <= 5e-7)."""
     return torch.cumprod(1.0 - betas(), dim=0)
 
 
@@ -87,8 +86,7 @@ def cat(conds):
 
 
 def inputs(cond):
-    """A conditioning as the UNet's arguments after x and t: (context,), or SDXL's (context,
-    added)."""
+    """A conditioning as the UNet's arguments after x and t: (context,); SDXL's as it is."""
     return cond if isinstance(cond, tuple) else (cond,)
 
 
@@ -174,8 +172,8 @@ def generate(
     progress=False,
 ):
     """Images [len(seeds) * len(prompts), 3, H, W] in [-1, 1] of a loaded model `sd`, seed-major:
-    image (s, p) starts from seed s's noise. Batches of `batch_size` images (default: one seed's
-    prompts)."""
+    image (s, p) starts from seed s's noise. Batches of `batch_size` images (default: one
+    seed's prompts)."""
     param = next(sd.unet.parameters())
     pairs = [(seed, prompt) for seed in seeds for prompt in prompts]
     batch_size = batch_size or len(prompts)

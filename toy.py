@@ -138,8 +138,8 @@ def make_dataset(n, seed):
 
 
 def captions(shape, color, generator):
-    """One random caption per image (CAPTION_KINDS), e.g. "a red circle", "circle", "a red shape",
-    ""."""
+    """One random caption per image (CAPTION_KINDS): "a red circle", "circle", "a red shape"
+    or "", for example."""
     odds = torch.tensor(list(CAPTION_KINDS.values()))
     kinds = torch.multinomial(odds, len(shape), True, generator=generator)
     drop_a = (torch.rand(len(shape), generator=generator) < 0.5).tolist()
@@ -214,8 +214,8 @@ def classify(images, classifier=None):
 
 
 def fit(model, stage, steps, loss_fn):
-    """Adam, linear warm-up then cosine decay to zero (arXiv 1608.03983); loss_fn() -> this step's
-    loss."""
+    """Adam, linear warm-up then cosine decay to zero (arXiv 1608.03983); loss_fn() gives
+    each step's loss."""
 
     def lr_factor(i):
         warm_up = min(1, (i + 1) / 100)
@@ -281,8 +281,8 @@ def encode(vae, images):
 
 
 def train_classifier(vae, config, g):
-    """Cross-entropy on fresh images every step, half of them through the VAE: the judge knows its
-    look."""
+    """Cross-entropy on fresh images every step, half of them through the VAE, so that the
+    judge knows its look."""
     model = classifier_net()
 
     def loss():
@@ -299,8 +299,7 @@ def train_classifier(vae, config, g):
 
 
 def train_unet(latents, shapes, colors, tok, config, g):
-    """UNet and text encoder together on the eps loss over SD's schedule: DDPM eq. 14
-    (L_simple)."""
+    """UNet and text encoder, trained together on DDPM's eps loss (eq. 14, L_simple)."""
     unet = UNet(UNetConfig(**UNET))
     text_config = CLIPTextConfig(
         vocab_size=len(tok),

@@ -98,8 +98,7 @@ def per_level(value, levels):
 
 
 def mlp(dim_in, dim):
-    """diffusers' TimestepEmbedding (LDM's time_embed / label_emb Sequentials): Linear, SiLU,
-    Linear."""
+    """Linear, SiLU, Linear: diffusers' TimestepEmbedding (LDM's time_embed, label_emb)."""
     layers = OrderedDict(
         linear_1=nn.Linear(dim_in, dim),
         act=nn.SiLU(),
@@ -109,8 +108,7 @@ def mlp(dim_in, dim):
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of [B] timesteps, cos half first (flip_sin_to_cos=True,
-    freq_shift=0)."""
+    """Sinusoidal embedding of [B] timesteps, cos half first (flip_sin_to_cos, freq_shift 0)."""
     half = dim // 2
     # 10000^(-i / half)
     freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device) / half)
@@ -120,8 +118,7 @@ def timestep_embedding(t, dim):
 
 class Attention(nn.Module):
     """Multi-head attention softmax(QK^T / sqrt(d)) V (LDM Sec. 3.3), with Q from x and K, V from
-    `context` (cross-attention, attn2) or from x itself when context is None (self-attention,
-    attn1)."""
+    `context` (cross-attention, attn2) or from x itself when context is None (attn1)."""
 
     def __init__(self, query_dim, heads, head_dim, context_dim=None, bias=False):
         super().__init__()
@@ -192,8 +189,7 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """LDM's SpatialTransformer: feature map -> HW tokens -> transformer blocks -> back, plus
-    residual."""
+    """LDM's SpatialTransformer: feature map -> HW tokens -> transformer blocks -> back, +x."""
 
     def __init__(self, channels, heads, context_dim, linear, groups, layers=1):
         super().__init__()
@@ -219,8 +215,7 @@ class Transformer2DModel(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-conv twice, the time embedding added in between (none in the VAE),
-    residual."""
+    """GroupNorm-SiLU-conv twice, the time embedding (none in the VAE) added between; +x."""
 
     def __init__(self, in_ch, out_ch, temb_ch=None, groups=32, eps=RESNET_EPS):
         super().__init__()

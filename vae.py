@@ -50,8 +50,8 @@ class VAEConfig:
 
     @classmethod
     def sdxl(cls):
-        """SDXL base 1.0: the same layout, its own weights and scaling, trained at 1024 px (its
-        vae/config.json)."""
+        """SDXL base 1.0 (its vae/config.json): the same layout, its own weights and scaling,
+        trained at 1024 px."""
         return cls(sample_size=1024, scaling_factor=VAE_SCALE_XL)
 
 

@@ -36,8 +36,8 @@ def model(tiny_sd):
 
 
 def preset_with(preset, config):
-    """`preset` with the fields a tiny config.json dict sets, but sample_size (shapes cannot tell
-    it)."""
+    """`preset` with the fields a tiny config.json dict sets, but sample_size (which shapes
+    cannot tell)."""
     names = {f.name for f in dataclasses.fields(preset)} - {"sample_size"}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
     return dataclasses.replace(preset, **fields)
@@ -282,16 +282,14 @@ def test_sdxl_full_size_unet_key_coverage():
 
 
 class Payload:
-    """Pickled code: unpickling it would call os.getcwd (harmless, but weights_only must refuse
-    it)."""
+    """Pickled code: unpickling it would call os.getcwd (harmless; weights_only refuses it)."""
 
     def __reduce__(self):
         return os.getcwd, ()
 
 
 def bad_inputs(single, tmp_path):
-    """(source, tokenizer, expected message) for each kind of bad input, its files written to
-    tmp_path."""
+    """(source, tokenizer, expected message) of each kind of bad input; files in tmp_path."""
     tensors = load_file(single)
     (tmp_path / "truncated.safetensors").write_bytes(single.read_bytes()[:1000])
     save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
@@ -353,8 +351,8 @@ def test_bad_input_is_one_line_load_error(model, tmp_path, monkeypatch):
 
 def test_writer_adds_the_schedule_buffers_and_the_image_size(model, tmp_path):
     """What --export-full writes has an official file's key set (SD v1 at full size, on the meta
-    device), LDM's 12 schedule buffers with diffusers' values, and the image size as model-spec
-    metadata."""
+    device), LDM's 12 schedule buffers with diffusers' values, and the image size in the
+    model-spec metadata."""
     _, folder, single = model
     with open(FIXTURE) as f:
         fixture = json.load(f)
@@ -398,8 +396,7 @@ def test_writer_adds_the_schedule_buffers_and_the_image_size(model, tmp_path):
 
 
 def test_folder_with_transformers_bin_names_and_a_variant(model, tmp_path):
-    """text_encoder/pytorch_model.bin (older repos) loads; --variant fp16 reads *.fp16.* weight
-    files."""
+    """text_encoder/pytorch_model.bin (older repos) loads; --variant fp16 reads *.fp16.* files."""
     pipe, folder, _ = model
     shutil.copytree(folder, tmp_path / "bin")
     text = tmp_path / "bin" / "text_encoder"

@@ -19,8 +19,7 @@ def scheduler(**overrides):
 
 
 class CountingUNet:
-    """A tiny random diffusers UNet as `unet(x, t, context)`, recording each call's batch
-    size."""
+    """A tiny random diffusers UNet as `unet(x, t, context)`, recording each batch size."""
 
     def __init__(self):
         self.unet = tiny.randomize(UNet2DConditionModel(**tiny.UNET_V1)).eval()
@@ -49,8 +48,8 @@ def inputs():
 
 @torch.no_grad()
 def diffusers_loop(model, x_T, cond, uncond, guidance, eta=0.0, seed=None, **config):
-    """StableDiffusionPipeline's denoising loop with DDIMScheduler; returns x after each step (x_T
-    first)."""
+    """StableDiffusionPipeline's denoising loop with DDIMScheduler; returns x after each
+    step, x_T first."""
     sched = scheduler(**config)
     sched.set_timesteps(STEPS)
     generator = None if seed is None else torch.Generator().manual_seed(seed)

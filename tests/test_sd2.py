@@ -156,8 +156,7 @@ def sd2(tmp_path_factory):
 
 
 def from_single_file(path, folder, **kwargs):
-    """diffusers' own reading of a single file, with the folder's configs (its own OpenCLIP
-    conversion)."""
+    """diffusers' own reading of a single file (its own OpenCLIP conversion)."""
     pipe = StableDiffusionPipeline.from_single_file(
         str(path),
         config=str(folder),
@@ -351,8 +350,8 @@ def test_sd2_writer_round_trip_read_by_diffusers(sd2, tmp_path):
 @pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
 def test_sd2_sample_matches_diffusers_pipeline(sd2, tmp_path, capsys, prediction):
     """sample.py on a file our writer wrote draws the image StableDiffusionPipeline (DDIMScheduler)
-    draws from the same file read by diffusers: v-prediction (the file's metadata) and epsilon
-    (--prediction-type)."""
+    draws from the same file read by diffusers: v-prediction (the file's metadata), and
+    epsilon (--prediction-type)."""
     written = tmp_path / "sd2-written.safetensors"
     load_sd.save_single_file(load_sd.load(sd2.file, tokenizer=sd2.tokenizer), written)
     scheduler = DDIMScheduler(**dict(tiny.SCHEDULER, prediction_type=prediction))

@@ -93,8 +93,8 @@ def assert_same_state(ours, theirs):
 
 def assert_same_outputs(sd, pipe):
     """Our UNet (with the added conditioning), VAE decoder (SDXL's scaling) and prompt encoding
-    give diffusers' (fp32, 1e-5); the six numbers are the pipeline's time ids for the image
-    size."""
+    give diffusers' (fp32, 1e-5); the six numbers are the pipeline's time ids of the
+    image's size."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
     z = torch.randn(1, 4, 4, 4, generator=g)
@@ -341,8 +341,7 @@ def test_sdxl_unexplained_added_width_is_one_line(narrow, tmp_path, inputs):
 
 
 def test_sdxl_unexplained_added_width_cli(narrow, tmp_path):
-    """`python sample.py --model FILE` with such a file: exit 2, one line on stderr, no
-    traceback."""
+    """`python sample.py --model FILE` with such a file: exit 2, one stderr line, no traceback."""
     path = tmp_path / "bad.safetensors"
     message = unexplained_file(narrow, path, UNEXPLAINED[0])
     command = [sys.executable, os.path.join(ROOT, "sample.py"), "--model", path]
@@ -443,8 +442,8 @@ def dtypes(module):
 
 def test_sdxl_vae_stays_fp32_under_fp16(xl):
     """Loaded in fp16, SDXL's VAE is kept in fp32 (its activations overflow fp16) and decodes fp16
-    latents in fp32; bf16 (an 8-bit exponent) keeps the VAE in bf16, as diffusers' pipeline
-    does."""
+    latents in fp32; bf16 (an 8-bit exponent) keeps the VAE in bf16, as diffusers'
+    pipeline does."""
     fp16 = load_sd.load(xl.folder, dtype=torch.float16)
     fp32 = load_sd.load(xl.folder)
     assert dtypes(fp16.unet) == dtypes(fp16.text_encoder_2) == {torch.float16}

@@ -159,8 +159,8 @@ def test_shipped_model_loads_and_trains_with_no_network(tmp_path):
 
 
 def test_shipped_model_draws_what_it_is_asked_for(sd):
-    """Every shape x color caption, and shape-only captions (the weaker kind), judged by the
-    classifier."""
+    """Every shape x color caption, and shape-only captions (the weaker kind), as the
+    classifier judges them."""
     full = [
         (f"a {c} {s}", i, j) for i, s in enumerate(toy.SHAPES) for j, c in enumerate(toy.COLORS)
     ]

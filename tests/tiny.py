@@ -181,9 +181,8 @@ def pipeline(
     seed=0, unet_config=UNET_V1, folder=None, text=CLIP, pad_token=None, prediction_type="epsilon"
 ):
     """A tiny random diffusers StableDiffusionPipeline with SD v1.5's DDIM scheduler (for
-    `prediction_type`), its tokenizer padding with `pad_token` (default: its end token); saved as
-    a diffusers folder (model_index.json, unet/, vae/, text_encoder/, ...) when `folder` is
-    given."""
+    `prediction_type`), its tokenizer padding with `pad_token` (default: its end token);
+    saved as a diffusers folder (model_index.json, unet/, vae/, ...) when `folder` is given."""
     import tempfile
 
     from diffusers import (
