@@ -34,8 +34,7 @@ def load_tokenizer(name, vocab_size, pad=None):
     """CLIPTokenizer `name` (a folder or hub id), checked against the text encoder's vocab_size; it
     pads with `pad` where given (the token its text encoder was trained with), else as the
     tokenizer says (a diffusers folder's own)."""
-    # transformers 5 quietly returns an empty tokenizer for a repo it cannot find: check the size
-    # too
+    # transformers 5 quietly returns an empty tokenizer for a repo it cannot find: check its size
     try:
         tok = CLIPTokenizer.from_pretrained(name)
         problem = f"{len(tok)} tokens for {vocab_size} embeddings" if len(tok) != vocab_size else ""
