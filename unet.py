@@ -1,10 +1,11 @@
-"""Stable Diffusion's denoising UNet eps_theta(x_t, t, c) in plain PyTorch, SD v1, v2 and XL layouts.
+"""Stable Diffusion's denoising UNet eps_theta(x_t, t, c) in plain PyTorch: SD v1, v2 and XL.
 
 Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv:2112.10752:
 Sec. 3.3 (conditioning by cross-attention inside the UNet); attention and the sinusoidal timestep
-embedding are Vaswani et al. arXiv:1706.03762 eq. 1 and Sec. 3.5. SDXL (Podell et al., arXiv:2307.01952,
-Sec. 2.1-2.2): deeper transformers, no attention at the first level, image size and crop conditioning.
-Attribute names equal diffusers' UNet2DConditionModel, so its state dicts load with strict=True:
+embedding are Vaswani et al. arXiv:1706.03762 eq. 1 and Sec. 3.5. SDXL (Podell et al.,
+arXiv:2307.01952, Sec. 2.1-2.2): deeper transformers, no attention at the first level, image size
+and crop conditioning. Attribute names equal diffusers' UNet2DConditionModel, so its state dicts
+load with strict=True:
 https://github.com/huggingface/diffusers/blob/dbbfe89b9297c416ad1037e80f13e3fa7a7f8d34/src/diffusers/models/unets/unet_2d_condition.py
 """
 
@@ -23,7 +24,11 @@ TIME_EMBED_MULT = 4  # time_embed_dim = model_channels * 4 (LDM UNetModel)
 FF_MULT = 4  # FeedForward(mult=4) in LDM attention.py
 RESNET_EPS = 1e-5  # UNet GroupNorms: torch's default eps (LDM GroupNorm32, diffusers norm_eps)
 TRANSFORMER_GN_EPS = 1e-6  # GroupNorm before proj_in: LDM Normalize(eps=1e-6)
-CROSS_DOWN, CROSS_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
+CROSS_DOWN = "CrossAttnDownBlock2D"
+CROSS_UP = "CrossAttnUpBlock2D"
+# SDXL's size numbers: original (height, width), crop (top, left), target (height, width)
+# (sgm's conditioner embedders 2-4, diffusers' time_ids)
+SIZE_NUMBERS = 6
 
 
 @dataclass
@@ -36,21 +41,16 @@ class UNetConfig:
     layers_per_block: int = 2
     cross_attention_dim: int = 768  # width of the text encoder's hidden states
     attention_head_dim: int | tuple = 8  # a head COUNT (diffusers' misnomer), shared or per level
-    use_linear_projection: bool = (
-        False  # proj_in/proj_out: Linear (SD v2) instead of 1x1 conv (SD v1)
-    )
-    transformer_layers_per_block: int | tuple = (
-        1  # transformer blocks per attention, shared or per level
-    )
+    # proj_in/proj_out: Linear (SD v2) instead of 1x1 conv (SD v1)
+    use_linear_projection: bool = False
+    transformer_layers_per_block: int | tuple = 1  # transformer blocks per attention, or per level
     norm_num_groups: int = 32
     sample_size: int = 64  # latent side of the training resolution (512 px / 8)
-    addition_embed_type: str | None = (
-        None  # "text_time": SDXL's pooled text + size numbers (forward's `added`)
-    )
-    addition_time_embed_dim: int | None = None  # sinusoidal width of each size number
-    projection_class_embeddings_input_dim: int | None = (
-        None  # add_embedding's input: pooled + numbers x width
-    )
+    # "text_time": SDXL's pooled text + size numbers (forward's `added`)
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None  # d: sinusoidal width of each size number
+    # add_embedding's input: pooled text P + SIZE_NUMBERS x d
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def sd1(cls):
@@ -71,10 +71,12 @@ class UNetConfig:
 
     @classmethod
     def sdxl(cls):
-        """SDXL base 1.0: Stability-AI/generative-models@45c443b configs/inference/sd_xl_base.yaml network_config
-        (model_channels 320, channel_mult [1, 2, 4], attention_resolutions [4, 2]: none at the first level,
-        transformer_depth [1, 2, 10] (the first unused), num_head_channels 64, context_dim 2048 = CLIP-L 768 +
-        bigG 1280, adm_in_channels 2816 = pooled bigG 1280 + 6 x 256) = the base model's unet/config.json; 1024 px."""
+        """SDXL base 1.0: Stability-AI/generative-models@45c443b
+        configs/inference/sd_xl_base.yaml network_config (model_channels 320, channel_mult
+        [1, 2, 4], attention_resolutions [4, 2]: none at the first level, transformer_depth
+        [1, 2, 10] (the first unused), num_head_channels 64, context_dim 2048 = CLIP-L 768 +
+        bigG 1280, adm_in_channels 2816 = pooled bigG 1280 + 6 x 256) = the base model's
+        unet/config.json; 1024 px."""
         return cls(
             block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", CROSS_DOWN, CROSS_DOWN),
@@ -96,41 +98,48 @@ def per_level(value, levels):
 
 
 def mlp(dim_in, dim):
-    """diffusers' TimestepEmbedding (LDM's time_embed / label_emb Sequentials): Linear, SiLU, Linear."""
-    return nn.Sequential(
-        OrderedDict(linear_1=nn.Linear(dim_in, dim), act=nn.SiLU(), linear_2=nn.Linear(dim, dim))
+    """Linear, SiLU, Linear: diffusers' TimestepEmbedding (LDM's time_embed, label_emb)."""
+    layers = OrderedDict(
+        linear_1=nn.Linear(dim_in, dim),
+        act=nn.SiLU(),
+        linear_2=nn.Linear(dim, dim),
     )
+    return nn.Sequential(layers)
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of [B] timesteps, cos half first (flip_sin_to_cos=True, freq_shift=0)."""
+    """Sinusoidal embedding of [B] timesteps, cos half first (flip_sin_to_cos, freq_shift 0)."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(MAX_PERIOD) * torch.arange(half, device=t.device) / half
-    )  # 10000^(-i/half)
+    # 10000^(-i / half)
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class Attention(nn.Module):
     """Multi-head attention softmax(QK^T / sqrt(d)) V (LDM Sec. 3.3), with Q from x and K, V from
-    `context` (cross-attention, attn2) or from x itself when context is None (self-attention, attn1)."""
+    `context` (cross-attention, attn2) or from x itself when context is None (attn1)."""
 
     def __init__(self, query_dim, heads, head_dim, context_dim=None, bias=False):
         super().__init__()
-        inner, self.heads = heads * head_dim, heads
+        self.heads = heads
+        inner = heads * head_dim
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
-        # A list so the Linear keeps the checkpoints' positional name to_out.0 (slot 1 held a Dropout).
+        # A list so the Linear keeps the checkpoints' positional name to_out.0 (slot 1 held a
+        # Dropout).
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+
+    def split_heads(self, x):
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        q, k, v = (
-            f(y).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
-            for f, y in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
-        )
+        q = self.split_heads(self.to_q(x))
+        k = self.split_heads(self.to_k(context))
+        v = self.split_heads(self.to_v(context))
+
         out = F.scaled_dot_product_attention(q, k, v)  # Vaswani eq. 1, scale 1/sqrt(d)
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, N, heads * d)
 
@@ -152,7 +161,9 @@ class FeedForward(nn.Module):
         super().__init__()
         # Positional slots as in the checkpoints (net.0.proj, net.2): slot 1 held a Dropout.
         self.net = nn.Sequential(
-            GEGLU(dim, FF_MULT * dim), nn.Identity(), nn.Linear(FF_MULT * dim, dim)
+            GEGLU(dim, FF_MULT * dim),
+            nn.Identity(),
+            nn.Linear(FF_MULT * dim, dim),
         )
 
     def forward(self, x):
@@ -164,9 +175,12 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim, heads, context_dim):
         super().__init__()
-        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads, dim // heads)
-        self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, dim // heads, context_dim)
-        self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim // heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
 
     def forward(self, x, context):
         x = x + self.attn1(self.norm1(x))
@@ -175,13 +189,14 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """LDM's SpatialTransformer: feature map -> HW tokens -> transformer blocks -> back, plus residual."""
+    """LDM's SpatialTransformer: feature map -> HW tokens -> transformer blocks -> back, +x."""
 
     def __init__(self, channels, heads, context_dim, linear, groups, layers=1):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GN_EPS)
         proj = nn.Linear if linear else partial(nn.Conv2d, kernel_size=1)
-        self.proj_in, self.proj_out = proj(channels, channels), proj(channels, channels)
+        self.proj_in = proj(channels, channels)
+        self.proj_out = proj(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, heads, context_dim) for _ in range(layers)]
         )
@@ -189,28 +204,26 @@ class Transformer2DModel(nn.Module):
     def forward(self, x, context):
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+
         # A 1x1 conv (SD v1) and a Linear (SD v2) are the same matrix on tokens: one path for both.
         h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.transformer_blocks:
             h = block(h, context)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-conv twice, the time embedding added in between (none in the VAE), residual."""
+    """GroupNorm-SiLU-conv twice, the time embedding (none in the VAE) added between; +x."""
 
     def __init__(self, in_ch, out_ch, temb_ch=None, groups=32, eps=RESNET_EPS):
         super().__init__()
-        self.norm1, self.conv1 = (
-            nn.GroupNorm(groups, in_ch, eps),
-            nn.Conv2d(in_ch, out_ch, 3, padding=1),
-        )
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch else None
-        self.norm2, self.conv2 = (
-            nn.GroupNorm(groups, out_ch, eps),
-            nn.Conv2d(out_ch, out_ch, 3, padding=1),
-        )
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, temb=None):
@@ -218,7 +231,9 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
 
 
 class Downsample2D(nn.Module):
@@ -227,10 +242,8 @@ class Downsample2D(nn.Module):
 
     def __init__(self, channels, pad=None):
         super().__init__()
-        self.pad, self.conv = (
-            pad,
-            nn.Conv2d(channels, channels, 3, stride=2, padding=0 if pad else 1),
-        )
+        self.pad = pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if pad else 1)
 
     def forward(self, x):
         return self.conv(F.pad(x, self.pad) if self.pad else x)
@@ -244,18 +257,18 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
-        return self.conv(
-            F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
-        )
+        scale = None if size else 2.0
+        return self.conv(F.interpolate(x, size=size, scale_factor=scale, mode="nearest"))
 
 
 class DownBlock2D(nn.Module):
-    """One level of the contracting path: resnets (each followed by its attention when the level has
-    any), then an optional downsampler. Returns x and every intermediate output as skips."""
+    """One level of the contracting path: resnets (each followed by its attention when the level
+    has any), then an optional downsampler. Returns x and every intermediate output as skips."""
 
     def __init__(self, resnets, attentions=(), downsample=None):
         super().__init__()
-        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
         self.downsamplers = nn.ModuleList([downsample] if downsample is not None else [])
 
     def forward(self, x, temb=None, context=None):
@@ -266,7 +279,8 @@ class DownBlock2D(nn.Module):
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
-            skips.append(x)  # the up path also consumes the downsampled map
+            # the up path also consumes the downsampled map
+            skips.append(x)
         return x, skips
 
 
@@ -275,7 +289,8 @@ class MidBlock2D(nn.Module):
 
     def __init__(self, resnets, attentions):
         super().__init__()
-        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
 
     def forward(self, x, temb=None, context=None):
         x = self.resnets[0](x, temb)
@@ -290,13 +305,15 @@ class UpBlock2D(nn.Module):
 
     def __init__(self, resnets, attentions=(), upsample=None):
         super().__init__()
-        self.resnets, self.attentions = nn.ModuleList(resnets), nn.ModuleList(attentions)
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
         self.upsamplers = nn.ModuleList([upsample] if upsample is not None else [])
 
     def forward(self, x, temb=None, context=None, skips=(), size=None):
         skips = list(skips)
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1) if skips else x, temb)  # last skip first
+            # the last skip first
+            x = resnet(torch.cat([x, skips.pop()], dim=1) if skips else x, temb)
             x = self.attentions[j](x, context) if self.attentions else x
         for up in self.upsamplers:
             x = up(x, size)
@@ -304,28 +321,31 @@ class UpBlock2D(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps (or v) = UNet(x_t [B,4,h,w], t, context [B,77,D], added=None). Set `gradient_checkpointing = True`
-    to recompute each down/mid/up block in the backward pass instead of storing its activations.
+    """eps (or v) = UNet(x_t [B,4,h,w], t, context [B,77,D], added=None). Set
+    `gradient_checkpointing = True` to recompute each down/mid/up block in the backward pass
+    instead of storing its activations.
 
-    SDXL (addition_embed_type "text_time") also needs `added` [B, P + 6]: the pooled text embedding [B, P], then
-    six numbers in pixels, original (height, width), crop (top, left), target (height, width) (sgm's conditioner
-    embedders 2-4, diffusers' time_ids). ONE tensor per prompt, batched like `context`: what combines contexts
-    (torch.cat of [uncond; cond], expand, chunk) combines `added` the same way, and a frozen call passes it on
-    as one more argument, functional_call(unet, originals, (x, t, context, added)). SD v1/v2: None."""
+    SDXL (addition_embed_type "text_time") also needs `added` [B, P + 6]: the pooled text
+    embedding [B, P], then the SIZE_NUMBERS in pixels. ONE tensor per prompt, batched like
+    `context`: what combines contexts (torch.cat of [uncond; cond], expand, chunk) combines `added`
+    the same way, and a frozen call passes it on as one more argument,
+    functional_call(unet, originals, (x, t, context, added)). SD v1/v2: None."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        self.config, self.gradient_checkpointing = config, False
-        c, ch, lpb = config, list(config.block_out_channels), config.layers_per_block
+        self.config = config
+        self.gradient_checkpointing = False
+        c = config
+        ch = list(config.block_out_channels)
+        lpb = config.layers_per_block
         n = len(ch)
-        heads, depth = (
-            per_level(c.attention_head_dim, n),
-            per_level(c.transformer_layers_per_block, n),
-        )
+        heads = per_level(c.attention_head_dim, n)
+        depth = per_level(c.transformer_layers_per_block, n)
         temb = ch[0] * TIME_EMBED_MULT
         resnet = partial(ResnetBlock2D, temb_ch=temb, groups=c.norm_num_groups)
 
-        def attentions(level, count):  # a level's transformers: its channels, heads and depth
+        def attentions(level, count):
+            """A level's `count` transformers: its channels, heads and depth."""
             return [
                 Transformer2DModel(
                     ch[level],
@@ -339,75 +359,101 @@ class UNet(nn.Module):
             ]
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = mlp(ch[0], temb)  # on the sinusoidal embedding of t
-        # SDXL: on [pooled text, the size numbers' sinusoidal embeddings] (LDM label_emb), added to the time's
-        self.add_embedding = (
-            mlp(c.projection_class_embeddings_input_dim, temb) if c.addition_embed_type else None
-        )
-        self.down_blocks, self.up_blocks = nn.ModuleList(), nn.ModuleList()
-        skip_ch = [ch[0]]  # channels of every tensor the down path stores for the up path
+
+        # on the sinusoidal embedding of t
+        self.time_embedding = mlp(ch[0], temb)
+
+        # SDXL: on [pooled text, the size numbers' sinusoidal embeddings] (LDM label_emb), added
+        # to the time's
+        self.add_embedding = None
+        if c.addition_embed_type:
+            self.add_embedding = mlp(c.projection_class_embeddings_input_dim, temb)
+
+        # Registered in this order (down, up, mid), as state dicts and parameters() list them
+        self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+
+        # The contracting path; skip_ch: channels of every tensor it stores for the up path
+        skip_ch = [ch[0]]
         for i, kind in enumerate(c.down_block_types):
             last = i == n - 1
-            self.down_blocks.append(
-                DownBlock2D(
-                    [resnet(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(lpb)],
-                    attentions(i, lpb) if kind == CROSS_DOWN else [],
-                    None if last else Downsample2D(ch[i]),
-                )
+            resnets = [resnet(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(lpb)]
+            block = DownBlock2D(
+                resnets,
+                attentions(i, lpb) if kind == CROSS_DOWN else [],
+                None if last else Downsample2D(ch[i]),
             )
+            self.down_blocks.append(block)
             skip_ch += [ch[i]] * (lpb + (not last))
+
         self.mid_block = MidBlock2D(
-            [resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])], attentions(n - 1, 1)
+            [resnet(ch[-1], ch[-1]), resnet(ch[-1], ch[-1])],
+            attentions(n - 1, 1),
         )
+
+        # The expanding path: one resnet more per level than going down, for the downsampler's
+        # skip
         x_ch = ch[-1]
         for i, kind in enumerate(c.up_block_types):
-            level, resnets = n - 1 - i, []
-            for _ in range(lpb + 1):  # one more than going down: also takes the downsampler's skip
+            level = n - 1 - i
+            resnets = []
+            for _ in range(lpb + 1):
                 resnets.append(resnet(x_ch + skip_ch.pop(), ch[level]))
                 x_ch = ch[level]
-            self.up_blocks.append(
-                UpBlock2D(
-                    resnets,
-                    attentions(level, len(resnets)) if kind == CROSS_UP else [],
-                    Upsample2D(ch[level]) if level > 0 else None,
-                )
+            block = UpBlock2D(
+                resnets,
+                attentions(level, len(resnets)) if kind == CROSS_UP else [],
+                Upsample2D(ch[level]) if level > 0 else None,
             )
+            self.up_blocks.append(block)
+
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=RESNET_EPS)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     def forward(self, x, t, context, added=None):
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # number, 0-dim or [B] -> [B]
-        temb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
+        # the time embedding: t a number, 0-dim or [B] -> [B]
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        t_features = timestep_embedding(t, self.conv_in.out_channels).to(x.dtype)
+        temb = self.time_embedding(t_features)
+
+        # SDXL's added conditioning
         if (added is None) != (self.add_embedding is None):
+            needs = "needs" if added is None else "takes no"
             raise ValueError(
                 f"this UNet (addition_embed_type {self.config.addition_embed_type}) "
-                f"{'needs' if added is None else 'takes no'} `added` conditioning"
+                f"{needs} `added` conditioning"
             )
         if added is not None:
             temb = temb + self.add_embedding(self.added_features(added).to(x.dtype))
+
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         run = partial(checkpoint, use_reentrant=False) if checkpointing else nn.Module.__call__
+
+        # down, keeping every output for the up path
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
             x, out = run(block, x, temb, context)
             skips += out
+
         x = run(self.mid_block, x, temb, context)
+
+        # up, each block taking its resnets' number of skips, last first
         for block in self.up_blocks:
             n = len(block.resnets)
             skips, used = skips[:-n], skips[-n:]
-            size = skips[-1].shape[-2:] if skips else None  # upsample to the next level's skip size
+            # upsample to the next level's skip size
+            size = skips[-1].shape[-2:] if skips else None
             x = run(block, x, temb, context, used, size)
+
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def added_features(self, added):
-        """[B, P + n] pooled text and n numbers -> [B, P + n * d]: the pooled embedding, then each number's
-        sinusoidal embedding of width d (as a timestep's), add_embedding's input (sgm's vector `y`)."""
+        """[B, P + 6] pooled text and the SIZE_NUMBERS -> [B, P + 6 d]: the pooled embedding, then
+        each number's sinusoidal embedding of width d = addition_time_embed_dim (as a timestep's),
+        add_embedding's input (sgm's vector `y`)."""
         d = self.config.addition_time_embed_dim
-        n = (self.add_embedding.linear_1.in_features - added.shape[-1]) // (
-            d - 1
-        )  # (P + n d) - (P + n) = n (d - 1)
-        pooled, numbers = added[:, :-n], added[:, -n:]
-        return torch.cat(
-            [pooled, timestep_embedding(numbers.flatten(), d).view(len(added), n * d)], dim=-1
-        )
+        pooled = added[:, :-SIZE_NUMBERS]
+        numbers = added[:, -SIZE_NUMBERS:]
+        embedded = timestep_embedding(numbers.flatten(), d)  # [B * 6, d]
+        return torch.cat([pooled, embedded.view(len(added), SIZE_NUMBERS * d)], dim=-1)

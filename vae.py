@@ -23,10 +23,11 @@ from unet import (
 
 VAE_EPS = 1e-6  # every VAE GroupNorm: LDM Normalize(eps=1e-6)
 VAE_SCALE = 0.18215  # latent scaling: v1-inference.yaml `scale_factor`
-VAE_SCALE_XL = (
-    0.13025  # SDXL's (sd_xl_base.yaml `scale_factor`): the same VAE architecture, retrained
-)
-LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp in LDM's DiagonalGaussianDistribution
+# SDXL's (sd_xl_base.yaml `scale_factor`): the same VAE architecture, retrained
+VAE_SCALE_XL = 0.13025
+# the clamp in LDM's DiagonalGaussianDistribution
+LOGVAR_MIN = -30.0
+LOGVAR_MAX = 20.0
 VAE_PAD = (0, 1, 0, 1)  # LDM Downsample pads right and bottom, then a stride-2 conv
 
 
@@ -49,7 +50,8 @@ class VAEConfig:
 
     @classmethod
     def sdxl(cls):
-        """SDXL base 1.0: the same layout, its own weights and scaling, trained at 1024 px (its vae/config.json)."""
+        """SDXL base 1.0 (its vae/config.json): the same layout, its own weights and scaling,
+        trained at 1024 px."""
         return cls(sample_size=1024, scaling_factor=VAE_SCALE_XL)
 
 
@@ -68,6 +70,7 @@ class VAEAttention(Attention):
 
 
 def mid_block(ch, groups):
+    """resnet, attention, resnet at the lowest resolution."""
     resnets = [ResnetBlock2D(ch, ch, groups=groups, eps=VAE_EPS) for _ in range(2)]
     return MidBlock2D(resnets, [VAEAttention(ch, groups)])
 
@@ -77,20 +80,20 @@ class Encoder(nn.Module):
 
     def __init__(self, c: VAEConfig):
         super().__init__()
-        ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
+        ch = c.block_out_channels
+        g = c.norm_num_groups
+        n = len(ch)
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList(
-            DownBlock2D(
-                [
-                    ResnetBlock2D(
-                        ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], groups=g, eps=VAE_EPS
-                    )
-                    for j in range(c.layers_per_block)
-                ],
-                downsample=Downsample2D(ch[i], VAE_PAD) if i < n - 1 else None,
-            )
-            for i in range(n)
-        )
+
+        self.down_blocks = nn.ModuleList()
+        for i in range(n):
+            resnets = [
+                ResnetBlock2D(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], groups=g, eps=VAE_EPS)
+                for j in range(c.layers_per_block)
+            ]
+            downsample = Downsample2D(ch[i], VAE_PAD) if i < n - 1 else None
+            self.down_blocks.append(DownBlock2D(resnets, downsample=downsample))
+
         self.mid_block = mid_block(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=VAE_EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
@@ -99,7 +102,8 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x, _ = block(x)  # no skips: the autoencoder is not a U-Net
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -107,21 +111,21 @@ class Decoder(nn.Module):
 
     def __init__(self, c: VAEConfig):
         super().__init__()
-        ch, g, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)
+        ch = c.block_out_channels[::-1]  # widest first
+        g = c.norm_num_groups
+        n = len(ch)
         self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
         self.mid_block = mid_block(ch[0], g)
-        self.up_blocks = nn.ModuleList(
-            UpBlock2D(
-                [
-                    ResnetBlock2D(
-                        ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], groups=g, eps=VAE_EPS
-                    )
-                    for j in range(c.layers_per_block + 1)
-                ],
-                upsample=Upsample2D(ch[i]) if i < n - 1 else None,
-            )
-            for i in range(n)
-        )
+
+        self.up_blocks = nn.ModuleList()
+        for i in range(n):
+            resnets = [
+                ResnetBlock2D(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i], groups=g, eps=VAE_EPS)
+                for j in range(c.layers_per_block + 1)
+            ]
+            upsample = Upsample2D(ch[i]) if i < n - 1 else None
+            self.up_blocks.append(UpBlock2D(resnets, upsample=upsample))
+
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=VAE_EPS)
         self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
 
@@ -138,8 +142,10 @@ class VAE(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
-        self.config, lat = config, config.latent_channels
-        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.config = config
+        lat = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1)
         self.post_quant_conv = nn.Conv2d(lat, lat, 1)
 

@@ -1,4 +1,5 @@
-"""sampler.py against closed-form DDIM values and against diffusers' DDIMScheduler (SD's config), fp32, CPU."""
+"""sampler.py against closed-form DDIM values and against diffusers' DDIMScheduler (SD's config),
+fp32, CPU."""
 
 import math
 
@@ -18,7 +19,7 @@ def scheduler(**overrides):
 
 
 class CountingUNet:
-    """A tiny random diffusers UNet as `unet(x, t, context)`, recording each call's batch size."""
+    """A tiny random diffusers UNet as `unet(x, t, context)`, recording each batch size."""
 
     def __init__(self):
         self.unet = tiny.randomize(UNet2DConditionModel(**tiny.UNET_V1)).eval()
@@ -40,18 +41,22 @@ def inputs():
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn((B, 4, 8, 8), generator=g)
     dim = tiny.UNET_V1["cross_attention_dim"]
-    return x_T, torch.randn((B, 77, dim), generator=g), torch.randn((B, 77, dim), generator=g)
+    cond = torch.randn((B, 77, dim), generator=g)
+    uncond = torch.randn((B, 77, dim), generator=g)
+    return x_T, cond, uncond
 
 
 @torch.no_grad()
 def diffusers_loop(model, x_T, cond, uncond, guidance, eta=0.0, seed=None, **config):
-    """StableDiffusionPipeline's denoising loop with DDIMScheduler; returns x after each step (x_T first)."""
+    """StableDiffusionPipeline's denoising loop with DDIMScheduler; returns x after each
+    step, x_T first."""
     sched = scheduler(**config)
     sched.set_timesteps(STEPS)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     xs = [x_T]
     for t in sched.timesteps:
-        eps_uncond, eps_cond = model(torch.cat([xs[-1]] * 2), t, torch.cat([uncond, cond])).chunk(2)
+        out = model(torch.cat([xs[-1]] * 2), t, torch.cat([uncond, cond]))
+        eps_uncond, eps_cond = out.chunk(2)
         eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         xs.append(sched.step(eps, t, xs[-1], eta=eta, generator=generator).prev_sample)
     return xs
@@ -61,12 +66,10 @@ def test_alphas_cumprod_matches_diffusers_and_closed_form():
     a = sampler.alphas_cumprod()
     assert a.dtype == torch.float32 and a.shape == (sampler.NUM_TRAIN_TIMESTEPS,)
     torch.testing.assert_close(a, scheduler().alphas_cumprod, rtol=0, atol=1e-7)
-    assert a[0].item() == pytest.approx(
-        1 - sampler.BETA_START, abs=1e-7
-    )  # alpha_bar_0 = 1 - beta_0
-    assert (1 - a[-1] / a[-2]).item() == pytest.approx(
-        sampler.BETA_END, abs=1e-6
-    )  # beta_999 = BETA_END
+    # alpha_bar_0 = 1 - beta_0
+    assert a[0].item() == pytest.approx(1 - sampler.BETA_START, abs=1e-7)
+    # beta_999 = BETA_END
+    assert (1 - a[-1] / a[-2]).item() == pytest.approx(sampler.BETA_END, abs=1e-6)
 
 
 @pytest.mark.parametrize("steps", [1, 10, 25, 30, 50, 999])
@@ -81,9 +84,8 @@ def test_ddim_timesteps_closed_form():
     assert sampler.ddim_timesteps(10).tolist() == list(range(901, 0, -100))
     sched = scheduler()
     sched.set_timesteps(1000)
-    assert (
-        sched.timesteps[0] == sampler.NUM_TRAIN_TIMESTEPS
-    )  # diffusers would index past alphas_cumprod
+    # diffusers would index past alphas_cumprod
+    assert sched.timesteps[0] == sampler.NUM_TRAIN_TIMESTEPS
     with pytest.raises(ValueError):
         sampler.ddim_timesteps(1000)
 
@@ -96,7 +98,8 @@ def test_ddim_step_matches_diffusers(prediction, eta):
     a = sampler.alphas_cumprod()
     g = torch.Generator().manual_seed(0)
     ts = sampler.ddim_timesteps(50).tolist()
-    for i in [0, 17, 48, 49]:  # first, middle, and the last two (the last uses alphas_cumprod[0])
+    # first, middle, and the last two (the last uses alphas_cumprod[0])
+    for i in [0, 17, 48, 49]:
         x, out, noise = (torch.randn((B, 4, 8, 8), generator=g) for _ in range(3))
         a_prev = a[ts[i + 1]] if i + 1 < len(ts) else a[0]
         ours = sampler.ddim_step(x, out, a[ts[i]], a_prev, eta, noise, prediction)
@@ -105,28 +108,31 @@ def test_ddim_step_matches_diffusers(prediction, eta):
 
 
 def test_ddim_step_closed_form_eta0():
-    # alpha_bar_t = 0.36, alpha_bar_prev = 0.64: sqrt(.36)=.6, sqrt(.64)=.8. x_0 = 1, eps = 0.5 gives
-    # x_t = .6*1 + .8*.5 = 1 (eq. 4); then x_prev = .8*1 + sqrt(1-.64)*.5 = 1.1 (eq. 12, sigma=0).
-    x_t, eps, v = torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([0.6 * 0.5 - 0.8 * 1.0])
-    a_t, a_prev = torch.tensor(0.36), torch.tensor(0.64)
+    # alpha_bar_t = 0.36, alpha_bar_prev = 0.64: sqrt(.36)=.6, sqrt(.64)=.8. x_0 = 1, eps = 0.5
+    # gives x_t = .6*1 + .8*.5 = 1 (eq. 4); then x_prev = .8*1 + sqrt(1-.64)*.5 = 1.1 (eq. 12,
+    # sigma=0).
+    x_t = torch.tensor([1.0])
+    eps = torch.tensor([0.5])
+    v = torch.tensor([0.6 * 0.5 - 0.8 * 1.0])
+    a_t = torch.tensor(0.36)
+    a_prev = torch.tensor(0.64)
     torch.testing.assert_close(sampler.ddim_step(x_t, eps, a_t, a_prev), torch.tensor([1.1]))
-    torch.testing.assert_close(
-        sampler.ddim_step(x_t, v, a_t, a_prev, prediction="v_prediction"), torch.tensor([1.1])
-    )
+    from_v = sampler.ddim_step(x_t, v, a_t, a_prev, prediction="v_prediction")
+    torch.testing.assert_close(from_v, torch.tensor([1.1]))
     with pytest.raises(ValueError):
         sampler.ddim_step(x_t, eps, a_t, a_prev, prediction="sample")
 
 
 def test_ddim_step_eta1_is_ddpm_posterior():
-    # eta = 1 makes DDIM's process Markovian (paper, below eq. 16): x_prev ~ q(x_prev | x_t, x0_pred), the
-    # DDPM posterior (arXiv 2006.11239 eq. 7) with alpha = a_t / a_prev, beta = 1 - alpha.
+    # eta = 1 makes DDIM's process Markovian (paper, below eq. 16): x_prev ~ q(x_prev | x_t,
+    # x0_pred), the DDPM posterior (arXiv 2006.11239 eq. 7) with alpha = a_t / a_prev,
+    # beta = 1 - alpha.
     a_t, a_prev = 0.3, 0.7
-    alpha, beta = a_t / a_prev, 1 - a_t / a_prev
-    x_t, eps, z = (
-        torch.tensor([0.9], dtype=torch.float64),
-        torch.tensor([-0.4], dtype=torch.float64),
-        torch.ones(1),
-    )
+    alpha = a_t / a_prev
+    beta = 1 - a_t / a_prev
+    x_t = torch.tensor([0.9], dtype=torch.float64)
+    eps = torch.tensor([-0.4], dtype=torch.float64)
+    z = torch.ones(1)
     x0 = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     mean = (
         math.sqrt(a_prev) * beta / (1 - a_t) * x0
@@ -134,16 +140,15 @@ def test_ddim_step_eta1_is_ddpm_posterior():
     )
     var = (1 - a_prev) / (1 - a_t) * beta  # beta tilde
     torch.testing.assert_close(sampler.ddim_step(x_t, eps, a_t, a_prev, 1.0, 0 * z), mean)
-    torch.testing.assert_close(
-        sampler.ddim_step(x_t, eps, a_t, a_prev, 1.0, z), mean + math.sqrt(var)
-    )
+    with_noise = sampler.ddim_step(x_t, eps, a_t, a_prev, 1.0, z)
+    torch.testing.assert_close(with_noise, mean + math.sqrt(var))
 
 
 def test_cfg_formula():
-    u, c = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])
-    torch.testing.assert_close(
-        sampler.cfg(u, c, 7.5), torch.tensor([16.0, 13.0])
-    )  # u + 7.5 (c - u)
+    u = torch.tensor([1.0, -2.0])
+    c = torch.tensor([3.0, 0.0])
+    # u + 7.5 (c - u)
+    torch.testing.assert_close(sampler.cfg(u, c, 7.5), torch.tensor([16.0, 13.0]))
     torch.testing.assert_close(sampler.cfg(u, c, 1.0), c)
 
 
@@ -176,9 +181,8 @@ def test_partial_sampling_stops_at_step_k(model, inputs):
         model.batches.clear()
         x_k = sampler.sample(model, x_T, cond, uncond, steps=STEPS, until=k)
         assert len(model.batches) == k
-        torch.testing.assert_close(
-            x_k, ref[k], rtol=1e-5, atol=1e-5
-        )  # x at ddim_timesteps(STEPS)[k]
+        # x at ddim_timesteps(STEPS)[k]
+        torch.testing.assert_close(x_k, ref[k], rtol=1e-5, atol=1e-5)
     assert torch.equal(sampler.sample(model, x_T, cond, uncond, steps=STEPS, until=0), x_T)
     with pytest.raises(ValueError):
         sampler.sample(model, x_T, cond, uncond, steps=STEPS, until=STEPS + 1)

@@ -1,5 +1,6 @@
 """unet.py against diffusers' UNet2DConditionModel (the oracle), fp32 on CPU: same random weights
-loaded by identity give the same eps; key sets equal at tiny and at full SD v1/v2/XL size (meta device)."""
+loaded by identity give the same eps; key sets equal at tiny and at full SD v1/v2/XL size (meta
+device)."""
 
 import functools
 import json
@@ -15,10 +16,8 @@ import configs
 import tiny
 from unet import Attention, UNet, UNetConfig
 
-PARAMS = {
-    "sd1": 859_520_964,
-    "sdxl": 2_567_463_684,
-}  # fixtures/README.md: model.diffusion_model.* scalars
+# tests/fixtures/README.md: model.diffusion_model.* scalars
+PARAMS = {"sd1": 859_520_964, "sdxl": 2_567_463_684}
 # runwayml/stable-diffusion-v1-5 unet/config.json (diffusers' defaults give the SD v1 block types).
 SD1_DIFFUSERS = dict(
     block_out_channels=[320, 640, 1280, 1280],
@@ -36,11 +35,10 @@ SD2_DIFFUSERS = dict(
     upcast_attention=True,
     sample_size=96,
 )
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, as the fixture records it (the hub's file also
-# writes "upcast_attention": null, which the fixture leaves out)
-with open(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdxl_ldm.json")
-) as f:
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, as the fixture records it (the hub's
+# file also writes "upcast_attention": null, which the fixture leaves out)
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sdxl_ldm.json")
+with open(FIXTURE) as f:
     SDXL_DIFFUSERS = dict(json.load(f)["model"]["diffusers_configs"]["unet"], upcast_attention=None)
 
 
@@ -60,12 +58,12 @@ def shapes(module):
 @pytest.mark.parametrize("name", ["UNET_V1", "UNET_V2", "UNET_XL"])
 def test_state_dict_keys_and_shapes_equal_diffusers(name):
     config = getattr(tiny, name)
-    assert shapes(UNet(configs.config_from_json(UNetConfig, config))) == shapes(
-        UNet2DConditionModel(**config)
-    )
+    ours = UNet(configs.config_from_json(UNetConfig, config))
+    assert shapes(ours) == shapes(UNet2DConditionModel(**config))
 
 
-# t as a python int and as a [B] tensor; 10x6 has odd sides at lower levels (upsampling to the skip's size).
+# t as a python int and as a [B] tensor; 10x6 has odd sides at lower levels (upsampling to the
+# skip's size).
 @pytest.mark.parametrize(
     "name, t, hw",
     [
@@ -91,54 +89,57 @@ def test_forward_matches_diffusers(name, t, hw):
 
 
 def xl_inputs(hw, seed=1):
-    """x, context and SDXL's added conditioning for tiny.UNET_XL: pooled text embeddings and the six numbers
-    (original h, w, crop top, left, target h, w), different per sample; also as diffusers' added_cond_kwargs."""
+    """x, context and SDXL's added conditioning for tiny.UNET_XL: pooled text embeddings and the
+    six numbers (original h, w, crop top, left, target h, w), different per sample; also as
+    diffusers' added_cond_kwargs."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, *hw, generator=g)
     context = torch.randn(2, 77, tiny.UNET_XL["cross_attention_dim"], generator=g)
     pooled = torch.randn(2, tiny.XL_POOLED, generator=g)
     numbers = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 1344, 64, 32, 832, 1216]])
-    return (
-        x,
-        context,
-        torch.cat([pooled, numbers], dim=-1),
-        dict(text_embeds=pooled, time_ids=numbers),
-    )
+    added = torch.cat([pooled, numbers], dim=-1)
+    return x, context, added, dict(text_embeds=pooled, time_ids=numbers)
 
 
-@pytest.mark.parametrize("t, hw", [("per-sample", (8, 8)), (981, (10, 6))])
-def test_sdxl_forward_matches_diffusers(t, hw):
-    """No attention at the first level, transformer depth 2 and 3 (and 3 in the middle block), the added
-    embedding of pooled text and size numbers: diffusers' SDXL UNet at 1e-5."""
-    ref, ours = pair("UNET_XL")
+@pytest.mark.parametrize(
+    "name, t, hw",
+    [
+        ("UNET_XL", "per-sample", (8, 8)),
+        ("UNET_XL", 981, (10, 6)),
+        ("UNET_XL_NARROW", "per-sample", (8, 8)),
+    ],
+)
+def test_sdxl_forward_matches_diffusers(name, t, hw):
+    """No attention at the first level, transformer depth 2 and 3 (and 3 in the middle block), the
+    added embedding of pooled text and size numbers (SDXL base's 256 wide each, or 8):
+    diffusers' SDXL UNet at 1e-5."""
+    ref, ours = pair(name)
     x, context, added, added_cond_kwargs = xl_inputs(hw)
     t = torch.tensor([1, 961]) if t == "per-sample" else t
     inputs = [v.clone() for v in (x, context, added)]
     with torch.no_grad():
-        expected = ref(
-            x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs
-        ).sample
+        expected = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs)
         got = ours(x, t, context, added)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert all(torch.equal(a, b) for a, b in zip((x, context, added), inputs))  # no in-place change
+    torch.testing.assert_close(got, expected.sample, atol=1e-5, rtol=0)
+    # no in-place change
+    assert all(torch.equal(a, b) for a, b in zip((x, context, added), inputs))
 
 
 def test_sdxl_added_conditioning_matters_and_is_checked():
-    """Each sample's numbers and pooled embedding change that sample's eps only; a UNet with an added embedding
-    refuses a call without `added`, one without refuses `added`."""
+    """Each sample's numbers and pooled embedding change that sample's eps only; a UNet with an
+    added embedding refuses a call without `added`, one without refuses `added`."""
     _, ours = pair("UNET_XL")
     x, context, added, _ = xl_inputs((8, 8))
+    # pooled; original width; target width
+    columns = (0, tiny.XL_POOLED + 1, tiny.XL_POOLED + 5)
     with torch.no_grad():
         base = ours(x, 500, context, added)
-        for column in (
-            0,
-            tiny.XL_POOLED + 1,
-            tiny.XL_POOLED + 5,
-        ):  # pooled; original width; target width
+        for column in columns:
             changed = added.clone()
             changed[1, column] += 1
             diff = (ours(x, 500, context, changed) - base).abs().amax(dim=(1, 2, 3))
             assert diff[0] == 0 and diff[1] > 1e-4, column
+
     with pytest.raises(ValueError, match="needs `added`"):
         ours(x, 500, context)
     with pytest.raises(ValueError, match="takes no `added`"):
@@ -147,25 +148,34 @@ def test_sdxl_added_conditioning_matters_and_is_checked():
 
 def test_timestep_forms_agree_and_matter():
     _, ours = pair("UNET_V1")
-    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64)
+    x = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, 64)
     with torch.no_grad():
         as_int = ours(x, 700, context)
-        torch.testing.assert_close(ours(x, torch.tensor(700), context), as_int, atol=0, rtol=0)
-        torch.testing.assert_close(
-            ours(x, torch.tensor([700, 700]), context), as_int, atol=0, rtol=0
-        )
+        as_scalar = ours(x, torch.tensor(700), context)
+        as_batch = ours(x, torch.tensor([700, 700]), context)
+        torch.testing.assert_close(as_scalar, as_int, atol=0, rtol=0)
+        torch.testing.assert_close(as_batch, as_int, atol=0, rtol=0)
         assert not torch.allclose(ours(x, 10, context), as_int, atol=1e-3)
 
 
 @pytest.mark.parametrize("context_len", [None, 7])  # self-attention, cross-attention
 def test_attention_matches_softmax_formula(context_len):
     torch.manual_seed(0)
-    heads, d, dim, ctx_dim = 4, 8, 32, 24
+    heads = 4
+    d = 8
+    dim = 32
+    ctx_dim = 24
     attn = Attention(dim, heads, d, ctx_dim if context_len else None)
     x = torch.randn(2, 5, dim)
     context = torch.randn(2, context_len, ctx_dim) if context_len else x
-    split = lambda t: t.view(2, -1, heads, d).transpose(1, 2)  # noqa: E731  (B, heads, N, d)
-    q, k, v = split(attn.to_q(x)), split(attn.to_k(context)), split(attn.to_v(context))
+
+    def split(t):
+        return t.view(2, -1, heads, d).transpose(1, 2)  # (B, heads, N, d)
+
+    q = split(attn.to_q(x))
+    k = split(attn.to_k(context))
+    v = split(attn.to_v(context))
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
     expected = attn.to_out[0]((weights @ v).transpose(1, 2).reshape(2, 5, heads * d))
     got = attn(x, context if context_len else None)
@@ -173,11 +183,11 @@ def test_attention_matches_softmax_formula(context_len):
 
 
 def test_gradient_checkpointing_same_gradients_and_recomputes():
-    ours = UNet(
-        configs.config_from_json(UNetConfig, tiny.UNET_V2)
-    )  # fresh: this test sets grads and the flag
+    # fresh: this test sets grads and the flag
+    ours = UNet(configs.config_from_json(UNetConfig, tiny.UNET_V2))
     g = torch.Generator().manual_seed(2)
-    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 128, generator=g)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, 128, generator=g)
     calls = []
     ours.down_blocks[0].resnets[0].register_forward_hook(lambda *_: calls.append(1))
 
@@ -190,7 +200,8 @@ def test_gradient_checkpointing_same_gradients_and_recomputes():
 
     plain, plain_calls = grads(False)
     checkpointed, checkpointed_calls = grads(True)
-    assert (plain_calls, checkpointed_calls) == (1, 2)  # the block ran again during backward
+    # the block ran again during backward
+    assert (plain_calls, checkpointed_calls) == (1, 2)
     assert plain.keys() == checkpointed.keys()
     for k in plain:
         torch.testing.assert_close(checkpointed[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
@@ -199,13 +210,11 @@ def test_gradient_checkpointing_same_gradients_and_recomputes():
 def test_config_from_a_saved_diffusers_config_json(tmp_path):
     UNet2DConditionModel(**tiny.UNET_V2).save_config(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
-    assert (
-        "_class_name" in d and "upcast_attention" in d
-    )  # bookkeeping and ignored keys are present
+    # bookkeeping and ignored keys are present
+    assert "_class_name" in d and "upcast_attention" in d
     config = configs.config_from_json(UNetConfig, d)
-    assert (
-        config.attention_head_dim == (2, 4, 4) and config.use_linear_projection
-    )  # tuples, as declared
+    # tuples, as declared
+    assert config.attention_head_dim == (2, 4, 4) and config.use_linear_projection
     assert config.cross_attention_dim == 128 and config.layers_per_block == 1
 
 
@@ -232,16 +241,24 @@ def test_config_json_with_non_sd_options_is_refused(override):
 def test_full_size_presets_match_diffusers_on_meta(preset, diffusers_config):
     config = getattr(UNetConfig, preset)()
     with torch.device("meta"):
-        ours, ref = UNet(config), UNet2DConditionModel(**diffusers_config)
-    assert (
-        configs.config_from_json(UNetConfig, dict(ref.config)) == config
-    )  # every key diffusers writes, read
+        ours = UNet(config)
+        ref = UNet2DConditionModel(**diffusers_config)
+    # every key diffusers writes, read
+    assert configs.config_from_json(UNetConfig, dict(ref.config)) == config
     assert shapes(ours) == shapes(ref)
-    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     for f in fields(config):
         assert as_list(getattr(config, f.name)) == as_list(ref.config[f.name]), f.name
-    heads = lambda m: {k: a.heads for k, a in m.named_modules() if k[-5:] in ("attn1", "attn2")}  # noqa
-    assert heads(ours) == heads(ref)  # head counts do not show in shapes
+    # head counts do not show in shapes
+    assert heads(ours) == heads(ref)
+
+
+def as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def heads(module):
+    """{attention name: head count} of a UNet's attn1 and attn2 modules."""
+    return {k: a.heads for k, a in module.named_modules() if k[-5:] in ("attn1", "attn2")}
 
 
 @pytest.mark.parametrize("preset", PARAMS)

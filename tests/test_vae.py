@@ -1,5 +1,6 @@
 """vae.py against diffusers' AutoencoderKL (the oracle), fp32 on CPU: same random weights loaded by
-identity give the same posterior and decoded image; key sets equal at tiny and full SD size (meta)."""
+identity give the same posterior and decoded image; key sets equal at tiny and full SD size
+(meta)."""
 
 import copy
 import json
@@ -13,7 +14,8 @@ import configs
 import tiny
 from vae import VAE, VAEConfig
 
-SD_VAE_PARAMS = 83_653_863  # ../shared/fixtures/README.md: first_stage_model.* scalars of SD v1
+# tests/fixtures/README.md: first_stage_model.* scalars of SD v1
+SD_VAE_PARAMS = 83_653_863
 # stable-diffusion-v1-5 vae/config.json (diffusers' AutoencoderKL keys)
 SD_DIFFUSERS = dict(
     block_out_channels=[128, 256, 512, 512],
@@ -38,9 +40,8 @@ def pair():
 
 
 def test_state_dict_keys_and_shapes_equal_diffusers():
-    assert shapes(VAE(configs.config_from_json(VAEConfig, tiny.VAE))) == shapes(
-        AutoencoderKL(**tiny.VAE)
-    )
+    ours = VAE(configs.config_from_json(VAEConfig, tiny.VAE))
+    assert shapes(ours) == shapes(AutoencoderKL(**tiny.VAE))
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (24, 40)])
@@ -72,9 +73,8 @@ def test_decode_matches_diffusers(pair):
 def test_logvar_is_clamped_like_ldm(pair):
     vae = copy.deepcopy(pair[1])
     with torch.no_grad():
-        vae.quant_conv.weight[4:6] = (
-            0.0  # quant_conv's output is (mean, logvar) stacked on channels
-        )
+        # quant_conv's output is (mean, logvar) stacked on channels
+        vae.quant_conv.weight[4:6] = 0.0
         vae.quant_conv.bias[4:6] = torch.tensor([-100.0, 100.0])
         _, logvar = vae.encode(torch.randn(1, 3, 16, 16))
     assert (logvar[:, 0] == -30.0).all() and (logvar[:, 1] == 20.0).all()
@@ -86,9 +86,8 @@ def test_config_from_a_saved_diffusers_config_json(tmp_path):
     d = json.loads((tmp_path / "config.json").read_text())
     assert "_class_name" in d and "force_upcast" in d
     config = configs.config_from_json(VAEConfig, d)
-    assert (
-        config.block_out_channels == (32, 64) and config.layers_per_block == 1
-    )  # a tuple, as declared
+    # a tuple, as declared
+    assert config.block_out_channels == (32, 64) and config.layers_per_block == 1
     assert config.scaling_factor == 0.18215
 
 
@@ -110,10 +109,14 @@ def test_config_json_with_non_sd_options_is_refused(override):
 def test_full_size_sd_vae_on_meta():
     config = VAEConfig.sd()
     with torch.device("meta"):
-        ours, ref = VAE(config), AutoencoderKL(**SD_DIFFUSERS)
+        ours = VAE(config)
+        ref = AutoencoderKL(**SD_DIFFUSERS)
     assert shapes(ours) == shapes(ref)
     assert sum(p.numel() for p in ours.parameters()) == SD_VAE_PARAMS
-    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     for f in fields(config):
         assert as_list(getattr(config, f.name)) == as_list(ref.config[f.name]), f.name
     assert ours.scale_factor == 8
+
+
+def as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value

@@ -32,8 +32,8 @@ UNET_V2 = dict(
     cross_attention_dim=128,
     layers_per_block=1,
 )
-# SD 2.x as a single file tells it: 64-dim heads (so channels in multiples of 64), linear projections, and the
-# context width of OpenCLIP's text encoder below.
+# SD 2.x as a single file tells it: 64-dim heads (so channels in multiples of 64), linear
+# projections, and the context width of OpenCLIP's text encoder below.
 UNET_SD2 = dict(
     UNET_V1,
     block_out_channels=[64, 64, 128],
@@ -42,10 +42,11 @@ UNET_SD2 = dict(
     cross_attention_dim=64,
     layers_per_block=1,
 )
-# SDXL layout in miniature: no attention at the first level, transformer depth per level (the first unused,
-# the middle block's is the last level's), linear projections and SDXL's 64-dim heads (1 and 2 heads here),
-# the added conditioning: pooled text (XL_POOLED wide) and 6 size numbers of SDXL's sinusoidal width 256; the
-# context is the two text encoders' (CLIP 64 + BIG_G 128) side by side.
+# SDXL layout in miniature: no attention at the first level, transformer depth per level (the
+# first unused, the middle block's is the last level's), linear projections and SDXL's 64-dim heads
+# (1 and 2 heads here), the added conditioning: pooled text (XL_POOLED wide) and 6 size numbers of
+# SDXL's sinusoidal width 256; the context is the two text encoders' (CLIP 64 + BIG_G 128) side by
+# side.
 XL_POOLED = 32  # SDXL's: 1280 (OpenCLIP bigG's projection)
 UNET_XL = dict(
     UNET_V1,
@@ -59,6 +60,12 @@ UNET_XL = dict(
     addition_embed_type="text_time",
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=XL_POOLED + 6 * 256,
+)
+# A small or distilled SDXL: the size numbers' sinusoidal width is 8, not SDXL base's 256.
+UNET_XL_NARROW = dict(
+    UNET_XL,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=XL_POOLED + 6 * 8,
 )
 VAE = dict(
     in_channels=3,
@@ -80,11 +87,13 @@ CLIP = dict(
     max_position_embeddings=77,
     hidden_act="quick_gelu",
 )
-# OpenCLIP's text encoder as diffusers' SD 2.x holds it: the layers SD 2.x uses (the file's tower has one more), GELU.
+# OpenCLIP's text encoder as diffusers' SD 2.x holds it: the layers SD 2.x uses (the file's tower
+# has one more), GELU.
 OPENCLIP = dict(CLIP, hidden_act="gelu")
-# SDXL's second text encoder in miniature: OpenCLIP bigG as diffusers holds it (CLIPTextModelWithProjection), GELU,
-# 64-dim heads, a projection to XL_POOLED that is not square (so its orientation shows), wider than CLIP (diffusers'
-# single-file loader tells the two encoders of a file apart by width).
+# SDXL's second text encoder in miniature: OpenCLIP bigG as diffusers holds it
+# (CLIPTextModelWithProjection), GELU, 64-dim heads, a projection to XL_POOLED that is not square
+# (so its orientation shows), wider than CLIP (diffusers' single-file loader tells the two encoders
+# of a file apart by width).
 BIG_G = dict(
     hidden_size=128,
     intermediate_size=256,
@@ -94,9 +103,8 @@ BIG_G = dict(
     hidden_act="gelu",
     projection_dim=XL_POOLED,
 )
-VAE_XL = dict(
-    VAE, scaling_factor=0.13025, force_upcast=True
-)  # SDXL's VAE config: its scaling, decoded in fp32
+# SDXL's VAE config: its scaling, decoded in fp32
+VAE_XL = dict(VAE, scaling_factor=0.13025, force_upcast=True)
 # SD v1.5's scheduler_config.json, the fields DDIMScheduler reads.
 SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -126,11 +134,13 @@ def write_tokenizer(folder):
     """A character-level CLIP BPE tokenizer (no merges): 514 tokens, every prompt encodable."""
     chars = byte_chars()
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump({t: i for i, t in enumerate(vocab)}, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
+
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
@@ -140,7 +150,8 @@ def write_tokenizer(folder):
 
 
 def text_encoder(tokenizer, seed=0, config=CLIP, cls=None):
-    """A tiny random transformers CLIPTextModel (or `cls`, e.g. CLIPTextModelWithProjection) matching `tokenizer`."""
+    """A tiny random transformers CLIPTextModel (or `cls`, e.g. CLIPTextModelWithProjection)
+    matching `tokenizer`."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -169,9 +180,9 @@ def randomize(module, seed=0, scale=0.1):
 def pipeline(
     seed=0, unet_config=UNET_V1, folder=None, text=CLIP, pad_token=None, prediction_type="epsilon"
 ):
-    """A tiny random diffusers StableDiffusionPipeline with SD v1.5's DDIM scheduler (for `prediction_type`), its
-    tokenizer padding with `pad_token` (default: its end token); saved as a diffusers folder (model_index.json,
-    unet/, vae/, text_encoder/, ...) when `folder` is given."""
+    """A tiny random diffusers StableDiffusionPipeline with SD v1.5's DDIM scheduler (for
+    `prediction_type`), its tokenizer padding with `pad_token` (default: its end token);
+    saved as a diffusers folder (model_index.json, unet/, vae/, ...) when `folder` is given."""
     import tempfile
 
     from diffusers import (
@@ -202,10 +213,11 @@ def pipeline(
     return pipe
 
 
-def xl_pipeline(seed=0, folder=None):
-    """A tiny random diffusers StableDiffusionXLPipeline (UNET_XL, VAE_XL, CLIP and BIG_G text encoders, tokenizer_2
-    padding with "!" as SDXL's, zeros for an empty negative prompt as the base model's, no watermark) with SD v1.5's
-    DDIM scheduler (SDXL's betas); saved as a diffusers folder when `folder` is given."""
+def xl_pipeline(seed=0, folder=None, unet_config=UNET_XL):
+    """A tiny random diffusers StableDiffusionXLPipeline (`unet_config`, VAE_XL, CLIP and BIG_G
+    text encoders, tokenizer_2 padding with "!" as SDXL's, zeros for an empty negative prompt as
+    the base model's, no watermark) with SD v1.5's DDIM scheduler (SDXL's betas); saved as a
+    diffusers folder when `folder` is given."""
     import tempfile
 
     from diffusers import (
@@ -216,7 +228,8 @@ def xl_pipeline(seed=0, folder=None):
     )
     from transformers import CLIPTextModelWithProjection
 
-    tok, tok_2 = write_tokenizer(tempfile.mkdtemp()), write_tokenizer(tempfile.mkdtemp())
+    tok = write_tokenizer(tempfile.mkdtemp())
+    tok_2 = write_tokenizer(tempfile.mkdtemp())
     tok_2.pad_token = "!"
     pipe = StableDiffusionXLPipeline(
         vae=randomize(AutoencoderKL(**VAE_XL), seed + 1).eval(),
@@ -224,7 +237,7 @@ def xl_pipeline(seed=0, folder=None):
         text_encoder_2=text_encoder(tok_2, seed + 3, BIG_G, CLIPTextModelWithProjection),
         tokenizer=tok,
         tokenizer_2=tok_2,
-        unet=randomize(UNet2DConditionModel(**UNET_XL), seed).eval(),
+        unet=randomize(UNet2DConditionModel(**unet_config), seed).eval(),
         scheduler=DDIMScheduler(**SCHEDULER),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
