@@ -34,10 +34,6 @@ from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
 FAMILY_NAMES = {"sd1": "SD v1", "sd2": "SD 2.x", "sdxl": "SDXL"}
-PREDICTION_HELP = (
-    "what the UNet predicts (default: a folder's scheduler, a file's metadata, "
-    "else SD 2.x v, others epsilon)"
-)
 # Weight file names per part, tried in order (.bin: older repos): diffusers' for models,
 # transformers' for CLIP; text_encoder_2 is SDXL's second.
 WEIGHTS = {

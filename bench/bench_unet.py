@@ -32,7 +32,7 @@ from diffusers.utils import logging
 # the repository root, for the product's modules
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import configs  # noqa: E402
-from unet import UNet, UNetConfig  # noqa: E402
+from unet import SIZE_NUMBERS, UNet, UNetConfig  # noqa: E402
 
 # CLIP text tokens
 CONTEXT_LEN = 77
@@ -59,8 +59,6 @@ SDXL = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-# SDXL's added numbers, after the pooled text: original (h, w), crop (top, left), target (h, w)
-SIZE_NUMBERS = 6
 SD1_SMALL = dict(SD1, block_out_channels=[64, 128, 256, 256])
 SDXL_SMALL = dict(SDXL, block_out_channels=[64, 128, 256], attention_head_dim=[1, 2, 4])
 # name -> (config, batch, latent side)
