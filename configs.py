@@ -4,7 +4,7 @@ A checkpoint's family (SD v1, 2.x, XL); its configs from an official LDM file's 
 what shapes cannot tell, the family's constants (SD v1's 8 heads, 64-dim heads of SD 2.x and
 SDXL, CLIP's 64-dim text heads and activations, the prediction type and image size where a
 file's metadata is silent); from and to diffusers' config.json files. LDM configs as in
-https://github.com/Stability-AI/stablediffusion/blob/cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf/configs/stable-diffusion/v2-inference-v.yaml
+Stability-AI/stablediffusion@cf1d67a6fd5e configs/stable-diffusion/v2-inference-v.yaml
 """
 
 import dataclasses

@@ -4,9 +4,9 @@ LDM, sgm (SDXL) and OpenCLIP names by a short rule table plus one index function
 numbered blocks); the layouts that differ (VAE attention as 1x1 convs, OpenCLIP's fused q, k, v
 and its x @ P projection); the tensors a file carries that no model holds (schedule buffers,
 OpenCLIP's unused head). Configs: configs.py. LDM names as in
-https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py
+CompVis/stable-diffusion@21f890f9da3c ldm/modules/diffusionmodules/openaimodel.py
 and SDXL's conditioner (embedders 0 and 1) as in
-https://github.com/Stability-AI/generative-models/blob/31fe459a85687b0588cb240c4cfba28a2ed22eb4/sgm/modules/encoders/modules.py
+Stability-AI/generative-models@31fe459a8568 sgm/modules/encoders/modules.py
 """
 
 import functools

@@ -6,8 +6,8 @@ e_c = ε_θ(x_t, c, t) come from the FROZEN θ. Read in order: which weights tra
 target (TARGETS), the trainer (ESD), and where x_t comes from (PaperXt, then TrajectoryPool).
 
 Official code: train-esd.py (2023, removed in 414dc94) and its rewrite esd_sd.py (2024):
-https://github.com/rohitgandikota/erasing/blob/2704f9a28217cedeb7d2f516b9acfc707fd4702a/train-scripts/train-esd.py
-https://github.com/rohitgandikota/erasing/blob/ce8d4d925b25f2566fb59458e056af34cd5534d3/esd_sd.py
+rohitgandikota/erasing@2704f9a28217 train-scripts/train-esd.py
+rohitgandikota/erasing@ce8d4d925b25 esd_sd.py
 """
 
 import random

@@ -6,7 +6,7 @@ DDIM: Song et al., arXiv 2010.02502, eq. 12 (the update) and eq. 16 (sigma_t fro
 paper's alpha_t is DDPM's alpha_bar_t, the cumulative product, and that is the name used here.
 v-prediction: Salimans & Ho, arXiv 2202.00512, sec. 4. Guidance: Ho & Salimans, arXiv 2207.12598,
 eq. 6. Mirrors LDM's DDIMSampler,
-https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/models/diffusion/ddim.py
+CompVis/stable-diffusion@21f890f9da3c ldm/models/diffusion/ddim.py
 """
 
 import torch

@@ -6,7 +6,7 @@ Sec. 4.3.2); SD 2.x on OpenCLIP ViT-H/14's penultimate block, through the tower'
 CLIPTextModel one layer short of the tower, so for both families the context is the text
 encoder's last_hidden_state. SDXL (Podell et al., arXiv 2307.01952, Sec. 2.1-2.2) adds the `added`
 vector of unet.py: see encode_xl. SD 2.x's FrozenOpenCLIPEmbedder:
-https://github.com/Stability-AI/stablediffusion/blob/cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf/ldm/modules/encoders/modules.py
+Stability-AI/stablediffusion@cf1d67a6fd5e ldm/modules/encoders/modules.py
 """
 
 import os

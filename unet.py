@@ -6,7 +6,7 @@ embedding are Vaswani et al. arXiv:1706.03762 eq. 1 and Sec. 3.5. SDXL (Podell e
 arXiv:2307.01952, Sec. 2.1-2.2): deeper transformers, no attention at the first level, image size
 and crop conditioning. Attribute names equal diffusers' UNet2DConditionModel, so its state dicts
 load with strict=True:
-https://github.com/huggingface/diffusers/blob/dbbfe89b9297c416ad1037e80f13e3fa7a7f8d34/src/diffusers/models/unets/unet_2d_condition.py
+huggingface/diffusers@dbbfe89b9297 src/diffusers/models/unets/unet_2d_condition.py
 """
 
 import math

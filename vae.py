@@ -3,7 +3,7 @@
 Rombach et al. arXiv:2112.10752 Sec. 3.1 (perceptual compression with a KL-regularised latent);
 the posterior is a diagonal Gaussian (mean, logvar), Kingma & Welling arXiv:1312.6114. Built from
 unet.py's blocks; attribute names equal diffusers' AutoencoderKL, so its state dicts load strictly:
-https://github.com/huggingface/diffusers/blob/9578d7e80409e05b031ba5ff664242744fb528f4/src/diffusers/models/autoencoders/vae.py
+huggingface/diffusers@9578d7e80409 src/diffusers/models/autoencoders/vae.py
 """
 
 from dataclasses import dataclass
