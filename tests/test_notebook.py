@@ -74,6 +74,8 @@ def repository_files():
     }
 
 
+# About 4 minutes on 2 cores: an end-to-end run like tests/test_erasure.py's (CI runs it)
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom_with_solutions(tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     files_before = repository_files()
