@@ -52,9 +52,11 @@ def test_committed_notebook_has_no_outputs():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert code_cells
+    # A notebook saved after a run holds them: clear them before committing (in Jupyter:
+    # Edit > Clear Outputs of All Cells)
     for cell in code_cells:
-        assert cell.outputs == [], cell.source[:60]
-        assert cell.execution_count is None, cell.source[:60]
+        assert cell.outputs == [], f"outputs in the cell {cell.source[:40]!r}"
+        assert cell.execution_count is None, f"an execution count in {cell.source[:40]!r}"
 
 
 def test_every_exercise_has_a_solution_after_it():
