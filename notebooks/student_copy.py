@@ -8,29 +8,23 @@ placeholder; clears outputs and execution counts, so no answer shows in a printe
 Refuses to overwrite its input; bad input is one line on stderr and exit code 2.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import nbformat
 
-# The repository's scripts sit one folder up: files.py writes the copy atomically
+# The repository's scripts sit one folder up: cli.py parses the flags and gives the exit codes,
+# files.py writes the copy atomically
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import files  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NOTEBOOK = HERE / "esd_course.ipynb"
 STUDENT = HERE / "esd_course_student.ipynb"
 SOLUTION_TAG = "solution"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad flag as one line (exit 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def is_solution(cell):
@@ -58,23 +52,21 @@ def read(path):
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Write the course notebook's copy without solutions.")
+    parser = cli.ArgumentParser(description="Write the course notebook's copy without solutions.")
     parser.add_argument("--input", default=str(NOTEBOOK), help="the teacher's notebook")
     parser.add_argument("--output", default=str(STUDENT), help="the students' copy to write")
     args = parser.parse_args(argv)
 
-    try:
+    def work():
         files.check_output(args.output, inputs=[args.input])
         notebook = read(args.input)
         copy = student_copy(notebook)
         files.atomic_write(args.output, lambda tmp: nbformat.write(copy, tmp))
-    except files.LoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
-    dropped = len(notebook.cells) - len(copy.cells)
-    print(f"wrote {args.output}: {len(copy.cells)} cells, {dropped} solution cells left out")
-    return 0
+        dropped = len(notebook.cells) - len(copy.cells)
+        print(f"wrote {args.output}: {len(copy.cells)} cells, {dropped} solution cells left out")
+
+    return cli.run_cli(work)
 
 
 if __name__ == "__main__":
