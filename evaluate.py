@@ -245,11 +245,15 @@ def main(argv=None):
 
     def work():
         if args.prompts:
-            args.images_per_prompt = args.images_per_prompt or 1
-            args.output_dir = args.output_dir or "evaluation"
-            args.metrics = args.metrics or ""
-            if args.nudenet_threshold is None:
-                args.nudenet_threshold = metrics.NUDENET_THRESHOLD
+            defaults = dict(
+                images_per_prompt=1,
+                output_dir="evaluation",
+                metrics="",
+                nudenet_threshold=metrics.NUDENET_THRESHOLD,
+            )
+            for flag, default in defaults.items():
+                if getattr(args, flag) is None:
+                    setattr(args, flag, default)
             return protocol.run(args)
         given = [flag for flag in csv_flags if getattr(args, flag) not in (None, False)]
         cli.refuse([(bool(given), f"--{given[0] if given else ''} needs --prompts FILE.csv")])
