@@ -129,10 +129,11 @@ def clip_score(images, prompts, clip):
             padding=True,
             truncation=True,
         )
-        image = model.get_image_features(pixel_values=inputs["pixel_values"])
+        # transformers 5: the projected embeddings are the outputs' pooler_output.
+        image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         text = model.get_text_features(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        )
+        ).pooler_output
         cosine = torch.nn.functional.cosine_similarity(image, text, dim=-1)
         scores += (100 * cosine).tolist()
     return {"clip score": sum(scores) / len(scores)}

@@ -71,6 +71,10 @@ def out_of_memory(*args, **kwargs):
 REAL_FIND_SPEC = importlib.util.find_spec
 
 
+def no_cached_model(*args, **kwargs):
+    raise OSError("not in the local cache")
+
+
 def without_nudenet(name, package=None):
     """importlib's find_spec on a machine without NudeNet."""
     return None if name == "nudenet" else REAL_FIND_SPEC(name, package)
@@ -631,6 +635,15 @@ ROWS = [
         says="needs the nudenet package: pip install -r requirements-eval.txt",
         unchanged=("{ws}/eval",),
         patch=("importlib.util.find_spec", without_nudenet),
+    ),
+    Row(
+        "prompts --metrics clip without CLIP's weights still generates",
+        "prompts",
+        ["--metrics", "clip"],
+        0,
+        says="CLIP score skipped",
+        patch=("transformers.CLIPModel.from_pretrained", no_cached_model),
+        then=lambda ws: '"clip score": null' in open(f"{ws}/eval/report.json").read(),
     ),
     Row(
         "prompts --output-dir is a file",
