@@ -4,6 +4,7 @@ regenerates nothing it has; two processes (torchrun on gloo) make the same files
 killed half way (SIGTERM or SIGKILL) and resumed with another number of processes ends with the
 uninterrupted run's folder, each missing image made once."""
 
+import hashlib
 import json
 import os
 import signal
@@ -14,11 +15,13 @@ import time
 import pytest
 from PIL import Image
 
+import delta
 import evaluate
 import load_sd
 import protocol
 import sample
 import sampler
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CSV = os.path.join(ROOT, "assets", "toy_prompts.csv")
@@ -149,3 +152,29 @@ def test_processes_and_kills_do_not_change_the_images(tmp_path):
         # Left behind by the kill: temporary files; the folder's images are the reference's.
         assert folder(base) == reference
         assert all(inodes(base)[n] == kept[n] for n in names), "an image was made twice"
+
+
+def test_base_and_edited_in_one_command(tmp_path, capsys):
+    edit = str(tmp_path / "esd.safetensors")
+    argv = ["--model", "toy", "--concept", "circle", "--iterations", "2", "--no-eval"]
+    assert train.main([*argv, "--output", edit]) == 0
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert evaluate.main([*QUICK, "--delta", edit, "--output-dir", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "base" in table and "edited" in table and "generated 32 images" in table
+
+    # The edited folder holds the base model's images with the delta applied, the same noise.
+    row = protocol.read_prompts(TOY_CSV)[0]
+    sd = load_sd.load("toy")
+    settings = dict(steps=4, guidance=row["guidance"], height=32, width=32)
+    with delta.applied(sd.unet, edit):
+        want = sampler.generate(sd, [row["prompt"]], [row["seed"]], **settings)
+    edited = Image.open(out / "edited" / "0_0.png")
+    assert list(edited.getdata()) == list(sample.to_pil(want)[0].getdata())
+    assert json.loads(edited.text["esd"])["delta"] == edit
+    assert Image.open(out / "base" / "0_0.png").tobytes() != edited.tobytes()
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["delta_sha256"] == hashlib.sha256(open(edit, "rb").read()).hexdigest()
+    assert set(report["results"]) == {"base", "edited"}
