@@ -27,6 +27,7 @@ import files
 import metrics
 import sample
 import sampler
+import toy
 
 # The official CSVs' columns every row needs, and the optional ones naming what a row shows.
 COLUMNS = ("prompt", "evaluation_seed", "evaluation_guidance", "case_number")
@@ -370,7 +371,8 @@ def run(args):
         args.device = str(state.device)
 
     # The images each run asks for; anything in the way is refused before one is written.
-    steps = args.steps or sample.DDIM_STEPS
+    # As in the toy's protocol: the toy's 20 DDIM steps, else sample.py's 50.
+    steps = args.steps or (toy.DDIM_STEPS if args.model == "toy" else sample.DDIM_STEPS)
     made = 0
     size = None
     if not args.score_only:
