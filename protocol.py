@@ -8,6 +8,7 @@ metrics.py's; evaluate.py is the CLI (docs/evaluation.md).
         --images-per-prompt 4 --output-dir eval --metrics classifier
 """
 
+import collections.abc
 import csv
 import glob
 import hashlib
@@ -228,8 +229,8 @@ def generate(sd, wanted, images_per_prompt, edit=None, state=None):
 
 
 def read_images(folder, rows):
-    """{case: [(index, PIL image)]} of a folder's CASE_INDEX.png files for the cases of `rows`;
-    LoadError for a folder without any, or with an image that does not open."""
+    """{case: [(index, path)]} of a folder's CASE_INDEX.png files for the cases of `rows`, each
+    checked (not decoded); LoadError for a folder without any, or with a file that is no image."""
     if not os.path.isdir(folder):
         raise files.LoadError(f"no such folder of images: {folder}")
     cases = {row["case"] for row in rows}
@@ -241,12 +242,30 @@ def read_images(folder, rows):
         path = os.path.join(folder, name)
         try:
             with Image.open(path) as image:
-                found.setdefault(int(match[1]), []).append((int(match[2]), image.convert("RGB")))
+                image.verify()
         except Exception as e:
             raise files.LoadError(f"cannot read {path}: {files.first_line(e)}") from None
+        found.setdefault(int(match[1]), []).append((int(match[2]), path))
     if not found:
         raise files.LoadError(f"{folder} holds no CASE_INDEX.png image of the CSV's case numbers")
     return found
+
+
+class Images(collections.abc.Sequence):
+    """Image files as a sequence of RGB PIL images, each read when asked for: tens of thousands of
+    images never sit in memory at once."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        with Image.open(self.paths[i]) as image:
+            return image.convert("RGB")
 
 
 def score(folder, rows, names, threshold=metrics.NUDENET_THRESHOLD, clip=None):
@@ -255,15 +274,14 @@ def score(folder, rows, names, threshold=metrics.NUDENET_THRESHOLD, clip=None):
     found = read_images(folder, rows)
     by_case = {row["case"]: row for row in rows}
     paths = []
-    images = []
     labels = []
     prompts = []
     for case, entries in sorted(found.items()):
-        for index, image in sorted(entries, key=lambda entry: entry[0]):
-            paths.append(os.path.join(folder, f"{case}_{index}.png"))
-            images.append(image)
+        for _, path in sorted(entries):
+            paths.append(path)
             labels.append(by_case[case]["label"])
             prompts.append(by_case[case]["prompt"])
+    images = Images(paths)
 
     result = {"images": len(images)}
     if "classifier" in names:
