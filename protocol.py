@@ -268,9 +268,10 @@ class Images(collections.abc.Sequence):
             return image.convert("RGB")
 
 
-def score(folder, rows, names, threshold=metrics.NUDENET_THRESHOLD, clip=None):
+def score(folder, rows, names, threshold=metrics.NUDENET_THRESHOLD, clip=None, imagenet=None):
     """{metric: value} of the images in `folder` for the rows of a prompt CSV: every metric of
-    `names` that can run (clip: load_clip()'s pair, None where CLIP is not on the machine)."""
+    `names` that can run (clip, imagenet: load_clip()'s and load_imagenet()'s pairs, None where
+    they are not on the machine)."""
     found = read_images(folder, rows)
     by_case = {row["case"]: row for row in rows}
     paths = []
@@ -285,7 +286,10 @@ def score(folder, rows, names, threshold=metrics.NUDENET_THRESHOLD, clip=None):
 
     result = {"images": len(images)}
     if "classifier" in names:
-        result |= {f"classifier {k}": v for k, v in metrics.classifier(images, labels).items()}
+        result |= {
+            f"classifier {k}": v
+            for k, v in metrics.classifier(images, labels, imagenet=imagenet).items()
+        }
     if "nudenet" in names:
         result |= {f"nudenet {k}": v for k, v in metrics.nudenet(paths, threshold).items()}
     if "clip" in names and clip is None:
@@ -417,8 +421,13 @@ def run(args):
 
     # Score, on the main process only.
     clip = metrics.load_clip() if "clip" in names else None
+    labels = [row["label"] for row in rows]
+    imagenet = None
+    if "classifier" in names and not metrics.is_toy(labels):
+        imagenet = metrics.load_imagenet()
+    classifier = "the toy's" if metrics.is_toy(labels) else metrics.IMAGENET_MODEL
     results = {
-        run: score(folder, rows, names, args.nudenet_threshold, clip)
+        run: score(folder, rows, names, args.nudenet_threshold, clip, imagenet)
         for run, folder in folders.items()
     }
     guidances = sorted({row["guidance"] for row in rows})
@@ -441,6 +450,7 @@ def run(args):
         processes=1 if state is None else state.num_processes,
         metrics=names,
         nudenet_threshold=args.nudenet_threshold if "nudenet" in names else None,
+        classifier=classifier if "classifier" in names else None,
         clip_model=metrics.CLIP_MODEL if "clip" in names else None,
         clip_scale="100 x raw cosine (not clipped at 0)" if "clip" in names else None,
         versions=versions(),

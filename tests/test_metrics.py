@@ -80,7 +80,7 @@ def test_classifier_share_with_stand_in_weights():
     images = random_images(12)
     shapes = list(toy.SHAPES)
     labels = [shapes[i % 4] for i in range(12)]
-    labels[5] = "a car"  # not a toy shape: not counted
+    labels[5] = None  # a row without a class: not counted
 
     # The reference: the network's shape logits, argmax, compared with the labels.
     pixels = torch.tensor(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2)
@@ -138,3 +138,46 @@ def test_clip_score_with_stand_in_weights(tmp_path, capsys):
     assert metrics.load_clip("nobody/no-clip") is None
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "hf download nobody/no-clip" in err
+
+
+def test_imagenet_top1_with_stand_in_weights(tmp_path, capsys):
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    # A tiny ResNet with five ImageNet-style labels (synonyms after commas), and its processor.
+    id2label = {
+        0: "tench, Tinca tinca",
+        1: "church, church building",
+        2: "golf ball",
+        3: "parachute, chute",
+        4: "gas pump, gasoline pump, petrol pump",
+    }
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", id2label=id2label
+    )
+    torch.manual_seed(0)
+    ResNetForImageClassification(config).save_pretrained(tmp_path / "resnet")
+    pre = ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=1.0)
+    pre.save_pretrained(tmp_path / "resnet")
+    images = random_images(10, side=40, seed=2)
+    labels = ["tench", "Church", "golf ball", "parachute", "a car"] * 2
+
+    # The reference: the network's logits, argmax, its label's names, by hand.
+    model = ResNetForImageClassification.from_pretrained(tmp_path / "resnet").eval()
+    with torch.no_grad():
+        predicted = model(pre(images, return_tensors="pt")["pixel_values"]).logits.argmax(-1)
+    names = [[n.strip().lower() for n in id2label[int(p)].split(",")] for p in predicted]
+    hits = [labels[i].lower() in names[i] for i in range(10) if labels[i] != "a car"]
+
+    result = metrics.classifier(images, labels, imagenet=metrics.load_imagenet(tmp_path / "resnet"))
+    assert result["top1"] == pytest.approx(sum(hits) / 8)
+    assert result["images not scored (class not in ImageNet)"] == 2
+    churches = [labels[i].lower() in names[i] for i in (1, 6)]
+    assert result["top1 church"] == pytest.approx(sum(churches) / 2)
+
+    # Not on the machine: one line, no score.
+    capsys.readouterr()
+    assert metrics.classifier(
+        images, labels, imagenet=metrics.load_imagenet("nobody/no-resnet")
+    ) == {"top1": None}
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "hf download nobody/no-resnet" in err
