@@ -126,7 +126,7 @@ def sha256(path):
 
 def images_of(rows, settings, images_per_prompt, folder):
     """Every image the protocol asks for, in a fixed order: (path, its `esd` metadata) per row and
-    index. settings: steps, height, width, model, delta."""
+    index. settings: steps, height, width, model, delta, dtype."""
     wanted = []
     for row in rows:
         for i in range(images_per_prompt):
@@ -408,6 +408,7 @@ def run(args):
                 width=size,
                 model=args.model,
                 delta=args.delta if run == "edited" else None,
+                dtype=args.dtype,
             )
             wanted[run] = images_of(rows, settings, args.images_per_prompt, folder)
             for path, meta in wanted[run]:
