@@ -3,10 +3,12 @@
 One protocol for the base model and the edited one (base + delta): the same prompts and seeds'
 noise, DDIM with CFG. On the toy a CNN judges every image: the erased-concept rate for the concept
 alone ("circle", "a circle") and in context ("a red circle", ...), as ESD (Gandikota et al. arXiv
-2303.07345, sec. 4) contrasts ESD-x with ESD-u, plus the other shapes' and colors' accuracy. Real
-models: the user's prompts, CLIP zero-shot scores (arXiv 2103.00020).
+2303.07345, sec. 4) contrasts ESD-x with ESD-u, plus the other shapes' and colors' accuracy. Any
+model: --prompts FILE.csv runs the papers' protocols instead (protocol.py, metrics.py).
 
     python evaluate.py --model toy --delta esd-x-circle.safetensors --concept circle
+    python evaluate.py --model toy --delta esd-x-circle.safetensors \
+        --prompts assets/toy_prompts.csv --output-dir eval --metrics classifier
 """
 
 import argparse
@@ -19,6 +21,8 @@ import torch
 import cli
 import delta
 import files
+import metrics
+import protocol
 import sample
 import sampler
 import toy
@@ -179,18 +183,13 @@ def main(argv=None):
         "--delta", default=None, help="ESD delta .safetensors (without: the base model only)"
     )
     p.add_argument(
-        "--concept", default="circle", help="the erased concept (toy: one of its shapes)"
+        "--concept",
+        default=None,
+        help="the erased concept (toy: one of its shapes; default circle)",
     )
     p.add_argument(
-        "--prompts", nargs="+", default=None, help="real models: the prompts to generate"
+        "--seeds", type=int, default=None, help="seeds 0..N-1 for every prompt (default 8)"
     )
-    p.add_argument(
-        "--labels",
-        nargs="+",
-        default=["a photo"],
-        help="real models: CLIP labels besides the concept",
-    )
-    p.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 for every prompt")
     p.add_argument(
         "--steps",
         type=int,
@@ -205,19 +204,71 @@ def main(argv=None):
     )
     p.add_argument(
         "--output",
-        default="evaluation",
-        help="writes OUTPUT.json (the report) and OUTPUT.png (the grid)",
+        default=None,
+        help="writes OUTPUT.json (the report) and OUTPUT.png (the grid) (default: evaluation)",
+    )
+    # The papers' protocols (protocol.py): a prompt CSV instead of the toy's prompts.
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="a prompt CSV in the official format (prompt, evaluation_seed, evaluation_guidance, "
+        "case_number, optional class): the papers' protocols instead of the toy's",
+    )
+    p.add_argument(
+        "--images-per-prompt", type=int, default=None, help="with --prompts: images per row (1)"
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="with --prompts: base/ and edited/ images and report.json (default: evaluation)",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help=f"with --prompts: comma-separated, of {', '.join(metrics.NAMES)} (default: none)",
+    )
+    p.add_argument(
+        "--nudenet-threshold",
+        type=float,
+        default=None,
+        help=f"with --prompts: a NudeNet detection counts from this score (default "
+        f"{metrics.NUDENET_THRESHOLD})",
+    )
+    p.add_argument(
+        "--score-only",
+        action="store_true",
+        help="with --prompts: score the images in --output-dir, generate nothing",
     )
     cli.add_model_flags(p, cli.COMPUTE_FLAGS)
     args = p.parse_args(argv)
+    csv_flags = ("images_per_prompt", "output_dir", "metrics", "nudenet_threshold", "score_only")
 
     def work():
+        if args.prompts:
+            defaults = dict(
+                images_per_prompt=1,
+                output_dir="evaluation",
+                metrics="",
+                nudenet_threshold=metrics.NUDENET_THRESHOLD,
+            )
+            for flag, default in defaults.items():
+                if getattr(args, flag) is None:
+                    setattr(args, flag, default)
+            return protocol.run(args)
+        given = [flag for flag in csv_flags if getattr(args, flag) not in (None, False)]
+        cli.refuse([(bool(given), f"--{given[0] if given else ''} needs --prompts FILE.csv")])
+        if args.concept is None:
+            args.concept = "circle"
+        if args.seeds is None:
+            args.seeds = 8
+        if args.output is None:
+            args.output = "evaluation"
         toy_concept = args.model != "toy" or args.concept in toy.SHAPES
         cli.refuse(
             [
                 (
-                    args.model != "toy" and not args.prompts,
-                    "--prompts is needed for models other than the toy",
+                    args.model != "toy",
+                    "--prompts FILE.csv is needed for models other than the toy",
                 ),
                 (
                     not toy_concept,
@@ -238,18 +289,21 @@ def main(argv=None):
             sd,
             args.delta,
             args.concept,
-            prompts=args.prompts,
             seeds=range(args.seeds),
             steps=args.steps,
             guidance=args.guidance,
-            labels=[args.concept, *args.labels],
             grid=image,
         )
         text = json.dumps(result, indent=1)
         files.atomic_write(report, lambda tmp: Path(tmp).write_text(text))
         print(format_report(result) + f"\nwrote {report} and {image}")
 
-    return cli.run_cli(work, smaller="--seeds or --steps")
+    def leftover():
+        if args.prompts:
+            return f"the images written stay in {args.output_dir}: rerun the command to resume"
+        return None
+
+    return cli.run_cli(work, leftover, smaller="--seeds or --steps")
 
 
 if __name__ == "__main__":

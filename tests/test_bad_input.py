@@ -6,6 +6,7 @@ destroys nothing."""
 import dataclasses
 import errno
 import hashlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -38,7 +39,7 @@ XL_TOKENIZER = ["--tokenizer", "{base}/xl/diffusers/tokenizer"]
 @dataclasses.dataclass
 class Row:
     name: str
-    cli: str  # "train" | "sample" | "evaluate"
+    cli: str  # "train" | "sample" | "evaluate" | "prompts" (evaluate.py --prompts FILE.csv)
     # "{ws}" is the row's own folder, filled with workspace()'s files; "{base}" base()'s, read only.
     args: list
     code: int = 2
@@ -65,6 +66,35 @@ def no_space(*args, **kwargs):
 
 def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+REAL_FIND_SPEC = importlib.util.find_spec
+
+
+def no_cached_model(*args, **kwargs):
+    raise OSError("not in the local cache")
+
+
+def without_nudenet(name, package=None):
+    """importlib's find_spec on a machine without NudeNet."""
+    return None if name == "nudenet" else REAL_FIND_SPEC(name, package)
+
+
+# Prompt CSVs in the official format, good and bad: {name: text}.
+HEADER = "case_number,prompt,evaluation_seed,evaluation_guidance,class\n"
+CSVS = {
+    "good.csv": HEADER + "0,a circle,1,5.0,circle\n",
+    "no-seed.csv": "case_number,prompt,evaluation_guidance\n0,a circle,5.0\n",
+    "word-seed.csv": HEADER + "0,a circle,seven,5.0,circle\n",
+    "negative-seed.csv": HEADER + "0,a circle,-1,5.0,circle\n",
+    "last-seed.csv": HEADER + f"0,a circle,{2**63 - 1},5.0,circle\n",
+    "nan-guidance.csv": HEADER + "0,a circle,1,nan,circle\n",
+    "empty-guidance.csv": HEADER + "0,a circle,1,,circle\n",
+    "twice.csv": HEADER + "0,a circle,1,5.0,circle\n0,a square,2,5.0,square\n",
+    "bad-case.csv": HEADER + "x,a circle,1,5.0,circle\n",
+    "empty.csv": "",
+    "header-only.csv": HEADER,
+}
 
 
 class Payload:
@@ -547,6 +577,123 @@ ROWS = [
         patch=("huggingface_hub.constants.HF_HUB_OFFLINE", True),
     ),
     Row("train --resolution 0 is the model's size", "train", ["--resolution", "0", *QUICK], 0),
+    # 10. Prompt CSVs (evaluate.py --prompts): refused before anything is written
+    Row(
+        "a prompt CSV runs",
+        "prompts",
+        [],
+        0,
+        then=lambda ws: os.path.isfile(f"{ws}/eval/base/0_0.png"),
+    ),
+    *[
+        Row(
+            f"prompt CSV: {name}",
+            "prompts",
+            ["--prompts", f"{{base}}/{name}"],
+            says=says,
+            unchanged=("{ws}/eval",),
+        )
+        for name, says in [
+            ("no-seed.csv", "lacks the column(s) evaluation_seed"),
+            ("word-seed.csv", "evaluation_seed 'seven'"),
+            ("negative-seed.csv", "evaluation_seed '-1'"),
+            ("nan-guidance.csv", "evaluation_guidance 'nan'"),
+            ("empty-guidance.csv", "evaluation_guidance ''"),
+            ("twice.csv", "case_number 0 is there twice"),
+            ("bad-case.csv", "case_number 'x'"),
+            ("empty.csv", "is empty"),
+            ("header-only.csv", "no rows"),
+            ("not-utf8.csv", "cannot read"),
+            ("missing.csv", "no such --prompts file"),
+        ]
+    ],
+    Row(
+        "prompt CSV: the last seed, two images a row",
+        "prompts",
+        ["--prompts", "{base}/last-seed.csv", "--images-per-prompt", "2"],
+        says="evaluation_seed",
+        unchanged=("{ws}/eval",),
+    ),
+    *[
+        Row(
+            f"prompts {flag} {value}", "prompts", [flag, value], says=says, unchanged=("{ws}/eval",)
+        )
+        for flag, value, says in [
+            ("--images-per-prompt", "0", "--images-per-prompt"),
+            ("--nudenet-threshold", "2", "--nudenet-threshold"),
+            ("--nudenet-threshold", "nan", "--nudenet-threshold"),
+            ("--metrics", "classifier,fid2", "unknown metric 'fid2'"),
+            ("--seeds", "2", "--seeds is the toy protocol's"),
+            ("--output", "{ws}/e", "--output is the toy protocol's"),
+            ("--steps", "0", "--steps"),
+        ]
+    ],
+    Row(
+        "prompts --metrics nudenet without NudeNet",
+        "prompts",
+        ["--metrics", "nudenet"],
+        says="needs the nudenet package: pip install -r requirements-eval.txt",
+        unchanged=("{ws}/eval",),
+        patch=("importlib.util.find_spec", without_nudenet),
+    ),
+    Row(
+        "prompts --metrics clip without CLIP's weights still generates",
+        "prompts",
+        ["--metrics", "clip"],
+        0,
+        says="CLIP score skipped",
+        patch=("transformers.CLIPModel.from_pretrained", no_cached_model),
+        then=lambda ws: '"clip score": null' in open(f"{ws}/eval/report.json").read(),
+    ),
+    Row(
+        "prompts --output-dir is a file",
+        "prompts",
+        ["--output-dir", "{ws}/existing.safetensors"],
+        says="is not a folder",
+        unchanged=("{ws}/existing.safetensors",),
+    ),
+    Row(
+        "prompts --output-dir in a missing folder",
+        "prompts",
+        ["--output-dir", "{ws}/missing/eval"],
+        says="does not exist",
+    ),
+    Row(
+        "prompts --output-dir holds images of other settings",
+        "prompts",
+        ["--output-dir", "{base}/made", "--steps", "3"],
+        says="made with other settings (steps)",
+        unchanged=("{base}/made",),
+    ),
+    Row(
+        "prompts --score-only on a folder of non-images",
+        "prompts",
+        ["--score-only", "--output-dir", "{base}/non-images"],
+        says="cannot read",
+        unchanged=("{base}/non-images",),
+    ),
+    Row(
+        "prompts --score-only on no folder",
+        "prompts",
+        ["--score-only", "--output-dir", "{ws}/nothing"],
+        says="no such folder",
+    ),
+    Row(
+        "prompts --score-only scores what is there",
+        "prompts",
+        ["--score-only", "--output-dir", "{ws}/made", "--metrics", "classifier"],
+        0,
+        unchanged=("{ws}/made/base",),
+        then=lambda ws: (
+            '"images": 1,\n   "classifier top1"' in open(f"{ws}/made/report.json").read()
+        ),
+    ),
+    Row(
+        "evaluate --output-dir needs --prompts",
+        "evaluate",
+        ["--output-dir", "{ws}/e"],
+        says="needs --prompts",
+    ),
 ]
 BASE = {
     "train": ["--model", "toy", "--concept", "circle", *QUICK],
@@ -561,8 +708,23 @@ BASE = {
         "{ws}/out.png",
     ],
     "evaluate": ["--model", "toy", "--seeds", "1", "--steps", "2", "--output", "{ws}/evaluation"],
+    "prompts": [
+        "--model",
+        "toy",
+        "--steps",
+        "2",
+        "--prompts",
+        "{base}/good.csv",
+        "--output-dir",
+        "{ws}/eval",
+    ],
 }
-MAIN = {"train": train.main, "sample": sample.main, "evaluate": evaluate.main}
+MAIN = {
+    "train": train.main,
+    "sample": sample.main,
+    "evaluate": evaluate.main,
+    "prompts": evaluate.main,
+}
 
 
 @pytest.fixture(scope="module")
@@ -593,6 +755,15 @@ def base(tmp_path_factory):
     (ws / "truncated.safetensors").write_bytes(open(f"{TOY}/toy.safetensors", "rb").read()[:4096])
     (ws / "target.png").write_bytes(b"not really a png")
 
+    # Prompt CSVs; a folder of images made at 2 steps; a folder of files named as images.
+    for name, text in CSVS.items():
+        (ws / name).write_text(text)
+    (ws / "not-utf8.csv").write_bytes(HEADER.encode() + b"0,a \xff circle,1,5.0,circle\n")
+    argv = ["--model", "toy", "--steps", "2", "--prompts", str(ws / "good.csv")]
+    assert evaluate.main([*argv, "--output-dir", str(ws / "made")]) == 0
+    (ws / "non-images").mkdir()
+    (ws / "non-images" / "0_0.png").write_bytes(b"not really a png")
+
     # SDXL: a tiny folder, our writer's file of it, and broken variants.
     xl = ws / "xl"
     tiny.xl_pipeline(folder=xl / "diffusers")
@@ -619,6 +790,7 @@ def workspace(base, tmp_path):
             (tmp_path / name).write_bytes((base / name).read_bytes())
     (tmp_path / "model.safetensors").write_bytes(open(f"{TOY}/toy.safetensors", "rb").read())
     (tmp_path / "sub").mkdir()
+    shutil.copytree(base / "made", tmp_path / "made")
     (tmp_path / "dev.json").mkdir()
     os.symlink(tmp_path / "existing.safetensors", tmp_path / "link.safetensors")
     os.symlink(tmp_path / "target.png", tmp_path / "link.png")

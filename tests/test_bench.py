@@ -1,7 +1,8 @@
 """The benchmark scripts run end to end at toy sizes (they are not timed here): bench_esd.py's three
 ESD implementations train the same algorithm, the losses of ours and of two diffusers copies
 agreeing, and the pool's trajectories are counted in its memory; bench_app.py erases through the
-demo and the CLI (it needs the demo's packages, which .ci/run installs)."""
+demo and the CLI (it needs the demo's packages, which .ci/run installs); bench_evaluate.py times
+evaluate.py --prompts with one process and two."""
 
 import os
 import re
@@ -48,3 +49,17 @@ def test_bench_app_runs_and_prints_the_targets():
     assert r.returncode == 0, r.stderr
     ratio = float(re.search(r"app / train.py = ([0-9.]+)", r.stdout)[1])
     assert 0 < ratio and "Compare, 3 prompts and a delta" in r.stdout, r.stdout
+
+
+def test_bench_evaluate_runs_one_and_two_processes():
+    tiny_run = ["--images-per-prompt", "1", "--steps", "1", "--rounds", "1"]
+    r = subprocess.run(
+        [sys.executable, "bench/bench_evaluate.py", *tiny_run],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    rates = [float(x) for x in re.findall(r"process\(es\): ([0-9.]+) images/s", r.stdout)]
+    assert len(rates) == 2 and min(rates) > 0 and "two processes / one" in r.stdout, r.stdout
