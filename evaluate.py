@@ -27,10 +27,8 @@ import sample
 import sampler
 import toy
 
+
 # The zero-shot judge for real models, used only if cached locally.
-CLIP_MODEL = "openai/clip-vit-large-patch14"
-
-
 def toy_prompts(concept):
     """[(prompt, group, shape, color)]: the concept alone and in context, then every other shape."""
     if concept not in toy.SHAPES:
@@ -62,21 +60,13 @@ def toy_scores(shape_pred, color_pred, entries, concept):
     }
 
 
-def clip_scores(images, labels, name=CLIP_MODEL):
+def clip_scores(images, labels, name=metrics.CLIP_MODEL):
     """Share of images whose best CLIP label is labels[0], and its mean probability; None without
     a local CLIP."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    try:
-        model = CLIPModel.from_pretrained(name, local_files_only=True)
-        proc = CLIPProcessor.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError) as e:
-        reason = str(e).splitlines()[0]
-        print(
-            f"CLIP zero-shot scores skipped: no local CLIP model {name} ({reason})",
-            file=sys.stderr,
-        )
+    clip = metrics.load_clip(name)
+    if clip is None:
         return None
+    model, proc = clip
     inputs = proc(text=labels, images=sample.to_pil(images), return_tensors="pt", padding=True)
     # No grad: evaluate() runs under torch.no_grad.
     probs = model(**inputs).logits_per_image.softmax(-1)

@@ -90,22 +90,29 @@ def shares(hits, labels):
     return result
 
 
-def load_imagenet(name=IMAGENET_MODEL):
-    """(model, processor) of an ImageNet classifier in the local cache (or a folder), or None after
-    one line on stderr naming what to download."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
+def load_cached(name, model_class, processor_class, what):
+    """(model, processor) of a transformers model in the local cache (or a folder), or None after
+    one line on stderr saying that `what` is skipped and naming what to download."""
     try:
-        model = AutoModelForImageClassification.from_pretrained(name, local_files_only=True)
-        processor = AutoImageProcessor.from_pretrained(name, local_files_only=True)
+        model = model_class.from_pretrained(name, local_files_only=True).eval()
+        processor = processor_class.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as e:
         print(
-            f"classifier top-1 skipped: {name} is not in the local Hugging Face cache "
+            f"{what} skipped: {name} is not in the local Hugging Face cache "
             f"({str(e).splitlines()[0]}); download it with `hf download {name}`",
             file=sys.stderr,
         )
         return None
-    return model.eval(), processor
+    return model, processor
+
+
+def load_imagenet(name=IMAGENET_MODEL):
+    """load_cached() of an ImageNet classifier."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    return load_cached(
+        name, AutoModelForImageClassification, AutoImageProcessor, "classifier top-1"
+    )
 
 
 @torch.no_grad()
@@ -160,21 +167,10 @@ def nudenet(paths, threshold=NUDENET_THRESHOLD):
 
 
 def load_clip(name=CLIP_MODEL):
-    """(model, processor) of a CLIP in the local cache (or a folder), or None after one line on
-    stderr naming what to download."""
+    """load_cached() of a CLIP model."""
     from transformers import CLIPModel, CLIPProcessor
 
-    try:
-        model = CLIPModel.from_pretrained(name, local_files_only=True).eval()
-        processor = CLIPProcessor.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError) as e:
-        print(
-            f"CLIP score skipped: {name} is not in the local Hugging Face cache "
-            f"({str(e).splitlines()[0]}); download it with `hf download {name}`",
-            file=sys.stderr,
-        )
-        return None
-    return model, processor
+    return load_cached(name, CLIPModel, CLIPProcessor, "CLIP score")
 
 
 @torch.no_grad()
