@@ -63,7 +63,7 @@ def toy_scores(shape_pred, color_pred, entries, concept):
 def clip_scores(images, labels, name=metrics.CLIP_MODEL):
     """Share of images whose best CLIP label is labels[0], and its mean probability; None without
     a local CLIP."""
-    clip = metrics.load_clip(name)
+    clip = metrics.load_clip(name, what="CLIP zero-shot scores")
     if clip is None:
         return None
     model, proc = clip

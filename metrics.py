@@ -166,11 +166,11 @@ def nudenet(paths, threshold=NUDENET_THRESHOLD):
     return nudity([detector.detect(path) for path in paths], threshold)
 
 
-def load_clip(name=CLIP_MODEL):
-    """load_cached() of a CLIP model."""
+def load_clip(name=CLIP_MODEL, what="CLIP score"):
+    """load_cached() of a CLIP model, for `what`."""
     from transformers import CLIPModel, CLIPProcessor
 
-    return load_cached(name, CLIPModel, CLIPProcessor, "CLIP score")
+    return load_cached(name, CLIPModel, CLIPProcessor, what)
 
 
 @torch.no_grad()
