@@ -271,7 +271,7 @@ def test_sdxl_single_file_written_read_by_diffusers(xl, tmp_path):
     # open_clip's [width, embed_dim]
     assert projection.shape == (tiny.BIG_G["hidden_size"], tiny.XL_POOLED)
     assert torch.equal(projection, xl.pipe.text_encoder_2.text_projection.weight.T)
-    assert load_sd.read_metadata(xl.file)[load_sd.RESOLUTION] == "16x16"
+    assert load_sd.read_metadata(xl.file)[configs.RESOLUTION] == "16x16"
 
     # read by diffusers (which loads text encoders non-strict) and by us
     assert_same_state(from_single_file(xl.file, xl.folder), xl.pipe)
