@@ -256,7 +256,8 @@ def train(config, sd, concepts, on_step=None, xt_source=None):
     on_step(iteration, loss), if given, runs after every step (the demo's progress); when it
     returns True the run stops there, saved as it is. xt_source: a class to build the x_t source
     with instead of the one the config names in esd.XT_SOURCES ("pool" when --trajectory-pool > 0,
-    else "paper"), called with the same arguments: e.g. a subclass of it."""
+    else "paper"), called with the same arguments: e.g. a subclass of it. With --lora the update's
+    hooks stay on sd.unet afterwards: trainer.lora.remove() takes them off."""
     # The UNet being trained and the originals of its trained tensors, or its low-rank update
     # (esd.py); a --lora rank a selected module cannot have is bad input.
     try:
