@@ -278,7 +278,7 @@ def ui(demo):
     is_toy = demo.is_toy
     image = dict(type="pil", format="png")
     delta_file = dict(
-        label="delta: the one trained here, or upload one (.safetensors, official ESD .pt)",
+        label="delta: the one trained here, or upload one (.safetensors: ESD or LoRA; ESD .pt)",
         type="filepath",
         file_types=[".safetensors", ".pt"],
     )

@@ -45,6 +45,20 @@ SPEC_PREDICTIONS = {
     "v": "v_prediction",
     "v_prediction": "v_prediction",
 }
+# The spec's other fields a file must carry (A1111 and ComfyUI read them): its version, the
+# model's architecture (a LoRA's with "/lora" after it) and the code that defines the model
+SPEC_VERSION = "1.0.0"
+ARCHITECTURES = {
+    ("sd1", "epsilon"): "stable-diffusion-v1",
+    ("sd2", "epsilon"): "stable-diffusion-v2-512",
+    ("sd2", "v_prediction"): "stable-diffusion-v2-768-v",
+    ("sdxl", "epsilon"): "stable-diffusion-xl-v1-base",
+}
+IMPLEMENTATIONS = {
+    "sd1": "https://github.com/CompVis/stable-diffusion",
+    "sd2": "https://github.com/Stability-AI/stablediffusion",
+    "sdxl": "https://github.com/Stability-AI/generative-models",
+}
 
 
 def _shape(sd, key):
@@ -84,6 +98,22 @@ def stated(metadata, family, prediction_type=None):
         return prediction, int(size[1])
     sizes = {"sdxl": SDXL_SIZE, "sd2": SD2_V_SIZE if prediction == "v_prediction" else SD1_SIZE}
     return prediction, sizes.get(family, SD1_SIZE)
+
+
+def model_spec(family, prediction_type, size, title, adapter=None):
+    """The model-spec metadata of a file of a `family` model ("lora" for `adapter`: a LoRA of
+    it): {"modelspec.sai_model_spec": ..., "modelspec.architecture": ..., ...}."""
+    architecture = ARCHITECTURES.get((family, prediction_type), f"stable-diffusion-{family}")
+    if adapter:
+        architecture += f"/{adapter}"
+    return {
+        "modelspec.sai_model_spec": SPEC_VERSION,
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": IMPLEMENTATIONS[family],
+        "modelspec.title": title,
+        RESOLUTION: f"{size}x{size}",
+        PREDICTION: prediction_type.removesuffix("_prediction"),
+    }
 
 
 def size_embedding_width(inputs, pooled):

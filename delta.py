@@ -1,5 +1,6 @@
 """delta.py: ESD delta files, the trained UNet tensors under diffusers names: save, load, apply,
-and `with applied(unet, delta):` for one block with the originals always put back.
+and `with applied(unet, delta):` for one block with the originals always put back. A LoRA file
+(kohya's layout, lora.py) is a delta too: applied, its update is merged into the weights.
 
 Ours: .safetensors with string metadata (docs/design.md, "ESD delta file"). Also read, never with
 pickled code: the official ESD weights, diffusers-named UNet tensors (esd_sd.py's .safetensors,
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 import convert
 import files
+import lora
 from files import LoadError
 
 FORMAT = "esd-delta/1"  # metadata "format" of our delta files
@@ -88,20 +90,44 @@ def apply(unet, tensors):
     return unet
 
 
+def weights(unet, tensors, scale=1.0):
+    """{name: tensor} that a delta's `tensors` set in `unet` at strength `scale`: a LoRA's
+    W + scale·(α/r)·B·A (lora.merged, as A1111's <lora:name:scale>), an ESD delta's
+    W + scale·(W* − W) (1: W*, the trained weights); LoadError for a LoRA of other modules."""
+    if any(k.startswith(lora.PREFIX) for k in tensors):
+        try:
+            return lora.merged(unet, tensors, scale)
+        except ValueError as e:
+            raise LoadError(str(e)) from None
+    if scale == 1:
+        return tensors
+
+    # Tensors of other names or shapes as they are: apply() refuses them
+    params = dict(unet.named_parameters())
+    return {
+        k: torch.lerp(params[k].detach(), v.to(params[k]), scale)
+        if k in params and params[k].shape == v.shape
+        else v
+        for k, v in tensors.items()
+    }
+
+
 @contextlib.contextmanager
-def applied(unet, *deltas):
-    """Inside the block, `unet` has the deltas (files or {name: tensor}) applied in order;
-    afterwards, also after an error, every tensor they touched has its original value again."""
+def applied(unet, *deltas, scale=1.0):
+    """Inside the block, `unet` has the deltas (files or {name: tensor}) applied in order, each at
+    strength `scale` (weights()); afterwards, also after an error, every tensor they touched has
+    its original value again."""
     params = dict(unet.named_parameters())
     originals = {}
     try:
         for d in deltas:
             is_file = isinstance(d, (str, os.PathLike))
             tensors = load(d, unet.config)[0] if is_file else d
-            for k in tensors:
-                if k in params and k not in originals:
-                    originals[k] = params[k].detach().clone()
             try:
+                tensors = weights(unet, tensors, scale)
+                for k in tensors:
+                    if k in params and k not in originals:
+                        originals[k] = params[k].detach().clone()
                 apply(unet, tensors)
             except LoadError as e:
                 raise LoadError(f"cannot apply delta {d}: {e}" if is_file else str(e)) from None

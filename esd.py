@@ -10,12 +10,14 @@ rohitgandikota/erasing@2704f9a28217 train-scripts/train-esd.py
 rohitgandikota/erasing@ce8d4d925b25 esd_sd.py
 """
 
+import contextlib
 import random
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import lora
 import sampler
 
 # Length of the x_t trajectories (train-esd.py --ddim_steps, esd_sd.py --num_inference_steps)
@@ -85,13 +87,20 @@ class ESD:
     Memory-lean (docs/design.md, "Memory-lean ESD"): ONE UNet; the frozen θ is that same UNet
     with the kept originals of the trained tensors swapped in by functional_call. Only the
     trained tensors require grad, in their own dtype (fp32: in bf16 most small Adam updates round
-    away); dtype bf16/fp16 only turns on autocast."""
+    away); dtype bf16/fp16 only turns on autocast.
+
+    rank > 0: instead of the selected weights, a low-rank update (lora.py, rank and alpha) of the
+    Linear and Conv2d modules whose weights the method selects trains; the frozen θ is the same
+    UNet with the update switched off, so no originals are kept. ValueError for a rank larger
+    than a selected module allows."""
 
     def __init__(
         self,
         unet,
         method="esd-x",
         *,
+        rank=0,
+        alpha=None,
         negative_guidance=1.0,
         target="esd",
         steps=DDIM_STEPS,
@@ -104,8 +113,17 @@ class ESD:
 
         # The trained tensors, and their original values: the frozen θ
         self.unet = unet.eval().requires_grad_(False)
-        self.params = {name: p.requires_grad_(True) for name, p in select(unet, method).items()}
-        self.originals = {name: p.detach().clone() for name, p in self.params.items()}
+        selected = select(unet, method)
+        self.lora = None
+        if rank:
+            # A drawn from a fixed seed
+            generator = torch.Generator().manual_seed(0)
+            self.lora = lora.attach(unet, lambda name: name in selected, rank, alpha, generator)
+            self.params = self.lora.params
+            self.originals = {}
+        else:
+            self.params = {name: p.requires_grad_(True) for name, p in selected.items()}
+            self.originals = {name: p.detach().clone() for name, p in self.params.items()}
 
         self.negative_guidance = negative_guidance
         self.target = TARGETS[target]
@@ -123,9 +141,16 @@ class ESD:
     def eps(self, x, t, cond, frozen=False):
         """ε(x, t, cond) with the weights being trained, or (frozen=True) with the originals;
         cond: a conditioning (sampler.py: a text context, or SDXL's (context, added))."""
+        args = (x, t, *sampler.inputs(cond))
+
+        # LoRA: frozen is the same modules with the low-rank update switched off
+        if self.lora is not None:
+            with self.lora.off() if frozen else contextlib.nullcontext():
+                return self.unet(*args)
+
         # frozen: the same module, the originals in place of the trained tensors
         swapped = self.originals if frozen else {}
-        return functional_call(self.unet, swapped, (x, t, *sampler.inputs(cond)))
+        return functional_call(self.unet, swapped, args)
 
     @torch.no_grad()
     def frozen_eps(self, x_t, t, conds):
@@ -190,7 +215,10 @@ class ESD:
         return F.mse_loss(e_n.float(), target)
 
     def delta(self):
-        """{name: tensor} of the trained tensors, detached, on the CPU: a delta file's content."""
+        """{name: tensor} of the trained tensors, detached, on the CPU: a delta file's content
+        (LoRA: a kohya file's, lora.py)."""
+        if self.lora is not None:
+            return self.lora.state()
         return {name: p.detach().cpu().contiguous() for name, p in self.params.items()}
 
 

@@ -89,10 +89,11 @@ def evaluate(
     classifier=None,
     labels=None,
     grid=None,
+    scale=1.0,
 ):
-    """{"base": scores, "edited": scores with delta `edit` (a file or {name: tensor}) applied,
-    "edited/base"}: toy scores if `prompts` is None, else CLIP's for `prompts` over `labels`
-    (labels[0]: the concept). grid: a PNG path."""
+    """{"base": scores, "edited": scores with delta `edit` (a file or {name: tensor}) applied at
+    strength `scale` (delta.weights), "edited/base"}: toy scores if `prompts` is None, else CLIP's
+    for `prompts` over `labels` (labels[0]: the concept). grid: a PNG path."""
     is_toy = prompts is None
     seeds = list(seeds)
 
@@ -121,7 +122,7 @@ def evaluate(
     for run in ("base", "edited") if edit is not None else ("base",):
         edits = [edit] if run == "edited" else []
         # The base weights back afterwards.
-        with delta.applied(sd.unet, *edits):
+        with delta.applied(sd.unet, *edits, scale=scale):
             images[run] = sampler.generate(sd, result["prompts"], seeds, **sampling)
         if is_toy:
             result[run] = toy_scores(*toy.classify(images[run], classifier), entries, concept)
@@ -170,7 +171,15 @@ def main(argv=None):
     )
     cli.add_model_flags(p, cli.SOURCE_FLAGS, model="toy")
     p.add_argument(
-        "--delta", default=None, help="ESD delta .safetensors (without: the base model only)"
+        "--delta",
+        default=None,
+        help="ESD delta or LoRA .safetensors (without: the base model only)",
+    )
+    p.add_argument(
+        "--delta-scale",
+        type=float,
+        default=1.0,
+        help="strength of --delta, as A1111's <lora:name:0.8> (1: as trained)",
     )
     p.add_argument(
         "--concept",
@@ -268,6 +277,7 @@ def main(argv=None):
                 cli.steps("--steps", args.steps),
                 cli.finite("--guidance", args.guidance),
                 cli.existing("--delta", [args.delta] if args.delta else []),
+                cli.finite("--delta-scale", args.delta_scale),
             ]
         )
         inputs = (args.model, args.tokenizer, args.delta)
@@ -283,6 +293,7 @@ def main(argv=None):
             steps=args.steps,
             guidance=args.guidance,
             grid=image,
+            scale=args.delta_scale,
         )
         text = json.dumps(result, indent=1)
         files.atomic_write(report, lambda tmp: Path(tmp).write_text(text))

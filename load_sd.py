@@ -18,14 +18,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 import convert
 import text
 from configs import (
-    PREDICTION,
-    RESOLUTION,
     check_added_embedding,
     config_from_json,
     diffusers_configs,
     file_family,
     folder_family,
     infer_configs,
+    model_spec,
     stated,
 )
 from files import LoadError, atomic_write, first_line, read_metadata, read_tensors
@@ -74,6 +73,7 @@ class StableDiffusion:
     image_size: int = 512  # the side it was trained at: sample.py's default
     text_encoder_2: CLIPTextModelWithProjection = None  # SDXL's OpenCLIP bigG, with its projection
     tokenizer_2: CLIPTokenizer = None
+    source_dtype: torch.dtype = torch.float32  # the UNet's in the file or folder it came from
     warned: set = dataclasses.field(default_factory=set, repr=False)  # prompts said to be too long
 
     def encode_prompts(self, prompts, size=None):
@@ -305,6 +305,9 @@ def load(
     with torch.device("meta"):
         models = {part: MODELS[part](config) for part, config in zip(parts, configs)}
 
+    # The file's own dtype, before the tensors are cast to `dtype`
+    source_dtype = next(iter(parts["unet"].values())).dtype
+
     # SDXL's VAE overflows in fp16 (diffusers' force_upcast): it stays fp32 while the rest runs
     # in fp16
     vae_dtype = torch.float32 if family == "sdxl" and dtype == torch.float16 else dtype
@@ -330,6 +333,7 @@ def load(
         size,
         models.get("text_encoder_2"),
         *tokenizers[1:],  # SDXL: the second ones
+        source_dtype=source_dtype,
     )
 
 
@@ -355,13 +359,18 @@ def ldm_state_dict(sd):
     return tensors
 
 
-def save_single_file(sd, path, metadata=None):
-    """Write `sd` as an official single .safetensors file (A1111, ComfyUI), its image size and
-    prediction type in the model-spec metadata; atomic."""
-    tensors = {k: t.cpu().contiguous() for k, t in ldm_state_dict(sd).items()}
+def save_single_file(sd, path, metadata=None, dtype=None):
+    """Write `sd` as an official single .safetensors file (A1111, ComfyUI), its floating-point
+    tensors in `dtype` (default: sd.source_dtype, the dtype it was read in), the model spec
+    (architecture, image size, prediction type) in its metadata; atomic."""
+    dtype = dtype or sd.source_dtype
+    tensors = {
+        k: (t.to(dtype) if t.is_floating_point() else t).cpu().contiguous()
+        for k, t in ldm_state_dict(sd).items()
+    }
+    title = os.path.basename(str(path)).removesuffix(".safetensors")
     metadata = {
-        RESOLUTION: f"{sd.image_size}x{sd.image_size}",
-        PREDICTION: sd.prediction_type.removesuffix("_prediction"),
+        **model_spec(sd.family, sd.prediction_type, sd.image_size, title),
         **(metadata or {}),
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata))

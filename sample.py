@@ -95,7 +95,16 @@ def parse_args(argv=None):
     p.add_argument("--output", default="sample.png")
     cli.add_model_flags(p, cli.COMPUTE_FLAGS)
     p.add_argument(
-        "--delta", action="append", default=[], help="ESD delta file to apply (repeatable)"
+        "--delta",
+        action="append",
+        default=[],
+        help="ESD delta or LoRA file to apply (repeatable)",
+    )
+    p.add_argument(
+        "--delta-scale",
+        type=float,
+        default=1.0,
+        help="strength of each --delta, as A1111's <lora:name:0.8> (1: as trained)",
     )
     p.add_argument(
         "--compare",
@@ -130,6 +139,7 @@ def check_args(args):
                 f"--compare draws one grid of at most {MAX_GRID} images",
             ),
             cli.existing("--delta", args.delta),
+            cli.finite("--delta-scale", args.delta_scale),
         ]
     )
 
@@ -187,7 +197,7 @@ def main(argv=None):
             batches = [seeds[i : i + per_batch] for i in range(0, len(seeds), per_batch)]
 
         # Without --delta: the model as it is.
-        with delta.applied(sd.unet, *args.delta):
+        with delta.applied(sd.unet, *args.delta, scale=args.delta_scale):
             for batch in tqdm(batches, desc="batches", disable=len(batches) == 1):
                 images = to_pil(sampler.generate(sd, args.prompt, batch, **settings))
                 if not args.compare:

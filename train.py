@@ -5,21 +5,24 @@
     python train.py --concept "Van Gogh" --method esd-u --negative-guidance 1 --iterations 1000
 
 Writes a delta (.safetensors of the trained tensors only, diffusers UNet names) for
-`sample.py --delta`."""
+`sample.py --delta`; with --lora RANK a LoRA file (kohya's layout: A1111, ComfyUI, diffusers)."""
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import torch
 from tqdm import tqdm
 
 import cli
+import configs
 import delta
 import esd
 import evaluate
 import files
 import load_sd
+import lora
 import sampler
 import toy
 
@@ -58,6 +61,12 @@ class TrainConfig:
         4, "x_t from N trajectories per batch row, re-sampled every R iterations (0: the paper)"
     )
     pool_refresh: int = opt(40, "R: re-sample the trajectory pool every R iterations (0: never)")
+    lora: int = opt(
+        None,
+        "train a rank-R update W + (α/R)·B·A of the method's Linear and Conv2d modules instead of "
+        "their weights; writes a LoRA file (kohya's layout)",
+    )
+    lora_alpha: float = opt(None, "α of --lora: the update is scaled by α/R (default: R)")
     iterations: int = opt(1000, "optimizer steps")
     batch_size: int = opt(
         1, "x_t per step, all at one t_enc (the paper: 1; more: a steadier gradient)"
@@ -81,6 +90,11 @@ class TrainConfig:
     export_full: str = opt(
         None, "also write the edited model as an official single file (.safetensors)"
     )
+    export_dtype: str = opt(
+        None,
+        "the dtype of --export-full's tensors (default: the model file's own, e.g. float16)",
+        choices=list(load_sd.DTYPES),
+    )
     export_diffusers: str = opt(None, "also write the edited model as a diffusers folder")
     overwrite: bool = opt(
         False, "replace an existing --output (and --export-full)", action="store_true"
@@ -96,6 +110,8 @@ RESUME_SAME = (
     "prediction_type",
     "concept",
     "method",
+    "lora",
+    "lora_alpha",
     "target",
     "negative_guidance",
     "erase_from",
@@ -143,6 +159,12 @@ def check(config):
             ),
             # NaN compares false: refused.
             (not 0 < config.lr < float("inf"), "--lr must be a positive number"),
+            (config.lora is not None and config.lora < 1, "--lora must be at least 1"),
+            (config.lora_alpha is not None and not config.lora, "--lora-alpha needs --lora"),
+            (
+                config.lora_alpha is not None and not 0 < config.lora_alpha < float("inf"),
+                "--lora-alpha must be a positive number",
+            ),
             cli.finite("--negative-guidance", config.negative_guidance),
             cli.finite("--guidance", config.guidance),
             (
@@ -161,6 +183,8 @@ def check(config):
 
     # The outputs: the delta, its checkpoint, the exports; none of them an input.
     name = cli.output_name(concepts)
+    if config.lora:
+        name += f"-lora{config.lora}"
     config.output = config.output or f"{config.method}-{name}.safetensors"
     toy_files = load_sd.TOY_DIR if config.model == "toy" else None
     inputs = (config.model, config.tokenizer, toy_files)
@@ -171,9 +195,9 @@ def check(config):
     return concepts
 
 
-def save(config, trainer, optimizer, xt_source, iteration):
+def save(config, sd, trainer, optimizer, xt_source, iteration):
     """The delta and, written first, what --resume needs: the trained tensors, Adam's state, the
-    x_t pool, the settings."""
+    x_t pool, the settings. --lora: the LoRA file, with the metadata A1111 and ComfyUI read."""
     meta = dict(
         concept=config.concept,
         method=config.method,
@@ -185,6 +209,10 @@ def save(config, trainer, optimizer, xt_source, iteration):
         seed=config.seed,
         base_model=config.model,
     )
+    if trainer.lora is not None:
+        title = os.path.basename(config.output).removesuffix(".safetensors")
+        spec = configs.model_spec(sd.family, sd.prediction_type, sd.image_size, title, "lora")
+        meta.update(spec, **lora.metadata(trainer.lora, sd.family, config.model, iteration))
     state = {
         "iteration": iteration,
         "optimizer": optimizer.state_dict(),
@@ -208,7 +236,10 @@ def resume(config, trainer, optimizer, xt_source):
             f"--iterations {config.iterations}: the checkpoint is at iteration {state['iteration']}"
         )
     try:
-        delta.apply(trainer.unet, state["tensors"])
+        if trainer.lora is not None:
+            trainer.lora.load(state["tensors"])
+        else:
+            delta.apply(trainer.unet, state["tensors"])
         optimizer.load_state_dict(state["optimizer"])
         xt_source.restore(state["x_t pool"])
     except (files.LoadError, ValueError, KeyError) as e:
@@ -225,18 +256,25 @@ def train(config, sd, concepts, on_step=None, xt_source=None):
     on_step(iteration, loss), if given, runs after every step (the demo's progress); when it
     returns True the run stops there, saved as it is. xt_source: a class to build the x_t source
     with instead of the one the config names in esd.XT_SOURCES ("pool" when --trajectory-pool > 0,
-    else "paper"), called with the same arguments: e.g. a subclass of it."""
-    # The UNet being trained and the originals of its trained tensors (esd.py)
-    trainer = esd.ESD(
-        sd.unet,
-        config.method,
-        negative_guidance=config.negative_guidance,
-        target=config.target,
-        steps=config.steps,
-        guidance=config.guidance,
-        prediction=sd.prediction_type,
-        dtype=load_sd.DTYPES[config.dtype],
-    )
+    else "paper"), called with the same arguments: e.g. a subclass of it. With --lora the update's
+    hooks stay on sd.unet afterwards: trainer.lora.remove() takes them off."""
+    # The UNet being trained and the originals of its trained tensors, or its low-rank update
+    # (esd.py); a --lora rank a selected module cannot have is bad input.
+    try:
+        trainer = esd.ESD(
+            sd.unet,
+            config.method,
+            rank=config.lora or 0,
+            alpha=config.lora_alpha,
+            negative_guidance=config.negative_guidance,
+            target=config.target,
+            steps=config.steps,
+            guidance=config.guidance,
+            prediction=sd.prediction_type,
+            dtype=load_sd.DTYPES[config.dtype],
+        )
+    except ValueError as e:
+        raise files.LoadError(f"--lora {config.lora}: {e}") from None
     n_params = sum(p.numel() for p in trainer.params.values())
     tqdm.write(f"{config.method}: training {len(trainer.params)} tensors, {n_params:,} parameters")
 
@@ -295,7 +333,7 @@ def train(config, sd, concepts, on_step=None, xt_source=None):
         # Checkpoint every --save-every iterations, at the end, and where on_step stops the run
         periodic = config.save_every and done % config.save_every == 0
         if stop or done == config.iterations or periodic:
-            save(config, trainer, optimizer, source, done)
+            save(config, sd, trainer, optimizer, source, done)
         if stop:
             break
 
@@ -324,10 +362,16 @@ def main(argv=None):
         with files.locked(config.output):
             # The weights in float32: train() computes in --dtype under autocast.
             sd = cli.load_model(config, dtype="float32")
-            train(config, sd, concepts)
+            trainer = train(config, sd, concepts)
+
+            # --lora: the exports hold the update merged into the weights
+            if trainer.lora is not None:
+                trainer.lora.remove()
+                delta.apply(sd.unet, delta.weights(sd.unet, trainer.delta()))
             if config.export_full:
                 meta = {"esd": f"{config.method} {config.concept}"}
-                load_sd.save_single_file(sd, config.export_full, meta)
+                dtype = load_sd.DTYPES.get(config.export_dtype)
+                load_sd.save_single_file(sd, config.export_full, meta, dtype)
             if config.export_diffusers:
                 load_sd.save_diffusers(sd, config.export_diffusers)
         written = filter(None, (config.output, config.export_full, config.export_diffusers))

@@ -4,8 +4,11 @@ use (a diffusers UNet being trained and a deepcopy of it as the frozen model), s
 same weights, same seeds and t_enc sequence, x_t sampled every iteration (the paper). Also ours
 with train.py's default x_t, an on-policy trajectory pool (esd.TrajectoryPool: N trajectories
 from the model being trained, rebuilt every R iterations; --iters defaults to R, so the rebuild is
-in the average): seconds per iteration are then seconds to the same number of x_t samples. Prints
-seconds per iteration, memory and ratios to the two-copies run.
+in the average): seconds per iteration are then seconds to the same number of x_t samples. And
+ours as LoRA (train.py --lora R: a rank-R update of the method's modules, the frozen model the
+same UNet with the update off, no originals kept). Prints seconds per iteration, memory and ratios
+to the two-copies run, memory against two UNets' weights alone, and the size of each run's file
+(the delta, or the LoRA file) against the full method's delta.
 
 Time: on a GPU wall-clock seconds; on the CPU process CPU seconds with one thread, which a machine
 shared with other jobs inflates far less than wall-clock time.
@@ -14,7 +17,8 @@ Adam state, the pool's trajectories); on a GPU also torch.cuda.max_memory_alloca
 included).
 
     python bench/bench_esd.py [--device cuda] [--dtype bfloat16] [--iters R] [--pool N]
-                              [--refresh R] [--latent 16] [--full]
+                              [--refresh R] [--latent 16] [--full] [--lora 4 16]
+                              [--variants two-copies ours pool lora]
 """
 
 import argparse
@@ -52,6 +56,13 @@ CONFIG = dict(
 FULL = dict(CONFIG, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768)
 # its trajectory_pool and pool_refresh: train.py's default x_t
 DEFAULT = train.TrainConfig()
+# --variants: the runs, by name
+VARIANTS = {
+    "two-copies": "two copies (diffusers)",
+    "ours": "ours",
+    "pool": "ours, pool",
+    "lora": "ours, LoRA",
+}
 
 
 class TwoCopies:
@@ -111,9 +122,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(variant, method, initial, plan, args):
+def run(variant, method, initial, plan, args, rank=0):
     """Train `plan` iterations; returns (seconds per iteration, held bytes, of which the pool's,
-    cuda peak, losses)."""
+    cuda peak, losses, bytes of the delta or LoRA file's tensors)."""
     device = args.device
     dtype = load_sd.DTYPES[args.dtype]
     latent_shape = (4, args.latent, args.latent)
@@ -130,10 +141,13 @@ def run(variant, method, initial, plan, args):
         trainer = TwoCopies(model.to(device), method, args.steps, dtype)
         held = trainer.held()
     else:
+        # rank > 0: the LoRA, whose trained tensors are not the UNet's
         model = UNet(configs.config_from_json(UNetConfig, args.config))
         model.load_state_dict(initial)
-        trainer = esd.ESD(model.to(device), method, steps=args.steps, dtype=dtype)
+        trainer = esd.ESD(model.to(device), method, rank=rank, steps=args.steps, dtype=dtype)
         held = list(trainer.unet.parameters()) + list(trainer.originals.values())
+        if rank:
+            held += list(trainer.params.values())
     opt = torch.optim.Adam(trainer.params.values(), lr=1e-5)
 
     # Random stand-ins for the text conditionings
@@ -180,7 +194,10 @@ def run(variant, method, initial, plan, args):
     held_bytes = nbytes(held + states + grads + trajectories)
     pool_bytes = nbytes(trajectories)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return sum(seconds) / len(seconds), held_bytes, pool_bytes, peak, losses
+    file_bytes = None
+    if not isinstance(trainer, TwoCopies):
+        file_bytes = nbytes(trainer.delta().values())
+    return sum(seconds) / len(seconds), held_bytes, pool_bytes, peak, losses, file_bytes
 
 
 def main():
@@ -209,6 +226,10 @@ def main():
     p.add_argument(
         "--full", action="store_true", help="the full-size SD v1 UNet (859M parameters; for a GPU)"
     )
+    p.add_argument("--lora", nargs="+", type=int, default=[4], help="ranks of the LoRA runs")
+    p.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="the runs"
+    )
     args = p.parse_args()
     args.config = FULL if args.full else CONFIG
     args.iters = args.iters or args.refresh or 6
@@ -232,27 +253,49 @@ def main():
     )
     mib = 2**20
     kib = 2**10
+    # Two UNets' weights alone: the least the official scripts hold
+    two_unets = 2 * nbytes(initial.values())
+    runs = []
+    for key in args.variants:
+        if key == "lora":
+            runs += [(f"{VARIANTS[key]} {rank}", rank) for rank in args.lora]
+        else:
+            runs.append((VARIANTS[key], 0))
+
     for method in args.methods:
-        results = {
-            v: run(v, method, initial, plan, args)
-            for v in ("two copies (diffusers)", "ours", "ours, pool")
-        }
-        base_s, base_held, _, base_peak, base_losses = results["two copies (diffusers)"]
-        trained = sum(p.numel() for n, p in initial.items() if esd.FILTERS[method](n))
-        print(f"\n{method}: {trained:,} trained params")
-        for variant, (s, held, pool_bytes, peak, _) in results.items():
-            line = (
-                f"  {variant:24s} {s:7.3f} s/it ({s / base_s:.2f}x)"
-                f"   held {held / mib:7.1f} MiB ({held / base_held:.2f}x)"
-            )
+        results = {v: run(v, method, initial, plan, args, rank) for v, rank in runs}
+        base = results.get(VARIANTS["two-copies"])
+        trained = [v for n, v in initial.items() if esd.FILTERS[method](n)]
+        full_delta = nbytes(trained)
+        print(f"\n{method}: {sum(v.numel() for v in trained):,} trained params")
+        for variant, (s, held, pool_bytes, peak, _, file_bytes) in results.items():
+            line = f"  {variant:24s} {s:7.3f} s/it"
+            if base:
+                line += f" ({s / base[0]:.2f}x)"
+            line += f"   held {held / mib:7.1f} MiB"
+            if base:
+                line += f" ({held / base[1]:.2f}x)"
+            line += f" ({held / two_unets:.2f}x two UNets)"
             if peak is not None:
-                line += f"   cuda peak {peak / mib:7.1f} MiB ({peak / base_peak:.2f}x)"
-            if variant == "ours, pool":
+                line += f"   cuda peak {peak / mib:7.1f} MiB"
+                if base:
+                    line += f" ({peak / base[3]:.2f}x)"
+            if file_bytes is not None:
+                share = file_bytes / full_delta
+                line += f"   file {file_bytes / mib:.2f} MiB ({share:.2%} of the delta)"
+            if variant == VARIANTS["pool"]:
                 line += f"   of which pool {pool_bytes / kib:.1f} KiB"
             print(line)
-        ours_losses = results["ours"][4]
-        gap = max(abs(a - b) / abs(b) for a, b in zip(ours_losses, base_losses))
-        print(f"  same algorithm: ours vs two-copies losses, max relative difference {gap:.1e}")
+
+        # The same algorithm: ours against two copies; a LoRA starts as the full method (B = 0)
+        ours = results.get(VARIANTS["ours"])
+        if base and ours:
+            gap = max(abs(a - b) / abs(b) for a, b in zip(ours[4], base[4]))
+            print(f"  same algorithm: ours vs two-copies losses, max relative difference {gap:.1e}")
+        for variant, result in results.items():
+            if ours and variant.startswith(VARIANTS["lora"]):
+                gap = abs(result[4][0] - ours[4][0]) / abs(ours[4][0])
+                print(f"  {variant}: first loss vs ours, relative difference {gap:.1e}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import load_sd
 import sample
 import sampler
 import toy
+import train
 
 # .ci/run installs the demo's packages and Chromium: there nothing skips.
 IN_CI = os.environ.get("CI") == "true"
@@ -178,6 +179,20 @@ def test_compare_takes_uploads_ours_and_the_official_pt_formats(server, trained,
         edit = handle_file(upload)
         _, erased = trained.client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
         assert np.array_equal(pixels(erased["value"]), want), upload
+
+
+def test_compare_takes_a_lora_file(server, trained, toy_sd, tmp_path):
+    """A LoRA file (train.py --lora) uploaded to Compare: its update merged, as sample.py --delta
+    merges it."""
+    lora_file = tmp_path / "lora.safetensors"
+    argv = ["--model", "toy", "--concept", "circle", "--lora", "4", "--lr", "3e-3", "--no-eval"]
+    assert train.main([*argv, "--iterations", "20", "--output", str(lora_file)]) == 0
+    prompts = PROMPTS.splitlines()
+    want = expected_row(toy_sd, prompts, str(lora_file))
+    assert not np.array_equal(want, expected_row(toy_sd, prompts)), "the LoRA changes the images"
+    edit = handle_file(lora_file)
+    _, erased = trained.client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
+    assert np.array_equal(pixels(erased["value"]), want)
 
 
 def test_measure_is_evaluate_protocol(server, trained, toy_sd):

@@ -23,6 +23,7 @@ import convert
 import delta
 import evaluate
 import load_sd
+import lora
 import sample
 import tiny
 import train
@@ -577,7 +578,7 @@ ROWS = [
         patch=("huggingface_hub.constants.HF_HUB_OFFLINE", True),
     ),
     Row("train --resolution 0 is the model's size", "train", ["--resolution", "0", *QUICK], 0),
-    # 10. Prompt CSVs (evaluate.py --prompts): refused before anything is written
+    # 9. Prompt CSVs (evaluate.py --prompts): refused before anything is written
     Row(
         "a prompt CSV runs",
         "prompts",
@@ -694,6 +695,50 @@ ROWS = [
         ["--output-dir", "{ws}/e"],
         says="needs --prompts",
     ),
+    # 10. LoRA (train.py --lora, --delta-scale)
+    *[
+        Row(f"train {' '.join(args)}", "train", args, says=says)
+        for args, says in [
+            (["--lora", "0"], "--lora must be at least 1"),
+            (["--lora", "-3"], "--lora must be at least 1"),
+            (["--lora-alpha", "2"], "--lora-alpha needs --lora"),
+            (["--lora", "2", "--lora-alpha", "nan"], "--lora-alpha"),
+            (["--lora", "2", "--lora-alpha", "0"], "--lora-alpha"),
+            (["--export-dtype", "float64"], "--export-dtype: invalid choice"),
+        ]
+    ],
+    Row(
+        "train a rank larger than a layer",
+        "train",
+        ["--lora", "100000", "--output", "{ws}/big.safetensors"],
+        says="--lora 100000: rank 100000 is not in 1..",
+        then=lambda ws: not os.path.exists(f"{ws}/big.safetensors"),
+    ),
+    Row(
+        "resume a full run's checkpoint with --lora",
+        "train",
+        ["--output", "{ws}/existing.safetensors", "--resume", "--lora", "2", "--iterations", "4"],
+        says="lora",
+        unchanged=("{ws}/existing.safetensors",),
+    ),
+    *[
+        Row(f"{cli} --delta-scale {value}", cli, ["--delta-scale", value], says="--delta-scale")
+        for cli in ("sample", "evaluate")
+        for value in ("nan", "inf")
+    ],
+    *[
+        Row(
+            f"{cli}: a LoRA of another model",
+            cli,
+            ["--delta", "{ws}/xl-lora.safetensors"],
+            says=says,
+        )
+        for cli, says in [
+            ("sample", "cannot apply delta"),
+            ("evaluate", "cannot apply delta"),
+        ]
+    ],
+    Row("a LoRA full of NaN", "sample", ["--delta", "{ws}/nan-lora.safetensors"], says="NaN"),
 ]
 BASE = {
     "train": ["--model", "toy", "--concept", "circle", *QUICK],
@@ -779,6 +824,19 @@ def base(tmp_path_factory):
     save_file(refiner, xl / "refiner.safetensors")
     shutil.copytree(xl / "diffusers", xl / "no-te2")
     os.remove(xl / "no-te2" / "text_encoder_2" / "model.safetensors")
+
+    # LoRA files: one of the tiny SDXL UNet, and a toy run's full of NaN.
+    xl_unet = load_sd.load(xl / "diffusers").unet
+    save_file(
+        lora.attach(xl_unet, lambda name: "attn2" in name, 2).state(), ws / "xl-lora.safetensors"
+    )
+    argv = ["--model", "toy", "--concept", "circle", "--no-eval", "--iterations", "1"]
+    assert train.main([*argv, "--lora", "2", "--output", str(ws / "lora.safetensors")]) == 0
+    tensors = load_file(ws / "lora.safetensors")
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in tensors.items()},
+        ws / "nan-lora.safetensors",
+    )
     return ws
 
 

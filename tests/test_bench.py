@@ -1,8 +1,9 @@
-"""The benchmark scripts run end to end at toy sizes (they are not timed here): bench_esd.py's three
+"""The benchmark scripts run end to end at toy sizes (they are not timed here): bench_esd.py's
 ESD implementations train the same algorithm, the losses of ours and of two diffusers copies
-agreeing, and the pool's trajectories are counted in its memory; bench_app.py erases through the
-demo and the CLI (it needs the demo's packages, which .ci/run installs); bench_evaluate.py times
-evaluate.py --prompts with one process and two."""
+agreeing, a LoRA starting from the same loss and holding less, and the pool's trajectories are
+counted in its memory; bench_app.py erases through the demo and the CLI (it needs the demo's
+packages, which .ci/run installs); bench_evaluate.py times evaluate.py --prompts with one process
+and two."""
 
 import os
 import re
@@ -28,6 +29,18 @@ def test_bench_esd_runs_and_ours_equals_two_copies():
     assert all(v in r.stdout for v in ("two copies (diffusers)", "ours ", "ours, pool")), r.stdout
     gap = float(re.search(r"max relative difference ([0-9.e+-]+)", r.stdout)[1])
     assert gap < 1e-4, r.stdout
+
+    # A LoRA starts as the full method (B = 0): the same first loss; it holds less than ours
+    lora_gap = float(
+        re.search(r"LoRA 4: first loss vs ours, relative difference ([0-9.e+-]+)", r.stdout)[1]
+    )
+    assert lora_gap < 1e-5, r.stdout
+    held = dict(
+        re.findall(
+            r"  (ours|ours, LoRA 4) +[0-9.]+ s/it \([0-9.]+x\) +held +([0-9.]+) MiB", r.stdout
+        )
+    )
+    assert float(held["ours, LoRA 4"]) < float(held["ours"]), r.stdout
 
     # The pool's trajectories are counted in its memory: at least their noise, 2 x [4, 8, 8] float32
     pool_kib = float(re.search(r"of which pool ([0-9.]+) KiB", r.stdout)[1])

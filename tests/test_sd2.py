@@ -397,11 +397,11 @@ def test_prediction_type_rule(sd2, tiny_sd, tmp_path):
     assert got(sd2.file, prediction_type="epsilon") == ("epsilon", 512)
     tensors = load_file(sd2.file)
     for stated, expected in (("epsilon", ("epsilon", 512)), ("v", ("v_prediction", 768))):
-        save_file(tensors, tmp_path / f"{stated}.safetensors", {load_sd.PREDICTION: stated})
+        save_file(tensors, tmp_path / f"{stated}.safetensors", {configs.PREDICTION: stated})
         assert got(tmp_path / f"{stated}.safetensors") == expected
     # the flag over metadata
     assert got(tmp_path / "v.safetensors", prediction_type="epsilon") == ("epsilon", 512)
-    sized = {load_sd.PREDICTION: "epsilon", load_sd.RESOLUTION: "640x640"}
+    sized = {configs.PREDICTION: "epsilon", configs.RESOLUTION: "640x640"}
     save_file(tensors, tmp_path / "sized.safetensors", sized)
     assert got(tmp_path / "sized.safetensors") == ("epsilon", 640)
 

@@ -32,6 +32,7 @@ import convert
 import delta
 import esd
 import load_sd
+import lora
 import sample
 import tiny
 import train
@@ -271,7 +272,7 @@ def test_sdxl_single_file_written_read_by_diffusers(xl, tmp_path):
     # open_clip's [width, embed_dim]
     assert projection.shape == (tiny.BIG_G["hidden_size"], tiny.XL_POOLED)
     assert torch.equal(projection, xl.pipe.text_encoder_2.text_projection.weight.T)
-    assert load_sd.read_metadata(xl.file)[load_sd.RESOLUTION] == "16x16"
+    assert load_sd.read_metadata(xl.file)[configs.RESOLUTION] == "16x16"
 
     # read by diffusers (which loads text encoders non-strict) and by us
     assert_same_state(from_single_file(xl.file, xl.folder), xl.pipe)
@@ -496,3 +497,50 @@ def test_esd_x_on_tiny_sdxl(xl, tmp_path):
     assert not any(n.startswith(kept) for n in names)
     assert not any("attn2" in n for n in names)
     assert any(n.startswith("down_blocks.0.resnets.0.") for n in names)
+
+
+def test_sdxl_lora_read_by_diffusers_draws_our_image(xl, tmp_path, capsys):
+    """train.py --lora on the SDXL folder (ESD-u: Linear and Conv2d modules): diffusers'
+    load_lora_weights gives every module of the file its A and B as written, and
+    StableDiffusionXLPipeline with it draws sample.py --delta's image within 1/255."""
+    out = tmp_path / "lora.safetensors"
+    flags = ["--model", xl.folder, "--concept", "car", "--method", "esd-u", "--lora", 2]
+    flags += ["--iterations", 2, "--steps", 4, "--lr", 0.3, "--device", "cpu", "--output", out]
+    assert train.main([str(a) for a in flags]) == 0
+    tensors = load_file(out)
+    assert all(k.startswith(lora.PREFIX) for k in tensors)
+    assert delta.load(str(out))[1]["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        xl.folder, scheduler=DDIMScheduler(**tiny.SCHEDULER), add_watermarker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out))
+    loaded = {}
+    for path, m in pipe.unet.named_modules():
+        if hasattr(m, "lora_A") and len(m.lora_A):
+            (adapter,) = m.lora_A.keys()
+            loaded[lora.kohya_name(path)] = (m.lora_A[adapter].weight, m.lora_B[adapter].weight)
+    assert len(tensors) == 3 * len(loaded)
+    for name, (a, b) in loaded.items():
+        assert torch.equal(a, tensors[name + lora.DOWN]) and torch.equal(b, tensors[name + lora.UP])
+
+    with torch.no_grad():
+        expected = pipe(
+            PROMPT,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            output_type="np",
+            generator=torch.Generator("cpu").manual_seed(SEED),
+        ).images[0]
+    flags = ["--model", xl.folder, "--prompt", PROMPT, "--seed", SEED, "--steps", STEPS]
+    flags += ["--guidance", GUIDANCE, "--output", tmp_path / "x.png", "--device", "cpu"]
+    assert sample.main([str(a) for a in [*flags, "--delta", out]]) == 0, capsys.readouterr().err
+    image = np.asarray(Image.open(tmp_path / "x.png")).astype(int)
+    diff = np.abs(image - (expected * 255).round().astype(int))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()}/255"
+
+    # ... and the LoRA shows in the image
+    assert sample.main([str(a) for a in flags]) == 0
+    base = np.asarray(Image.open(tmp_path / "x.png")).astype(int)
+    assert np.abs(base - image).max() > 4
