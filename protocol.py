@@ -126,7 +126,7 @@ def sha256(path):
 
 def images_of(rows, settings, images_per_prompt, folder):
     """Every image the protocol asks for, in a fixed order: (path, its `esd` metadata) per row and
-    index. settings: steps, height, width, model, delta, dtype."""
+    index. settings: steps, height, width, model, delta, delta_scale, dtype."""
     wanted = []
     for row in rows:
         for i in range(images_per_prompt):
@@ -177,10 +177,11 @@ def batches(wanted, images_per_prompt):
     return out
 
 
-def generate(sd, wanted, images_per_prompt, edit=None, state=None):
+def generate(sd, wanted, images_per_prompt, edit=None, state=None, scale=1.0):
     """Write every image of `wanted` (path, metadata) that is not there yet, this process's share
     of the batches (accelerate's PartialState `state`; None: all of them), `edit` (a delta file)
-    applied. Returns how many images all processes wrote: those that were not there."""
+    applied at strength `scale`. Returns how many images all processes wrote: those that were not
+    there."""
     # What is done: every process reads the folder before any of them writes to it.
     done = {path for path, meta in wanted if written(path, meta)}
     main = state is None or state.is_main_process
@@ -202,7 +203,7 @@ def generate(sd, wanted, images_per_prompt, edit=None, state=None):
 
     total = sum(len(b) for b in share)
     bar = tqdm(total=total, desc="images", unit="img", disable=not main or total == 0)
-    with delta.applied(sd.unet, *([edit] if edit else [])):
+    with delta.applied(sd.unet, *([edit] if edit else []), scale=scale):
         for batch in share:
             meta = batch[0][1]
             settings = dict(
@@ -408,6 +409,7 @@ def run(args):
                 width=size,
                 model=args.model,
                 delta=args.delta if run == "edited" else None,
+                delta_scale=args.delta_scale if run == "edited" else None,
                 dtype=args.dtype,
             )
             wanted[run] = images_of(rows, settings, args.images_per_prompt, folder)
@@ -416,7 +418,7 @@ def run(args):
         for run, folder in folders.items():
             os.makedirs(folder, exist_ok=True)
             edit = args.delta if run == "edited" else None
-            made += generate(sd, wanted[run], args.images_per_prompt, edit, state)
+            made += generate(sd, wanted[run], args.images_per_prompt, edit, state, args.delta_scale)
     if not main:
         return
 
@@ -445,6 +447,7 @@ def run(args):
         model=args.model,
         delta=args.delta,
         delta_sha256=sha256(args.delta) if args.delta else None,
+        delta_scale=args.delta_scale if args.delta else None,
         height=size,
         width=size,
         dtype=args.dtype,

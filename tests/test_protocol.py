@@ -178,3 +178,26 @@ def test_base_and_edited_in_one_command(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["protocol"]["delta_sha256"] == hashlib.sha256(open(edit, "rb").read()).hexdigest()
     assert set(report["results"]) == {"base", "edited"}
+
+
+def test_delta_scale_reaches_the_edited_images(tmp_path, capsys):
+    """--delta-scale is the edited images' strength: at 0 they are the base model's, and it is in
+    their metadata and the report, so a rerun at another strength is refused, not mixed in."""
+    edit = str(tmp_path / "esd.safetensors")
+    argv = ["--model", "toy", "--concept", "circle", "--iterations", "2", "--no-eval"]
+    assert train.main([*argv, "--output", edit]) == 0
+    out = tmp_path / "eval"
+    one_row = ["--prompts", TOY_CSV, "--images-per-prompt", "1", "--steps", "4"]
+    scaled = [*one_row, "--delta", edit, "--output-dir", str(out)]
+    assert evaluate.main([*scaled, "--delta-scale", "0"]) == 0
+
+    base = Image.open(out / "base" / "0_0.png")
+    edited = Image.open(out / "edited" / "0_0.png")
+    assert base.tobytes() == edited.tobytes()
+    assert json.loads(edited.text["esd"])["delta_scale"] == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["delta_scale"] == 0
+
+    capsys.readouterr()
+    assert evaluate.main([*scaled, "--delta-scale", "1"]) == 2
+    assert "delta_scale" in capsys.readouterr().err
