@@ -199,7 +199,8 @@ def main(argv=None):
         "--guidance",
         type=float,
         default=None,
-        help="CFG scale (default: the toy's 5, else sample.py's 7.5)",
+        help="CFG scale (default: the toy's 5, else sample.py's 7.5); with --prompts, the scale "
+        "of a CSV without an evaluation_guidance column",
     )
     p.add_argument(
         "--output",
@@ -210,8 +211,8 @@ def main(argv=None):
     p.add_argument(
         "--prompts",
         default=None,
-        help="a prompt CSV in the official format (prompt, evaluation_seed, evaluation_guidance, "
-        "case_number, optional class): the papers' protocols instead of the toy's",
+        help="a prompt CSV in the official format (prompt, evaluation_seed, case_number, optional "
+        "evaluation_guidance and class): the papers' protocols instead of the toy's",
     )
     p.add_argument(
         "--images-per-prompt", type=int, default=None, help="with --prompts: images per row (1)"

@@ -31,7 +31,10 @@ import sampler
 import toy
 
 # The official CSVs' columns every row needs, and the optional ones naming what a row shows.
-COLUMNS = ("prompt", "evaluation_seed", "evaluation_guidance", "case_number")
+COLUMNS = ("prompt", "evaluation_seed", "case_number")
+# A row's guidance scale. Some official files have no such column (small_imagenet_prompts.csv):
+# their rows take --guidance, by default 7.5, as the official eval-scripts/generate-images.py.
+GUIDANCE_COLUMN = "evaluation_guidance"
 LABEL_COLUMNS = ("class", "categories")
 # Image i of a row has seed evaluation_seed + i (as sample.py's --num-images): up to 2**63 - 1.
 MAX_SEED = 2**63 - 1
@@ -44,10 +47,11 @@ RUNS = ("base", "edited")
 IMAGE_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
 
 
-def read_prompts(path, images_per_prompt=1):
+def read_prompts(path, images_per_prompt=1, guidance=None):
     """The rows of a prompt CSV as dicts (prompt, seed, guidance, case, label), after refusing
     (LoadError, one line) a file no run could use: unreadable, empty, a column missing, a seed or
-    guidance cell that is no number, a case number twice."""
+    guidance cell that is no number, a case number twice. `guidance`: the scale of every row in a
+    file without an evaluation_guidance column (None: sample.py's 7.5)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -64,6 +68,13 @@ def read_prompts(path, images_per_prompt=1):
         raise files.LoadError(f"{path} lacks the column(s) {', '.join(missing)}")
     if not table:
         raise files.LoadError(f"{path} has a header but no rows")
+    per_row = GUIDANCE_COLUMN in header
+    if per_row and guidance is not None:
+        raise files.LoadError(
+            f"--guidance is for CSVs without an {GUIDANCE_COLUMN} column: {path} sets it per row"
+        )
+    if guidance is None:
+        guidance = sample.GUIDANCE
 
     # Then every cell, row by row.
     rows = []
@@ -76,11 +87,10 @@ def read_prompts(path, images_per_prompt=1):
                 f"{where}: evaluation_seed {cells['evaluation_seed']!r} is not a seed in "
                 f"0..2**63-1 (image i of a row has seed + i)"
             )
-        guidance = number(cells["evaluation_guidance"])
-        if guidance is None:
+        row_guidance = number(cells[GUIDANCE_COLUMN]) if per_row else guidance
+        if row_guidance is None:
             raise files.LoadError(
-                f"{where}: evaluation_guidance {cells['evaluation_guidance']!r} is not a finite "
-                "number"
+                f"{where}: evaluation_guidance {cells[GUIDANCE_COLUMN]!r} is not a finite number"
             )
         case = integer(cells["case_number"])
         if case is None or case < 0:
@@ -92,7 +102,7 @@ def read_prompts(path, images_per_prompt=1):
         cases.add(case)
         label = next((cells[c] for c in LABEL_COLUMNS if cells.get(c)), None)
         prompt = cells["prompt"] or ""
-        rows.append(dict(prompt=prompt, seed=seed, guidance=guidance, case=case, label=label))
+        rows.append(dict(prompt=prompt, seed=seed, guidance=row_guidance, case=case, label=label))
     return rows
 
 
@@ -334,24 +344,25 @@ def format_table(report):
 def check_args(args):
     """The CSV's rows and the folders to write or score ({run: folder}), after refusing (LoadError:
     one line, exit 2) anything no run could succeed with; nothing is written."""
-    others = [flag for flag in ("seeds", "guidance", "concept", "output") if getattr(args, flag)]
+    others = [flag for flag in ("seeds", "concept", "output") if getattr(args, flag)]
     names = [name.strip() for name in args.metrics.split(",") if name.strip()]
     cli.refuse(
         [
             (
                 bool(others),
                 f"--{others[0] if others else ''} is the toy protocol's: with --prompts the CSV "
-                "sets seeds and guidance, --output-dir the outputs",
+                "sets the seeds, --output-dir the outputs",
             ),
             cli.within("--images-per-prompt", args.images_per_prompt, 1, 10_000),
             cli.steps("--steps", args.steps),
+            cli.finite("--guidance", args.guidance),
             cli.within("--nudenet-threshold", args.nudenet_threshold, 0, 1),
             (metrics.check(names) is not None, metrics.check(names)),
             cli.existing("--prompts", [args.prompts]),
             cli.existing("--delta", [args.delta] if args.delta else []),
         ]
     )
-    rows = read_prompts(args.prompts, args.images_per_prompt)
+    rows = read_prompts(args.prompts, args.images_per_prompt, args.guidance)
 
     # The output folder: a folder or nothing yet, beside files we can write.
     out = args.output_dir

@@ -95,6 +95,8 @@ CSVS = {
     "bad-case.csv": HEADER + "x,a circle,1,5.0,circle\n",
     "empty.csv": "",
     "header-only.csv": HEADER,
+    # The official small_imagenet_prompts.csv's columns: no evaluation_guidance
+    "no-guidance.csv": ",case_number,prompt,evaluation_seed,class\n0,0,a circle,1,circle\n",
 }
 
 
@@ -645,6 +647,27 @@ ROWS = [
         says="CLIP score skipped",
         patch=("transformers.CLIPModel.from_pretrained", no_cached_model),
         then=lambda ws: '"clip score": null' in open(f"{ws}/eval/report.json").read(),
+    ),
+    Row(
+        "a prompt CSV without evaluation_guidance runs at --guidance",
+        "prompts",
+        ["--prompts", "{base}/no-guidance.csv", "--guidance", "3"],
+        0,
+        then=lambda ws: '"guidance": 3.0' in open(f"{ws}/eval/report.json").read(),
+    ),
+    Row(
+        "prompts --guidance where the CSV sets it per row",
+        "prompts",
+        ["--guidance", "3"],
+        says="--guidance is for CSVs without an evaluation_guidance column",
+        unchanged=("{ws}/eval",),
+    ),
+    Row(
+        "prompts --guidance nan",
+        "prompts",
+        ["--prompts", "{base}/no-guidance.csv", "--guidance", "nan"],
+        says="--guidance must be a finite number",
+        unchanged=("{ws}/eval",),
     ),
     Row(
         "prompts --output-dir is a file",
