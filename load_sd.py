@@ -74,7 +74,8 @@ class StableDiffusion:
     image_size: int = 512  # the side it was trained at: sample.py's default
     text_encoder_2: CLIPTextModelWithProjection = None  # SDXL's OpenCLIP bigG, with its projection
     tokenizer_2: CLIPTokenizer = None
-    warned: set = dataclasses.field(default_factory=set, repr=False)  # prompts said to be too long
+    # The hashes of the prompts said to be too long (text.tokenize)
+    warned: set = dataclasses.field(default_factory=set, repr=False)
 
     def encode_prompts(self, prompts, size=None):
         """Prompts -> their conditioning (text.py; a prompt past 77 tokens is cut, said the first
