@@ -173,33 +173,6 @@ def delta_file(edit):
     return edit
 
 
-class Unchecked:
-    """A gradio input whose value reaches the handler as sent: the handler refuses a bad one, in
-    one line in the page and in the server's log (gradio's own checks print a traceback)."""
-
-    def preprocess(self, payload):
-        return payload
-
-
-class Dropdown(Unchecked, gr.Dropdown):
-    pass
-
-
-class Radio(Unchecked, gr.Radio):
-    pass
-
-
-class Slider(Unchecked, gr.Slider):
-    pass
-
-
-class File(gr.File):
-    """A file's path on the server, its type checked by the handler (delta_file)."""
-
-    def preprocess(self, payload):
-        return payload and payload.path
-
-
 class BodyLimit:
     """ASGI middleware: a request whose body is past MAX_BODY bytes is refused (413) before it is
     read, uploads apart; one without its length too (411)."""
@@ -607,10 +580,11 @@ def ui(demo):
     d = demo.defaults
     is_toy = demo.is_toy
     image = dict(type="pil", format="png")
+    # The inputs pass their values as sent: the handlers refuse a bad one in one line (gradio's own
+    # checks of choices, ranges and file types print a traceback in the server's log).
     delta_input = dict(
         label="delta: the one trained here, or upload one (.safetensors, official ESD .pt)",
         type="filepath",
-        file_types=list(DELTA_TYPES),
     )
     with gr.Blocks(title="ESD: erasing concepts", analytics_enabled=False) as blocks:
         gr.Markdown(f"## ESD: erasing concepts from diffusion models\nModel `{demo.view.source}`")
@@ -622,10 +596,11 @@ def ui(demo):
                         elem_id="concept",
                         placeholder="circle" if is_toy else "Van Gogh",
                     ),
-                    Dropdown(
+                    gr.Dropdown(
                         [(f"{m}: {esd.METHODS.get(m, '')}", m) for m in esd.FILTERS],
                         value=d.method,
                         label="method: which weights train",
+                        allow_custom_value=True,
                     ),
                     gr.Number(
                         d.negative_guidance,
@@ -633,11 +608,12 @@ def ui(demo):
                     ),
                     gr.Number(d.iterations, label="iterations", elem_id="iterations"),
                     gr.Number(d.lr, label="learning rate (Adam)"),
-                    Radio(
+                    gr.Dropdown(
                         list(esd.XT_FROM),
                         value=d.xt_from,
                         label="x_t source: which weights sample it, "
                         "the model being trained (the paper) or the original (the 2024 code)",
+                        allow_custom_value=True,
                     ),
                     gr.Number(d.seed, label="seed"),
                 ]
@@ -666,7 +642,7 @@ def ui(demo):
                     gr.Number(0, label="seed"),
                     gr.Number(demo.sampling["steps"], label="DDIM steps"),
                     gr.Number(demo.sampling["guidance"], label="guidance (CFG scale)"),
-                    File(**delta_input),
+                    gr.File(**delta_input),
                 ]
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -682,7 +658,7 @@ def ui(demo):
         with gr.Tab("Measure"), gr.Row():
             with gr.Column():
                 measure_in = [
-                    File(**delta_input),
+                    gr.File(**delta_input),
                     gr.Textbox(label="erased concept", placeholder="blank: the delta's own"),
                     gr.Textbox(
                         "a photo of a car\na photo of a house",
@@ -690,8 +666,9 @@ def ui(demo):
                         visible=not is_toy,
                         label="prompts, one a line (scored by CLIP, if cached)",
                     ),
-                    Slider(
-                        1, demo.max_seeds, min(8, demo.max_seeds), step=1, label="seeds per prompt"
+                    gr.Number(
+                        min(8, demo.max_seeds),
+                        label=f"seeds per prompt (1 to {demo.max_seeds} on this server)",
                     ),
                 ]
                 measure = gr.Button("Measure", variant="primary", elem_id="measure")
