@@ -5,9 +5,9 @@
 
 The page is at http://127.0.0.1:7860. UI only: training is train.train, sampling sampler.generate,
 scores evaluate.evaluate, deltas delta.py; flags and checks are cli.py's. A shared server: each
-request's work is bounded (--max-iterations, --max-steps, --max-image-steps), a waiting page says
-what it waits for, outputs/ is swept (--retention-hours, --retention-mb), and SIGTERM saves a
-running training as Stop does."""
+request's work is bounded (--max-iterations, --max-sampling-steps), a waiting page says what it
+waits for, outputs/ is swept (--retention-hours, --retention-mb), and SIGTERM saves a running
+training as Stop does."""
 
 import contextlib
 import copy
@@ -57,10 +57,10 @@ CELL = 192
 # would take seconds to tokenize.
 MAX_PROMPTS = 8
 MAX_CHARS = 1000
+MAX_SEEDS = 16
 # A request's body, uploads apart (they have their own limit): far past 8 prompts of MAX_CHARS,
 # short of a server that holds megabytes for every request.
 MAX_BODY = 2**20
-MAX_SEEDS = 16
 # What Compare and Measure read (delta.load): ours, and the official ESD .pt files.
 DELTA_TYPES = (".safetensors", ".pt")
 # The defaults of --max-iterations and --max-sampling-steps: the DDIM steps a Compare or Measure
@@ -121,15 +121,20 @@ def limit(label, value, high):
     return (not 1 <= value <= high, f"{label} must be in 1..{high} on this server")
 
 
-def refused(e, *paths):
-    """The page's error for a refused input `e` (LoadError): one line that names each field as the
-    page labels it, and files by their names, not by their paths on the server. The server's log
-    gets the same line, not a traceback."""
-    line = str(e)
+def page_line(message, *paths):
+    """`message` as the page shows it: each field named as the page labels it, and files by their
+    names, not by their paths on the server."""
     for flag, label in LABELS.items():
-        line = line.replace(flag, label)
+        message = message.replace(flag, label)
     for path in filter(None, paths):
-        line = line.replace(str(path), os.path.basename(path))
+        message = message.replace(str(path), os.path.basename(path))
+    return message
+
+
+def refused(e, *paths):
+    """The page's error for a refused input `e` (LoadError), in one line; the server's log gets the
+    same line, not a traceback."""
+    line = page_line(str(e), *paths)
     print(f"refused: {line}", file=sys.stderr, flush=True)
     return gr.Error(line, print_exception=False)
 
@@ -246,7 +251,7 @@ class Run:
             self.image = self._preview(len(self.losses))  # the weights as saved
         except (FloatingPointError, files.LoadError) as e:
             # A NaN loss: the settings' fault, a message in the page.
-            self.error = str(e)
+            self.error = page_line(str(e))
         except Exception as e:
             # Anything else is a failure: its traceback in the server's log, a line in the page,
             # and the server goes on.
@@ -322,7 +327,7 @@ class Demo:
         self.max_sampling_steps = args.max_sampling_steps
         seed_cost = 2 * self.sampling["steps"]
         self.max_seeds = max(1, min(MAX_SEEDS, args.max_sampling_steps // seed_cost))
-        self.retention = (args.retention_hours * 3600, args.retention_mb * 2**20)
+        self.retention = (args.retention_hours * 3600, args.retention_mb * 10**6)
 
         # The view's weights are the original's while the model's slot is free. One training at a
         # time. After a SIGTERM (closing), none starts.
@@ -428,7 +433,9 @@ class Demo:
             run.thread.join()
             self.run = None
         if run.error:
-            raise refused(files.LoadError(run.error))
+            # One line in the log too; a failure's traceback is there already.
+            print(f"failed: {run.error}", file=sys.stderr, flush=True)
+            raise gr.Error(run.error, print_exception=False)
 
         # The delta: to download, and as Compare's and Measure's.
         done = len(run.losses)
