@@ -76,8 +76,11 @@ LIMITS = {
 # Requests of one kind (Erase; Compare and Measure) in the handlers at once: one works, the others
 # say what they wait for. More wait in gradio's queue, their place shown.
 WAITING = 4
-# outputs/ is swept every SWEEP_S seconds and after every request that writes to it.
+# outputs/ is swept every SWEEP_S seconds and after every request: what is older than
+# --retention-hours goes, then the oldest past --retention-mb (10^6 bytes) in all. The defaults:
 SWEEP_S = 10
+RETENTION_HOURS = 24
+RETENTION_MB = 10_000
 # train.py's flags as the Erase tab labels their fields: its messages name the field.
 LABELS = {
     "--negative-guidance": "η",
@@ -243,8 +246,6 @@ class Run:
         self.started = time.time()
 
     def _train(self):
-        # Beside the server's OpenMP teams, two threads made the toy train 2.7x slower on 2 cores.
-        torch.set_num_threads(1)
         try:
             self.image = self._preview(0)
             train.train(self.config, self.sd, self.concepts, on_step=self._on_step)
@@ -746,14 +747,15 @@ def main(argv=None):
     p.add_argument(
         "--retention-hours",
         type=float,
-        default=24,
-        help="outputs and uploads older than this are deleted (default: 24)",
+        default=RETENTION_HOURS,
+        help=f"outputs and uploads older than this are deleted (default: {RETENTION_HOURS})",
     )
     p.add_argument(
         "--retention-mb",
         type=float,
-        default=10000,
-        help="outputs and uploads past this total are deleted, the oldest first (default: 10000)",
+        default=RETENTION_MB,
+        help="outputs and uploads past this total (10^6 bytes) are deleted, the oldest first "
+        f"(default: {RETENTION_MB})",
     )
     args = p.parse_args(argv)
     limits = toy_limits if args.model == "toy" else real_limits
@@ -780,6 +782,11 @@ def main(argv=None):
         demo = Demo(args)
         demo.sweep()
         threading.Thread(target=demo.sweep_forever, daemon=True).start()
+
+        # Requests run in threads beside each other (a training, a Compare): each computes with one
+        # torch thread. Two OpenMP teams on 2 cores made the toy train 2.7x slower, and a Compare
+        # at the limit took 60 s instead of 7 on a loaded machine.
+        torch.set_num_threads(1)
 
         # SIGTERM or Ctrl-C: the running training is saved, then gradio closes the server.
         def shut_down(signum, frame):

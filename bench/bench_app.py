@@ -1,9 +1,9 @@
 """The demo's speed targets, measured in one run: the default erase of "circle" on the toy through
 app.py (gradio_client: from pressing Train to Done, the page's updates timed on the way) against the
 whole `python train.py --model toy --concept circle --no-eval` command, taken in turns; then Compare
-with three prompts and a delta. Both run as a user starts them (torch's own thread count). Prints
-each round and the ratios; the targets (issue 12): app <= CLI + 10%, an update at least every 2 s,
-Compare <= 5 s.
+with three prompts and a delta. Both run as a user starts them (train.py with torch's own thread
+count, the app with one). Prints each round and the ratios; the targets (issue 12): app <= CLI +
+10%, an update at least every 2 s, Compare <= 5 s.
 
 The limits (issue 25): Compare with 8 prompts and a delta at the most steps the default
 --max-sampling-steps allows, and Measure at the most seeds, each alone (target: under 10 s). The
