@@ -65,12 +65,12 @@ MAX_BODY = 2**20
 DELTA_TYPES = (".safetensors", ".pt")
 # The defaults of --max-iterations and --max-sampling-steps: the DDIM steps a Compare or Measure
 # runs over all its batches (a batch: Compare's prompts, or Measure's at one seed; the original
-# and the erased apart). On the toy a step costs about the same at 1 or 21 images (40 ms on 2
-# loaded CPU cores), and every request they allow takes under 10 s (docs/benchmarks.md). A real
-# model: the paper's 1000 iterations; 8 prompts at sample.py's 50 steps, original and erased, 3
-# times over.
+# and the erased apart). On the toy every request they allow takes under 10 s on 2 CPU cores: at
+# most Compare's 8 prompts at 60 steps, original and erased, or Measure's 21 prompts at 3 seeds
+# (docs/benchmarks.md). A real model: the paper's 1000 iterations; 8 prompts at sample.py's 50
+# steps, original and erased, 3 times over.
 LIMITS = {
-    "toy": dict(max_iterations=5000, max_sampling_steps=160),
+    "toy": dict(max_iterations=5000, max_sampling_steps=120),
     "real": dict(max_iterations=1000, max_sampling_steps=300),
 }
 # Requests of one kind (Erase; Compare and Measure) in the handlers at once: one works, the others

@@ -36,6 +36,10 @@ import toy  # noqa: E402
 PROMPTS = "a circle\na red circle\na blue square"
 EIGHT = "\n".join(["a circle", "a red circle", "a blue square", "a green triangle"] * 2)
 CLIENTS = 6
+# The toy's default limit, and the most seeds (each 2 x 20 steps) Measure may take under it: the
+# page's default.
+BUDGET = app.LIMITS["toy"]["max_sampling_steps"]
+SEEDS = BUDGET // (2 * toy.DDIM_STEPS)
 
 
 def serve(work):
@@ -107,13 +111,11 @@ def compare(client, edit):
 def at_the_limits(client, edit):
     """Seconds for Compare with 8 prompts and the delta at the most steps the toy's default limit
     allows, and for Measure at the most seeds."""
-    budget = app.LIMITS["toy"]["max_sampling_steps"]
     started = time.monotonic()
-    client.predict(EIGHT, 0, budget // 2, toy.GUIDANCE, handle_file(edit), api_name="/compare")
+    client.predict(EIGHT, 0, BUDGET // 2, toy.GUIDANCE, handle_file(edit), api_name="/compare")
     compare_s = time.monotonic() - started
     started = time.monotonic()
-    seeds = budget // (2 * toy.DDIM_STEPS)
-    client.predict(handle_file(edit), "", "", seeds, api_name="/measure")
+    client.predict(handle_file(edit), "", "", SEEDS, api_name="/measure")
     return compare_s, time.monotonic() - started
 
 
@@ -131,7 +133,7 @@ def busy(url, iterations, edit):
         while not training.is_set():
             compares.append(compare(client, edit))
             started = time.monotonic()
-            client.predict(handle_file(edit), "", "", 4, api_name="/measure")
+            client.predict(handle_file(edit), "", "", SEEDS, api_name="/measure")
             measures.append(time.monotonic() - started)
 
     people = [threading.Thread(target=person) for _ in range(CLIENTS)]
@@ -197,7 +199,7 @@ def main(argv=None):
         f"busy: the erase took {with_others:.1f} s beside {CLIENTS} clients' Compare and Measure, "
         f"{with_others / alone:.2f}x its {alone:.1f} s alone; Compare (3 prompts and a delta) "
         f"median {np.median(compares):.1f} s, max {max(compares):.1f} s over {len(compares)}; "
-        f"Measure ({4} seeds) median {np.median(measures):.1f} s, max {max(measures):.1f} s "
+        f"Measure ({SEEDS} seeds) median {np.median(measures):.1f} s, max {max(measures):.1f} s "
         f"over {len(measures)}"
     )
     if not rounds:

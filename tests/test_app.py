@@ -283,7 +283,7 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
     bad["^delta: a .safetensors or .pt file, not notes.txt$"] = lambda: client.predict(
         PROMPTS, 0, 20, 5.0, handle_file(text), api_name="/compare"
     )
-    bad["seeds per prompt must be in 1..4 on this server"] = lambda: client.predict(
+    bad["seeds per prompt must be in 1..3 on this server"] = lambda: client.predict(
         handle_file(trained.final[3]), "", "", 17, api_name="/measure"
     )
     bad["the toy concept must be one of"] = lambda: client.predict(
