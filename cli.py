@@ -24,7 +24,8 @@ MAX_SIDE = 16384
 MAX_STEPS = NUM_TRAIN_TIMESTEPS - 1
 # Seeds: 0 up to what a signed 64-bit integer (torch.int64) holds.
 MAX_SEED = 2**63 - 1
-# The longest file-name part made from a concept: a file name ends at 255 bytes.
+# The longest file-name part made from a concept, in bytes (UTF-8): every file system takes a
+# 255-byte name, and the demo adds a stamp, the method and suffixes (.resume.pt.tmp-PID).
 MAX_NAME = 64
 
 # The model flags, as argparse keywords. --model has no default here: each CLI gives its own
@@ -155,9 +156,11 @@ def concepts(text):
 
 def output_name(concepts):
     """A file-name part for `concepts`: letters and digits kept, anything else "_", "-" between
-    concepts, at most MAX_NAME characters."""
+    concepts, at most MAX_NAME bytes in UTF-8 (cut between two characters)."""
     words = ["".join(ch if ch.isalnum() else "_" for ch in concept) for concept in concepts]
-    return "-".join(words)[:MAX_NAME]
+    name = "-".join(words).encode()[:MAX_NAME]
+    # A character cut in two at the end is dropped.
+    return name.decode(errors="ignore")
 
 
 def check_address(host, port):

@@ -130,12 +130,7 @@ def check_output(path, *, inputs=(), overwrite=True, folder=False):
         raise LoadError(f"output folder does not exist: {os.path.dirname(path) or '.'}")
 
     # A dead process's half-written file or folder goes.
-    for leftover in glob.glob(glob.escape(path) + ".tmp-*"):
-        if not _alive(leftover.rpartition(".tmp-")[2]):
-            if os.path.isdir(leftover):
-                shutil.rmtree(leftover)
-            else:
-                os.remove(leftover)
+    remove_leftovers(glob.escape(path))
 
     # The very name atomic_write writes first: can it be made here?
     probe = f"{path}.tmp-{os.getpid()}"
@@ -145,6 +140,17 @@ def check_output(path, *, inputs=(), overwrite=True, folder=False):
     except OSError as e:
         raise LoadError(f"cannot write {path}: {e.strerror}") from None
     return path
+
+
+def remove_leftovers(pattern):
+    """Remove what atomic_write left of the paths matching the glob `pattern` in processes that
+    died: the files and folders PATH.tmp-PID."""
+    for leftover in glob.glob(pattern + ".tmp-*"):
+        if not _alive(leftover.rpartition(".tmp-")[2]):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover)
+            else:
+                os.remove(leftover)
 
 
 def _alive(pid):

@@ -73,8 +73,10 @@ class StableDiffusion:
     image_size: int = 512  # the side it was trained at: sample.py's default
     text_encoder_2: CLIPTextModelWithProjection = None  # SDXL's OpenCLIP bigG, with its projection
     tokenizer_2: CLIPTokenizer = None
-    source_dtype: torch.dtype = torch.float32  # the UNet's in the file or folder it came from
-    warned: set = dataclasses.field(default_factory=set, repr=False)  # prompts said to be too long
+    # The UNet's dtype in the file or folder it came from
+    source_dtype: torch.dtype = torch.float32
+    # The hashes of the prompts said to be too long (text.tokenize)
+    warned: set = dataclasses.field(default_factory=set, repr=False)
 
     def encode_prompts(self, prompts, size=None):
         """Prompts -> their conditioning (text.py; a prompt past 77 tokens is cut, said the first

@@ -26,6 +26,9 @@ DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"
 # tokenizer_2); OpenAI's pads with its end token. SD 2.x's text encoder and SDXL's second were
 # trained with OpenCLIP's padding.
 OPENCLIP_PAD = "!"
+# The long-prompt warning remembers at most this many prompts (their hashes), then starts over: a
+# server meets ever new prompts.
+MAX_WARNED = 1000
 # SDXL's crop (top, left) numbers: 0, 0 asks for an uncropped image (Podell et al. Sec. 2.2)
 CROP = (0, 0)
 
@@ -69,10 +72,15 @@ def load_tokenizers(source, name, family, text_configs):
 
 
 def tokenize(tokenizer, prompts, warned):
-    """Token ids [B, 77]. A prompt past 77 tokens is cut: the first time (prompts not in the set
-    `warned`, which gains them), say so."""
-    for prompt in set(prompts) - warned:
-        warned.add(prompt)
+    """Token ids [B, 77]. A prompt past 77 tokens is cut: the first time (prompts whose hash is not
+    in the set `warned`, which gains it), say so."""
+    for prompt in set(prompts):
+        if hash(prompt) in warned:
+            continue
+        if len(warned) >= MAX_WARNED:
+            warned.clear()
+        warned.add(hash(prompt))
+
         ids = tokenizer(prompt, add_special_tokens=False, truncation=True, max_length=10**6)
         ids = ids.input_ids
         # 75 fit between the start and end tokens

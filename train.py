@@ -318,7 +318,9 @@ def train(config, sd, concepts, on_step=None, xt_source=None):
         # Frozen e_0, e_c (one batch) -> target e_0 - η (e_c - e_0); the trained prediction's MSE
         loss = trainer.loss(x_t, t_enc, cond, uncond, anchor)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at iteration {it}: try a lower --lr")
+            raise FloatingPointError(
+                f"loss is {loss.item()} at iteration {it}: try a lower --lr or --negative-guidance"
+            )
 
         # Backward, and step the trained tensors
         loss.backward()

@@ -6,6 +6,7 @@ docs/app.png)."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,19 +54,16 @@ def free_port():
 
 def run_app(*args, cwd):
     """`python app.py ARGS` in the folder `cwd`: (command, subprocess keywords)."""
-    gradio_temp = str(cwd / "gradio")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=gradio_temp)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, os.path.join(ROOT, "app.py"), *map(str, args)]
     return command, dict(cwd=cwd, env=env)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`python app.py --port P` in a fresh working directory (its outputs/ land there), up and
-    answering."""
-    work = tmp_path_factory.mktemp("app")
+def serve(work, *args):
+    """`python app.py --port P ARGS` in the folder `work` (its outputs/ land there), up and
+    answering; its output in work/server.log."""
     port = free_port()
-    command, kw = run_app("--port", port, cwd=work)
+    command, kw = run_app("--port", port, *args, cwd=work)
     with open(work / "server.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **kw)
     url = f"http://127.0.0.1:{port}"
@@ -78,9 +76,16 @@ def server(tmp_path_factory):
             log = (work / "server.log").read_text()
             assert proc.poll() is None and time.monotonic() < deadline, log
             time.sleep(0.5)
-    yield SimpleNamespace(url=url, port=port, work=work, proc=proc)
-    proc.terminate()
-    proc.wait(timeout=30)
+    return SimpleNamespace(url=url, port=port, work=work, proc=proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`python app.py` with the default limits, in a fresh working directory."""
+    server = serve(tmp_path_factory.mktemp("app"))
+    yield server
+    server.proc.terminate()
+    server.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +154,9 @@ def test_erase_streams_progress_and_saves_the_delta(server, trained, toy_sd):
 def test_compare_original_above_erased_from_the_same_noise(server, trained, toy_sd):
     client = trained.client
     edit = handle_file(trained.final[4])
-    original, erased = client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
+    _, original, erased = client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
     started = time.monotonic()
-    plain, no_delta = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
+    _, plain, no_delta = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
     assert time.monotonic() - started < 5, "Compare answers in at most 5 s"
     assert no_delta["value"] is None
 
@@ -177,7 +182,7 @@ def test_compare_takes_uploads_ours_and_the_official_pt_formats(server, trained,
     torch.save({"state_dict": ldm}, tmp_path / "compvis.pt")
     for upload in (trained.final[3], tmp_path / "diffusers-names.pt", tmp_path / "compvis.pt"):
         edit = handle_file(upload)
-        _, erased = trained.client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
+        _, _, erased = trained.client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
         assert np.array_equal(pixels(erased["value"]), want), upload
 
 
@@ -233,19 +238,26 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
     client = trained.client
     erase = ("esd-x", 1.0, 5, 1e-3, "trained", 0)
     bad = {
-        "--concept is required": lambda: client.predict("  ", *erase, api_name="/erase"),
+        "type a concept to erase": lambda: client.predict("  ", *erase, api_name="/erase"),
         "iterations must be a whole number": lambda: client.predict(
             "circle", "esd-x", 1.0, None, 1e-3, "trained", 0, api_name="/erase"
         ),
-        "--lr must be a positive number": lambda: client.predict(
+        "learning rate must be a positive number": lambda: client.predict(
             "circle", "esd-x", 1.0, 5, -1, "trained", 0, api_name="/erase"
         ),
-        "not in the list of choices": lambda: client.predict(
+        "method must be one of: esd-x, ": lambda: client.predict(
             "circle", "esd-q", 1.0, 5, 1e-3, "trained", 0, api_name="/erase"
         ),
         "type 1 to 8 prompts": lambda: client.predict("", 0, 20, 5.0, None, api_name="/compare"),
-        "steps must be in 1..999": lambda: client.predict(
+        "DDIM steps must be in 1..999": lambda: client.predict(
             PROMPTS, 0, 0, 5.0, None, api_name="/compare"
+        ),
+        # The cause named as the page labels it.
+        "try a lower learning rate or η": lambda: client.predict(
+            "circle", "esd-x", 1e308, 5, 1e-3, "trained", 0, api_name="/erase"
+        ),
+        "^iterations must be a whole number": lambda: client.predict(
+            "circle", "esd-x", 1.0, 2.5, 1e-3, "trained", 0, api_name="/erase"
         ),
         r"seed must be in 0\.\.2\*\*63-1": lambda: client.predict(
             PROMPTS, -1, 20, 5.0, None, api_name="/compare"
@@ -266,36 +278,57 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
     shapes = tmp_path / "other.pt"
     key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     torch.save({key: torch.zeros(3, 3)}, shapes)
-    bad[r"cannot read \S+/code.pt: UnpicklingError: Weights only load failed"] = lambda: (
-        client.predict(PROMPTS, 0, 20, 5.0, handle_file(code), api_name="/compare")
+    # Files by their names, not their paths on the server.
+    bad["^cannot read code.pt: UnpicklingError: Weights only load failed"] = lambda: client.predict(
+        PROMPTS, 0, 20, 5.0, handle_file(code), api_name="/compare"
     )
     bad["does not fit this UNet"] = lambda: client.predict(
         PROMPTS, 0, 20, 5.0, handle_file(shapes), api_name="/compare"
     )
-    bad[r"cannot read \S+/garbage.safetensors"] = lambda: client.predict(
+    bad["^cannot read garbage.safetensors"] = lambda: client.predict(
         PROMPTS, 0, 20, 5.0, handle_file(garbage), api_name="/compare"
     )
     # Its concept: from the file.
-    bad[r"cannot read \S+/garbage.safetensors: SafetensorError"] = lambda: client.predict(
+    bad["^cannot read garbage.safetensors: SafetensorError"] = lambda: client.predict(
         handle_file(garbage), "", "", 1, api_name="/measure"
     )
     bad["type 1 to 8 prompts, one a line"] = lambda: client.predict(
         "\n".join(["a circle"] * 9), 0, 20, 5.0, None, api_name="/compare"
     )
-    bad["Invalid file type"] = lambda: client.predict(
+    bad["^delta: a .safetensors or .pt file, not notes.txt$"] = lambda: client.predict(
         PROMPTS, 0, 20, 5.0, handle_file(text), api_name="/compare"
+    )
+    bad["seeds per prompt must be in 1..3 on this server"] = lambda: client.predict(
+        handle_file(trained.final[3]), "", "", 17, api_name="/measure"
     )
     bad["the toy concept must be one of"] = lambda: client.predict(
         handle_file(trained.final[3]), "dog", "", 1, api_name="/measure"
     )
     for message, call in bad.items():
-        with pytest.raises(AppError, match=message.replace("(", r"\(")):
+        with pytest.raises(AppError, match=message.replace("(", r"\(")) as refusal:
             call()
+        assert "\n" not in str(refusal.value), "one line"
 
-    # Sent as NaN and Infinity.
-    for eta in (float("nan"), float("inf")):
-        reply = call_raw(server, "erase", ["circle", "esd-x", eta, 5, 1e-3, "trained", 0])
-        assert "event: error" in reply and "must be a finite number" in reply, reply
+    # Sent as NaN, Infinity and a 400-digit integer (gradio_client sends none of them).
+    erase = ["circle", "esd-x", 1.0, 5, 1e-3, "trained", 0]
+    raw = [
+        ("η must be a finite number", 2, float("nan")),
+        ("η must be a finite number", 2, float("inf")),
+        ("iterations must be a whole number", 3, float("nan")),
+        ("iterations must be in 1..5000 on this server", 3, 10**400),
+        ("seed must be a whole number", 6, float("inf")),
+    ]
+    for message, field, value in raw:
+        data = [*erase[:field], value, *erase[field + 1 :]]
+        reply = call_raw(server, "erase", data)
+        assert "event: error" in reply, reply
+        error = json.loads(reply.split("event: error\ndata: ")[-1])["error"]
+        assert message in error and "\n" not in error, reply
+
+    # Each refused value is one line in the server's log, not a traceback.
+    log = (server.work / "server.log").read_text()
+    assert "refused: iterations must be in 1..5000" in log
+    assert "Traceback" not in log, log[-3000:]
 
     # Past the upload limit (1.5x the toy's whole fp32 model): refused by the server.
     big = b"\x00" * 20_000_000
@@ -304,7 +337,7 @@ def test_bad_input_is_a_message_and_the_server_goes_on(server, trained, toy_sd, 
     assert reply.status_code == 413 and "maximum allowed size" in reply.text, reply.text
 
     # Still serving, and right.
-    original, _ = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
+    _, original, _ = client.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
     want = expected_row(toy_sd, PROMPTS.splitlines())
     assert np.array_equal(pixels(original), want), "no half-applied delta left"
     ran = os.path.exists(tmp_path / "ran")
@@ -344,25 +377,146 @@ def test_one_training_at_a_time_stop_keeps_it_and_compare_never_sees_it(server, 
         what="the first run to train",
     )
     waiting = second.submit("square", "esd-x", 1.0, 3, 1e-3, "trained", 0, api_name="/erase")
-    wait_for(lambda: waiting.status().code == Status.IN_QUEUE, what="the second run to be queued")
-    # What its page shows: its place in the queue.
-    assert waiting.status().rank is not None
+    wait_for(lambda: waiting.outputs(), what="the second run's page")
+    # What its page shows: what it waits for.
+    line = waiting.outputs()[-1][0]
+    assert line.startswith("Waiting for the training slot") and "'circle'" in line, line
 
     # Compare during the training.
-    original, _ = third.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
+    _, original, _ = third.predict(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
     want = expected_row(toy_sd, PROMPTS.splitlines())
     assert np.array_equal(pixels(original), want), "never half-trained weights"
 
     # Another person's Stop leaves this run alone; its own stops it.
     third.predict(api_name="/stop")
     time.sleep(1.5)
-    assert not long.done() and waiting.status().code == Status.IN_QUEUE
+    assert not long.done() and not waiting.done()
     first.predict(api_name="/stop")
     status, *_, download, _, _ = long.result(timeout=60)
     stopped = int(status.split("Stopped at iteration ")[1].split("/")[0])
     assert 0 < stopped < 5000, status
     assert delta.load(download)[1]["iterations"] == str(stopped), "what was trained is kept"
     assert waiting.result(timeout=120)[0].startswith("Done"), "the next run went ahead"
+
+
+def test_work_is_bounded_and_a_waiting_page_says_for_what(server, trained):
+    # An Erase past the toy's 5000 iterations: refused at once.
+    first, second = (Client(server.url, verbose=False) for _ in range(2))
+    started = time.monotonic()
+    with pytest.raises(AppError, match=r"iterations must be in 1\.\.5000 on this server"):
+        first.predict("circle", "esd-x", 1.0, 10**12, 1e-3, "trained", 0, api_name="/erase")
+    assert time.monotonic() - started < 5
+
+    # A Compare at the limit (8 prompts, with a delta: its steps count twice) ...
+    eight = "\n".join(["a circle", "a red circle", "a blue square", "a green triangle"] * 2)
+    steps = app.LIMITS["toy"]["max_sampling_steps"] // 2
+    edit = handle_file(trained.final[4])
+    with pytest.raises(AppError, match="past this server's limit"):
+        first.predict(eight, 0, steps + 1, 5.0, edit, api_name="/compare")
+    started = time.monotonic()
+    big = first.submit(eight, 0, steps, 5.0, edit, api_name="/compare")
+    wait_for(lambda: big.status().code == Status.PROCESSING, what="the Compare to start")
+    time.sleep(0.5)
+
+    # ... and another person's small one: it waits, and says for what.
+    small = second.submit(PROMPTS, 0, 20, 5.0, None, api_name="/compare")
+    took = big.result(timeout=60)
+    answered = time.monotonic() - started
+    small.result(timeout=60)
+    lines = [out[0] for out in small.outputs()]
+    assert lines[0].startswith("Waiting for the model, busy with a Compare of 8 prompts"), lines
+    assert took[0].startswith(f"{steps} DDIM steps × 2"), took[0]
+    waited = int(lines[-2].split(" for ")[-1].split(" s.")[0])
+    assert answered < 10 and waited < 10, f"each within 10 s: {answered:.1f} s, {waited} s"
+
+
+def test_names_are_cut_in_bytes(server, trained):
+    """A concept of 4-byte letters (64 of them: 256 bytes), and of 3-byte ones with the longest
+    method name, train and save under names every file system takes."""
+    for concept, method in (("𝐜" * 64, "esd-x"), ("猫" * 63, "esd-x-strict")):
+        out = trained.client.predict(concept, method, 1.0, 2, 1e-3, "trained", 0, api_name="/erase")
+        assert out[0].startswith("Done"), out[0]
+        name = os.path.basename(out[3])
+        assert len(name.encode()) <= 255 and concept[:8] in name, name
+        assert delta.load(out[3])[1]["concept"] == concept
+
+
+def test_long_distinct_prompts_leave_the_memory_where_it_was(server, trained):
+    def rss_mb():
+        status = open(f"/proc/{server.proc.pid}/status").read()
+        return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+    client = trained.client
+    before = rss_mb()
+    for i in range(15):
+        prompts = "\n".join(f"{i} {j} " + "circle " * (2**20 // 7) for j in range(8))
+        with pytest.raises(httpx.HTTPStatusError, match="413"):
+            client.predict(prompts, 0, 1, 5.0, None, api_name="/compare")
+    assert rss_mb() - before < 100, (before, rss_mb())
+
+    # A line CLIP would cut anyway, in a request of a few kilobytes: refused in the page.
+    with pytest.raises(AppError, match="^prompts: a line of 1001 characters; at most 1000$"):
+        client.predict("c" * 1001, 0, 1, 5.0, None, api_name="/compare")
+
+
+def tree(folder):
+    """{path relative to folder: size} of the files under it."""
+    return {
+        os.path.relpath(os.path.join(root, name), folder): os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def test_sigterm_saves_the_training_and_a_restart_cleans_up_and_bounds_the_disk(tmp_path):
+    first = serve(tmp_path)
+    outputs = tmp_path / "outputs"
+    try:
+        client = Client(first.url, verbose=False)
+        job = client.submit("circle", "esd-x", 1.0, 5000, 1e-3, "trained", 0, api_name="/erase")
+        wait_for(
+            lambda: any(o[0].startswith("Iteration") for o in job.outputs()), what="the training"
+        )
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(timeout=60) == 0
+    finally:
+        first.proc.kill()
+
+    # What was trained, saved as Stop saves it; no checkpoint, no temporary file.
+    saved = [f for f in os.listdir(outputs) if f.endswith(".safetensors")]
+    assert len(saved) == 1, tree(outputs)
+    assert 0 < int(delta.load(outputs / saved[0])[1]["iterations"]) < 5000
+    assert not [f for f in tree(outputs) if ".tmp-" in f or f.endswith(".resume.pt")]
+
+    # A killed server's leftovers, and a file past the default 24 hours.
+    (outputs / "killed.safetensors.tmp-999999999").write_bytes(b"half a file")
+    (outputs / "killed.safetensors.resume.pt").write_bytes(b"a checkpoint")
+    (outputs / "old.png").write_bytes(b"an old grid")
+    two_days_ago = time.time() - 48 * 3600
+    os.utime(outputs / "old.png", (two_days_ago, two_days_ago))
+
+    # Restarted with 1 MB to keep (two of the toy's deltas): it cleans up and serves.
+    second = serve(tmp_path, "--retention-mb", 1)
+    try:
+        left = tree(outputs)
+        assert saved[0] in left, left
+        assert not [f for f in left if ".tmp-" in f or f.endswith(".resume.pt") or "old" in f]
+        client = Client(second.url, verbose=False)
+        limit = 10**6
+        for i in range(3):
+            out = client.predict("circle", "esd-x", 1.0, 2, 1e-3, "trained", i, api_name="/erase")
+            upload = tmp_path / f"upload-{i}.safetensors"
+            shutil.copy(out[3], upload)
+            client.predict(PROMPTS, 0, 2, 5.0, handle_file(upload), api_name="/compare")
+            wait_for(
+                lambda: sum(tree(outputs).values()) <= limit,
+                timeout=app.SWEEP_S + 10,
+                what="outputs/ within --retention-mb",
+            )
+        assert not os.path.exists(outputs / saved[0]), "the oldest went first"
+    finally:
+        second.proc.terminate()
+        second.proc.wait(timeout=30)
 
 
 def test_bad_flags_are_one_line_and_exit_2(server, tmp_path):

@@ -1,7 +1,7 @@
-"""Every bad input to train.py, sample.py and evaluate.py, as a hostile user would try it on the toy
-model: one row each (the command, the exit code, a piece of the one error line, the files that must
-not change). A bad input is refused with one line on stderr, no traceback, before any work, and
-destroys nothing."""
+"""Every bad input to train.py, sample.py, evaluate.py and app.py's flags, as a hostile user would
+try it on the toy model: one row each (the command, the exit code, a piece of the one error line,
+the files that must not change). A bad input is refused with one line on stderr, no traceback,
+before any work, and destroys nothing."""
 
 import dataclasses
 import errno
@@ -59,6 +59,20 @@ def same_tensors(a, b):
         and x.keys() == y.keys()
         and all(torch.equal(x[k], y[k]) for k in x)
     )
+
+
+def named_in_bytes(ws, method, concept):
+    """The default output of `concept` is there, named by its first letters: as many as
+    cli.MAX_NAME (64) bytes hold."""
+    names = [f for f in os.listdir(ws) if f.startswith(f"{method}-") and f.endswith(".safetensors")]
+    stem = names[0].removeprefix(f"{method}-").removesuffix(".safetensors")
+    size = len(stem.encode())
+    return len(names) == 1 and concept.startswith(stem) and 64 - 4 < size <= 64
+
+
+def app_main(argv):
+    """app.py's main (the demo's packages: pip install -r requirements-app.txt)."""
+    return pytest.importorskip("app").main(argv)
 
 
 def no_space(*args, **kwargs):
@@ -478,6 +492,21 @@ ROWS = [
     ),
     # More
     Row("no concept", "train", ["--concept", " , "], says="--concept"),
+    # A file name is at most 255 bytes: a concept of 4-byte letters (256 bytes) or 3-byte ones.
+    Row(
+        "a concept of 64 four-byte letters",
+        "train",
+        ["--concept", "𝐜" * 64],
+        0,
+        then=lambda ws: named_in_bytes(ws, "esd-x", "𝐜" * 64),
+    ),
+    Row(
+        "a concept of 63 three-byte letters, the longest method",
+        "train",
+        ["--concept", "猫" * 63, "--method", "esd-x-strict"],
+        0,
+        then=lambda ws: named_in_bytes(ws, "esd-x-strict", "猫" * 63),
+    ),
     Row("unknown target", "train", ["--target", "nope"], says="--target"),
     *[
         Row(
@@ -762,6 +791,22 @@ ROWS = [
         ]
     ],
     Row("a LoRA full of NaN", "sample", ["--delta", "{ws}/nan-lora.safetensors"], says="NaN"),
+    # 11. The demo's flags, refused before the model loads
+    Row("app --max-iterations 0", "app", ["--max-iterations", "0"], says="--max-iterations"),
+    Row("app --max-iterations many", "app", ["--max-iterations", "many"], says="invalid int"),
+    Row(
+        "app --max-sampling-steps -1",
+        "app",
+        ["--max-sampling-steps", "-1"],
+        says="--max-sampling-steps must be at least 1",
+    ),
+    Row(
+        "app --retention-hours nan",
+        "app",
+        ["--retention-hours", "nan"],
+        says="--retention-hours must be a positive number",
+    ),
+    Row("app --retention-mb 0", "app", ["--retention-mb", "0"], says="--retention-mb must be a"),
 ]
 BASE = {
     "train": ["--model", "toy", "--concept", "circle", *QUICK],
@@ -786,12 +831,14 @@ BASE = {
         "--output-dir",
         "{ws}/eval",
     ],
+    "app": [],
 }
 MAIN = {
     "train": train.main,
     "sample": sample.main,
     "evaluate": evaluate.main,
     "prompts": evaluate.main,
+    "app": app_main,
 }
 
 

@@ -1,9 +1,9 @@
 """The benchmark scripts run end to end at toy sizes (they are not timed here): bench_esd.py's
 ESD implementations train the same algorithm, the losses of ours and of two diffusers copies
 agreeing, a LoRA starting from the same loss and holding less, and the pool's trajectories are
-counted in its memory; bench_app.py erases through the demo and the CLI (it needs the demo's
-packages, which .ci/run installs); bench_evaluate.py times evaluate.py --prompts with one process
-and two."""
+counted in its memory; bench_app.py erases through the demo and the CLI, alone and beside 6
+clients (it needs the demo's packages, which .ci/run installs); bench_evaluate.py times
+evaluate.py --prompts with one process and two."""
 
 import os
 import re
@@ -62,6 +62,8 @@ def test_bench_app_runs_and_prints_the_targets():
     assert r.returncode == 0, r.stderr
     ratio = float(re.search(r"app / train.py = ([0-9.]+)", r.stdout)[1])
     assert 0 < ratio and "Compare, 3 prompts and a delta" in r.stdout, r.stdout
+    busy = float(re.search(r"Compare and Measure, ([0-9.]+)x its", r.stdout)[1])
+    assert 0 < busy, r.stdout
 
 
 def test_bench_evaluate_runs_one_and_two_processes():

@@ -16,11 +16,12 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import configs
 import convert
 import load_sd
+import text
 import tiny
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
@@ -453,3 +454,19 @@ def test_hub_download_asks_for_the_revision_and_only_the_files_needed(model, tmp
     with pytest.raises(load_sd.LoadError, match="no weights"):
         load_sd.load("someone/tiny-sd", variant="fp16")
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[0][2]
+
+
+def test_the_long_prompt_warning_remembers_a_bounded_number_of_prompts(capsys):
+    """A server meets ever new prompts: the set of those warned about as too long stays within
+    text.MAX_WARNED, and a prompt it remembers is not warned about again."""
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(load_sd.TOY_DIR, "tokenizer"))
+    long = " ".join(["circle"] * 80)
+    warned = set()
+    for i in range(text.MAX_WARNED + 50):
+        text.tokenize(tokenizer, [f"{i} {long}"], warned)
+    assert 0 < len(warned) <= text.MAX_WARNED
+    assert capsys.readouterr().err.count("first dropped word") == text.MAX_WARNED + 50
+
+    # The latest is remembered.
+    text.tokenize(tokenizer, [f"{text.MAX_WARNED + 49} {long}"], warned)
+    assert "first dropped word" not in capsys.readouterr().err
