@@ -196,7 +196,7 @@ def test_compare_takes_a_lora_file(server, trained, toy_sd, tmp_path):
     want = expected_row(toy_sd, prompts, str(lora_file))
     assert not np.array_equal(want, expected_row(toy_sd, prompts)), "the LoRA changes the images"
     edit = handle_file(lora_file)
-    _, erased = trained.client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
+    _, _, erased = trained.client.predict(PROMPTS, 0, 20, 5.0, edit, api_name="/compare")
     assert np.array_equal(pixels(erased["value"]), want)
 
 
