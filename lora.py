@@ -1,11 +1,12 @@
 """lora.py: a low-rank update of UNet weights (LoRA, Hu et al. 2021, arXiv 2106.09685, eq. 3),
 in the layout kohya's sd-scripts write and A1111, ComfyUI and diffusers' load_lora_weights read.
 
-A selected Linear of weight W [out, in] computes x·(W + (α/r)·B·A)ᵀ, with A = lora_down [r, in]
-and B = lora_up [out, r]. A Conv2d (k×k) is LoCon's: A is a k×k conv with r outputs (its stride
-and padding), B a 1×1 conv, so B·A is again a k×k kernel. B starts at zero: the update starts at
-nothing. The update is added by a forward hook, so the UNet keeps its modules and names, and
-switching the hooks off gives the original model back: no copy of W is needed.
+A selected Linear of weight W [out, in] computes x·(W + (α/r)·B·A)ᵀ, with
+A = lora_down [r, in] and B = lora_up [out, r]. A Conv2d (k×k) is LoCon's: A is a k×k conv
+with r outputs (its stride and padding), B a 1×1 conv, so B·A is again a k×k kernel. B starts
+at zero: the update starts at nothing. The update is added by a forward hook, so the UNet keeps
+its modules and names, and switching the hooks off gives the original model back: no copy of W
+is needed.
 """
 
 import contextlib

@@ -63,8 +63,8 @@ class TrainConfig:
     pool_refresh: int = opt(40, "R: re-sample the trajectory pool every R iterations (0: never)")
     lora: int = opt(
         None,
-        "train a rank-R update W + (α/R)·B·A of the method's Linear and Conv2d modules instead of "
-        "their weights; writes a LoRA file (kohya's layout)",
+        "train a rank-R update W + (α/R)·B·A of the method's Linear and Conv2d modules "
+        "instead of their weights; writes a LoRA file (kohya's layout)",
     )
     lora_alpha: float = opt(None, "α of --lora: the update is scaled by α/R (default: R)")
     iterations: int = opt(1000, "optimizer steps")
